@@ -1,0 +1,3 @@
+from dsearch.cli import main
+
+main()

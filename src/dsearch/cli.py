@@ -1,0 +1,443 @@
+"""The ``dsearch`` command line: flags → one library call → a renderer; errors → exit codes.
+
+Heavy libraries (torch, sentence-transformers, faiss, pyarrow) are imported inside the commands that
+need them, so ``dsearch --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from dsearch import __version__
+from dsearch.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, DsearchError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    from dsearch.encoder import Encoder
+
+log = logging.getLogger("dsearch")
+
+
+def default_load_encoder(name: str | None, trust_remote_code: bool, batch_size: int) -> Encoder:
+    from dsearch.encoder import SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(name, trust_remote_code=trust_remote_code, batch_size=batch_size)
+
+
+@dataclass
+class Deps:
+    """What the commands get from outside; tests pass their own (a tiny encoder, a stdin)."""
+
+    load_encoder: Callable[[str | None, bool, int], Encoder] = default_load_encoder
+    stdin: IO[bytes] | None = None
+
+    def stdin_bytes(self) -> IO[bytes]:
+        return self.stdin if self.stdin is not None else sys.stdin.buffer
+
+
+@dataclass
+class Settings:
+    verbose: int = 0
+    quiet: bool = False
+    debug: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS = Settings()
+
+app = typer.Typer(
+    name="dsearch",
+    help="Dense retrieval from the command line: index passages with a sentence-transformers model, query them.",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by every command: where they sit on the command line is the user's choice.
+Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="Log progress lines to stderr (-vv: more).")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing on stderr but errors.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="sentence-transformers model: hub name or local folder [default: bundled all-MiniLM-L6-v2]",
+    ),
+]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder batch.")]
+
+
+def _setup(verbose: int, quiet: bool, debug: bool) -> None:
+    SETTINGS.verbose, SETTINGS.quiet, SETTINGS.debug = verbose, quiet, debug
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    # Timestamps in verbose mode: these lines end up in cron mail and log files.
+    fmt = "%(asctime)s dsearch %(levelname)s: %(message)s" if verbose else "dsearch: %(levelname)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%dT%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _deps(ctx: typer.Context) -> Deps:
+    return ctx.obj if isinstance(ctx.obj, Deps) else Deps()
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _color() -> bool:
+    return _stdout_is_terminal() and "NO_COLOR" not in os.environ
+
+
+def _info(message: str) -> None:
+    """A summary line for people: stderr, unless -q."""
+    if not SETTINGS.quiet:
+        print(message, file=sys.stderr)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"dsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Dense retrieval from the command line."""
+
+
+# --- index -------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing."""
+
+    def __init__(self, total: int | None) -> None:
+        self.done = 0
+        self.started = time.perf_counter()
+        self.last_log = self.started
+        self.bar: Any = None
+        if sys.stderr.isatty() and not SETTINGS.quiet:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("indexing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]} passages/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.task = self.bar.add_task("index", total=total, rate="0")
+            self.bar.start()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        rate = self.done / max(now - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+        elif now - self.last_log >= 10:
+            self.last_log = now
+            log.info("encoded %d passages (%.1f passages/s)", self.done, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def index(
+    ctx: typer.Context,
+    corpus: Annotated[
+        list[str],
+        typer.Argument(help="Corpus files or directories (JSONL, TSV, CSV, Parquet, text/Markdown); '-' reads stdin."),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Index directory to create or replace.")],
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="Input format: jsonl|tsv|csv|parquet|text [default: by extension]"),
+    ] = None,
+    id_field: Annotated[str | None, typer.Option(help="Field holding the passage id [default: _id or id]")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Field holding the text [default: text]")] = None,
+    title_field: Annotated[str | None, typer.Option(help="Field holding the title [default: title]")] = None,
+    model: ModelOpt = None,
+    batch_size: BatchSize = 32,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip and count bad records instead of stopping.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Encode a corpus and write (or atomically replace) the index at DIR."""
+    _setup(verbose, quiet, debug)
+    from dsearch.corpus import FORMATS, FieldNames
+    from dsearch.indexer import build_index, count_records
+
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if corpus.count("-") > 1:
+        raise UsageError("stdin ('-') can be read only once")
+    deps = _deps(ctx)
+    encoder = deps.load_encoder(model, trust_remote_code, batch_size)
+    progress = _Progress(count_records(corpus) if sys.stderr.isatty() else None)
+    try:
+        summary = build_index(
+            corpus,
+            output,
+            encoder,
+            fmt=fmt,
+            names=FieldNames(id_field, text_field, title_field),
+            skip_bad=skip_bad,
+            batch_size=batch_size,
+            progress=progress.advance,
+            stdin=deps.stdin_bytes(),
+        )
+    finally:
+        progress.close()
+    if as_json:
+        print(json.dumps(summary.as_dict()))
+    _info(
+        f"indexed {summary.indexed} passages into {output} in {summary.seconds:.1f} s "
+        f"({summary.passages_per_second:.1f} passages/s); skipped {summary.skipped_empty} empty, "
+        f"{summary.skipped_bad} bad; {summary.truncated} truncated at {encoder.max_seq_length} tokens"
+    )
+
+
+# --- query -------------------------------------------------------------------------------------------
+
+
+def open_index_and_encoder(
+    deps: Deps, directory: Path, model: str | None, trust_remote_code: bool, batch_size: int
+) -> tuple[Any, Encoder]:
+    """Open the index, then load the model it was built with (or a compatible override)."""
+    from dsearch.store import OpenIndex
+
+    opened = OpenIndex(directory)
+    info = opened.manifest.model
+    encoder = deps.load_encoder(model or info.name, trust_remote_code, batch_size)
+    if encoder.dim != info.dim:
+        raise ModelError(
+            f"model {encoder.name!r} makes {encoder.dim}-d vectors but the index holds {info.dim}-d ones "
+            f"(built with {info.name!r}); query with that model or rebuild the index"
+        )
+    if encoder.fingerprint != info.fingerprint:
+        log.warning(
+            "model %s differs from the one that built the index (fingerprint %s, index has %s); "
+            "scores may be meaningless",
+            encoder.name,
+            encoder.fingerprint[:12],
+            info.fingerprint[:12],
+        )
+    if encoder.similarity != info.similarity:
+        log.warning("model similarity %s differs from the index's %s", encoder.similarity, info.similarity)
+    return opened, encoder
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    queries: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[QUERY]...", help="Query texts; none or '-' reads one query a line from stdin."),
+    ] = None,
+    queries_file: Annotated[
+        Path | None,
+        typer.Option("--queries", help="Query file: TSV qid<TAB>text, BEIR queries.jsonl, or .txt one a line."),
+    ] = None,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per query.")] = 10,
+    out_format: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="table|jsonl|tsv|trec|ids [default: table on a terminal, jsonl in a pipe]"),
+    ] = None,
+    model: ModelOpt = None,
+    batch_size: BatchSize = 32,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Search the index at DIR and print ranked passages on stdout."""
+    _setup(verbose, quiet, debug)
+    from dsearch.output import OUTPUT_FORMATS, render
+    from dsearch.search import queries_from_texts, read_query_file, run_search
+
+    fmt = out_format or ("table" if _stdout_is_terminal() else "jsonl")
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    deps = _deps(ctx)
+    texts = [q for q in (queries or []) if q != "-"]
+    if queries_file is not None and texts:
+        raise UsageError("give queries as arguments or with --queries, not both")
+    if queries_file is not None:
+        query_list: Any = read_query_file(str(queries_file))
+    elif texts:
+        query_list = list(queries_from_texts(texts))
+    else:
+        stdin = deps.stdin_bytes()
+        if deps.stdin is None and sys.stdin.isatty():
+            raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
+        query_list = queries_from_texts(line.decode("utf-8", errors="replace") for line in stdin)
+    opened, encoder = open_index_and_encoder(deps, directory, model, trust_remote_code, batch_size)
+    written = render(run_search(opened, encoder, query_list, top_k), fmt, sys.stdout, color=_color())
+    log.info("wrote %d hits", written)
+
+
+# --- info --------------------------------------------------------------------------------------------
+
+
+def describe_index(opened: Any) -> dict[str, Any]:
+    m = opened.manifest
+    return {
+        "path": str(opened.directory),
+        "model": m.model.name,
+        "model_fingerprint": m.model.fingerprint,
+        "dim": m.model.dim,
+        "similarity": m.model.similarity,
+        "normalized": m.model.similarity == "cosine",
+        "max_seq_length": m.model.max_seq_length,
+        "precision": m.model.precision,
+        "prompts": m.model.prompts,
+        "passages": m.rows,
+        "index_type": m.index_type,
+        "segments": len(m.segments),
+        "size_bytes": opened.size_on_disk(),
+        "created_at": m.created_at,
+        "format": m.format,
+        "format_version": m.format_version,
+        "versions": m.versions,
+        "stats": m.stats,
+    }
+
+
+@app.command()
+def info(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also check every file's checksum.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Describe the index at DIR: model, dimension, similarity, passages, size."""
+    _setup(verbose, quiet, debug)
+    from dsearch.output import human_bytes, render_mapping
+    from dsearch.store import OpenIndex
+
+    data = describe_index(OpenIndex(directory, verify=verify))
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+        return
+    words = {
+        "model": data["model"],
+        "dimension": str(data["dim"]),
+        "similarity": f"{data['similarity']} ({'L2-normalised' if data['normalized'] else 'raw vectors'})",
+        "passages": f"{data['passages']:,}",
+        "index type": data["index_type"],
+        "precision": data["precision"],
+        "max_seq_length": str(data["max_seq_length"]),
+        "size on disk": human_bytes(data["size_bytes"]),
+        "created": data["created_at"],
+        "format": f"{data['format']} v{data['format_version']}",
+    }
+    render_mapping(str(directory), words, sys.stdout, color=_color())
+
+
+# --- entry point -------------------------------------------------------------------------------------
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (cron's timeout, systemd stop) unwinds like Ctrl-C so staging areas are cleaned up."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
+    """Run the command line and return the exit code (what ``main`` passes to ``sys.exit``)."""
+    args = sys.argv[1:] if argv is None else argv
+    SETTINGS.debug = "--debug" in args
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (tests running in threads)
+        pass
+    try:
+        result = app(args=args, prog_name="dsearch", standalone_mode=False, obj=deps or Deps())
+        sys.stdout.flush()
+        return result if isinstance(result, int) else EXIT_OK
+    except DsearchError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.TyperException as exc:  # click's usage errors: bad flags, missing arguments
+        exit_code = getattr(exc, "exit_code", EXIT_USAGE)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)
+            return exit_code
+        return _fail(f"{exc.format_message()} (see 'dsearch --help')", exit_code)
+    except BrokenPipeError:
+        return _closed_pipe()
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was published" if "index" in args else "interrupted", EXIT_INCOMPLETE)
+    except typer.Abort:
+        return _fail("aborted", EXIT_INCOMPLETE)
+    except Exception as exc:  # a bug or an unexpected environment problem: still one line
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    if SETTINGS.debug:
+        traceback.print_exc()
+    print(f"dsearch: error: {message}", file=sys.stderr)
+    return code
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``dsearch query … | head -1``): stop quietly, with success."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run())

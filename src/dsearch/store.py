@@ -1,0 +1,407 @@
+"""The index directory on disk: write a segment, publish it atomically, open and validate it.
+
+Layout (see README, "The index directory")::
+
+    DIR/manifest.json            written last; names the segments
+    DIR/seg-<id>/index.faiss     exact inner-product FAISS index (IndexFlatIP)
+    DIR/seg-<id>/passages.parquet  row-aligned metadata: id, title, text, source, fields, content_hash
+
+``row`` is always a position in the FAISS index; ``id`` is always the user's passage id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from dsearch.corpus import Passage
+from dsearch.errors import IndexDirError
+from dsearch.manifest import MANIFEST_FILE, FileInfo, Manifest, Segment, read_manifest
+
+INDEX_FILE = "index.faiss"
+PASSAGES_FILE = "passages.parquet"
+INDEX_TYPE = "IndexFlatIP"
+# Small row groups keep hit lookups cheap: a hit reads only its own group of this many passages.
+ROW_GROUP_SIZE = 1000
+PASSAGE_COLUMNS = ("id", "title", "text", "source", "fields", "content_hash")
+
+
+def content_hash(text: str) -> str:
+    """Hash of exactly what the encoder sees; equal hashes mean the stored vector can be reused."""
+    return xxhash.xxh3_64_hexdigest(text.encode("utf-8"))
+
+
+def file_info(path: Path) -> FileInfo:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return FileInfo(bytes=path.stat().st_size, xxh3_128=digest.hexdigest())
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+
+class FlatIndexFileWriter:
+    """Streams vectors into a FAISS ``IndexFlatIP`` file without holding them in memory.
+
+    FAISS can only serialise an index it holds whole; this writes the same bytes as
+    ``faiss.write_index`` (a test compares them) so memory stays bounded by one batch.
+    """
+
+    _MAGIC = b"IxFI"
+    _HEADER = struct.Struct("<iqqq?i")  # d, ntotal, dummy, dummy, is_trained, metric (0 = inner product)
+    _COUNT = struct.Struct("<Q")  # number of floats that follow
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path = path
+        self.dim = dim
+        self.ntotal = 0
+        self._fh = open(path, "wb")
+        self._write_header()
+
+    def _write_header(self) -> None:
+        self._fh.write(self._MAGIC)
+        self._fh.write(self._HEADER.pack(self.dim, self.ntotal, 1 << 20, 1 << 20, True, 0))
+        self._fh.write(self._COUNT.pack(self.ntotal * self.dim))
+
+    def add(self, vectors: Any) -> None:
+        import numpy as np
+
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of dimension {self.dim}, got shape {vectors.shape}")
+        self._fh.write(vectors.tobytes())
+        self.ntotal += len(vectors)
+
+    def close(self) -> None:
+        self._fh.seek(0)
+        self._write_header()  # now with the real counts
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+class PassageTableWriter:
+    """Writes row-aligned passage metadata to Parquet, one small row group at a time."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.schema = pa.schema([(name, pa.string()) for name in PASSAGE_COLUMNS])
+        self.path = path
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._buffer: dict[str, list[str | None]] = {name: [] for name in PASSAGE_COLUMNS}
+        self.rows = 0
+
+    def add(self, passage: Passage, hash_: str) -> None:
+        buf = self._buffer
+        buf["id"].append(passage.id)
+        buf["title"].append(passage.title)
+        buf["text"].append(passage.text)
+        buf["source"].append(passage.source)
+        buf["fields"].append(json.dumps(passage.fields, ensure_ascii=False, default=str) if passage.fields else None)
+        buf["content_hash"].append(hash_)
+        self.rows += 1
+        if len(buf["id"]) >= ROW_GROUP_SIZE:
+            self._flush()
+
+    def add_row(self, row: dict[str, str | None]) -> None:
+        """Copy a stored row as it is (incremental updates reuse unchanged passages)."""
+        for name in PASSAGE_COLUMNS:
+            self._buffer[name].append(row.get(name))
+        self.rows += 1
+        if len(self._buffer["id"]) >= ROW_GROUP_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self._buffer["id"]:
+            return
+        self._writer.write_table(pa.table(self._buffer, schema=self.schema), row_group_size=ROW_GROUP_SIZE)
+        self._buffer = {name: [] for name in PASSAGE_COLUMNS}
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+class SegmentWriter:
+    """Writes one segment directory: vectors and their passages, kept row-aligned."""
+
+    def __init__(self, directory: Path, dim: int) -> None:
+        directory.mkdir(parents=True)
+        self.directory = directory
+        self.vectors = FlatIndexFileWriter(directory / INDEX_FILE, dim)
+        self.passages = PassageTableWriter(directory / PASSAGES_FILE)
+
+    def add(self, passages: list[Passage], vectors: Any, hashes: list[str]) -> None:
+        if len(passages) != len(vectors):
+            raise ValueError("passages and vectors must be row-aligned")
+        self.vectors.add(vectors)
+        for passage, hash_ in zip(passages, hashes, strict=True):
+            self.passages.add(passage, hash_)
+
+    def close(self) -> Segment:
+        self.vectors.close()
+        self.passages.close()
+        files = {name: file_info(self.directory / name) for name in (INDEX_FILE, PASSAGES_FILE)}
+        return Segment(path=self.directory.name, rows=self.vectors.ntotal, files=files)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_target(target: Path) -> bool:
+    """True when ``target`` already holds an index to replace; refuse anything that is not ours."""
+    if not target.exists():
+        return False
+    if not target.is_dir():
+        raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
+    if (target / MANIFEST_FILE).exists():
+        return True
+    visible = [p for p in target.iterdir() if not p.name.startswith(".staging-")]
+    if visible:
+        raise IndexDirError(
+            f"{target}: exists and is not a dsearch index; refusing to overwrite it (choose another -o or remove it)"
+        )
+    return False  # an empty directory is fine to fill
+
+
+@dataclass
+class Staging:
+    """Where a new generation is built before it is published."""
+
+    target: Path
+    root: Path  # removed on failure
+    segment_dir: Path
+    replacing: bool
+    segments: list[Segment] = field(default_factory=list)
+
+
+@contextmanager
+def staging_area(target: Path) -> Iterator[Staging]:
+    """Create a staging area for ``target``; remove it if the build fails, so nothing half-written remains.
+
+    A new index is staged beside DIR and renamed into place; an existing index stages its new segment
+    inside DIR and swaps ``manifest.json`` atomically, so readers see the old index or the new one.
+    """
+    replacing = check_target(target)
+    token = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    if replacing:
+        root = target / f".staging-{token}"
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        root = target.parent / f".{target.name}.staging-{token}"
+    root.mkdir()
+    staging = Staging(target, root, root / f"seg-{token}", replacing)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def publish(staging: Staging, manifest: Manifest) -> None:
+    """Make the staged generation the index at ``staging.target`` in one atomic step."""
+    target = staging.target
+    data = manifest.to_json().encode("utf-8")
+    if not staging.replacing:
+        _write_file(staging.root / MANIFEST_FILE, data)
+        if target.exists():
+            target.rmdir()  # empty, as check_target made sure
+        os.rename(staging.root, target)
+        _fsync_dir(target.parent)
+        return
+    old = read_manifest(target)
+    for segment in manifest.segments:
+        source = staging.root / segment.path
+        if source.exists():
+            os.rename(source, target / segment.path)
+    _write_file(staging.root / MANIFEST_FILE, data)
+    os.replace(staging.root / MANIFEST_FILE, target / MANIFEST_FILE)  # the moment of publication
+    _fsync_dir(target)
+    shutil.rmtree(staging.root, ignore_errors=True)
+    keep = {s.path for s in manifest.segments}
+    for segment in old.segments:
+        if segment.path not in keep:
+            # Readers that already opened these files keep them (POSIX); new readers see the new manifest.
+            shutil.rmtree(target / segment.path, ignore_errors=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenSegment:
+    segment: Segment
+    first_row: int  # global row of this segment's row 0
+    faiss_index: Any
+    table: Any  # pyarrow.parquet.ParquetFile
+    group_starts: list[int]  # local row where each Parquet row group starts
+
+
+class OpenIndex:
+    """A published index, opened for search: the manifest, FAISS indexes (memory-mapped) and Parquet files."""
+
+    def __init__(self, directory: Path, verify: bool = False) -> None:
+        self.directory = directory
+        # A publish may swap the manifest between our reading it and opening its files: read it again.
+        for attempt in range(3):
+            self.manifest = read_manifest(directory)
+            try:
+                self.segments = self._open_segments(verify)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise IndexDirError(f"{directory}: index files are missing; rebuild the index") from None
+        self.rows = self.manifest.rows
+        self._group_cache: dict[tuple[int, int], dict[str, list[Any]]] = {}
+
+    def _open_segments(self, verify: bool) -> list[OpenSegment]:
+        import faiss
+        import pyarrow.parquet as pq
+
+        opened = []
+        first_row = 0
+        for segment in self.manifest.segments:
+            seg_dir = self.directory / segment.path
+            for name, info in segment.files.items():
+                path = seg_dir / name
+                size = path.stat().st_size  # FileNotFoundError propagates for the retry above
+                if size != info.bytes or (verify and file_info(path).xxh3_128 != info.xxh3_128):
+                    raise IndexDirError(
+                        f"{path}: does not match the manifest (corrupt or truncated); rebuild the index"
+                    )
+            try:
+                index = faiss.read_index(str(seg_dir / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                table = pq.ParquetFile(seg_dir / PASSAGES_FILE)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise IndexDirError(f"{seg_dir}: cannot read the index files ({exc}); rebuild the index") from exc
+            if index.ntotal != segment.rows or table.metadata.num_rows != segment.rows:
+                raise IndexDirError(f"{seg_dir}: row counts disagree with the manifest; rebuild the index")
+            if index.d != self.manifest.model.dim:
+                raise IndexDirError(
+                    f"{seg_dir}: vectors have dimension {index.d}, manifest says "
+                    f"{self.manifest.model.dim}; rebuild the index"
+                )
+            starts, total = [], 0
+            for g in range(table.metadata.num_row_groups):
+                starts.append(total)
+                total += table.metadata.row_group(g).num_rows
+            opened.append(OpenSegment(segment, first_row, index, table, starts))
+            first_row += segment.rows
+        if first_row != self.manifest.rows:
+            raise IndexDirError(f"{self.directory}: segment rows do not add up to the manifest's; rebuild the index")
+        return opened
+
+    def search(self, vectors: Any, k: int) -> tuple[Any, Any]:
+        """Top-k (scores, rows) per query vector, best first; ties broken by row so results are repeatable."""
+        import numpy as np
+
+        n = len(vectors)
+        fetch = min(self.rows, k + 8)  # a few extra so that ties at the cut-off are broken by row, not by chance
+        all_scores, all_rows = [], []
+        for seg in self.segments:
+            if seg.segment.rows == 0 or fetch == 0:
+                continue
+            scores, rows = seg.faiss_index.search(
+                np.ascontiguousarray(vectors, dtype=np.float32), min(fetch, seg.segment.rows)
+            )
+            all_scores.append(scores)
+            all_rows.append(np.where(rows >= 0, rows + seg.first_row, -1))
+        if not all_scores:
+            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+        scores = np.concatenate(all_scores, axis=1)
+        rows = np.concatenate(all_rows, axis=1)
+        order = np.lexsort((rows, -scores), axis=1)[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+    def lookup(self, rows: Iterable[int], columns: tuple[str, ...] = PASSAGE_COLUMNS) -> dict[int, dict[str, Any]]:
+        """Metadata of the given rows, reading only the Parquet row groups that hold them."""
+        import bisect
+
+        wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for row in set(int(r) for r in rows if r >= 0):
+            seg_no = self._segment_of(row)
+            seg = self.segments[seg_no]
+            local = row - seg.first_row
+            group = bisect.bisect_right(seg.group_starts, local) - 1
+            wanted.setdefault((seg_no, group), []).append((row, local - seg.group_starts[group]))
+        found: dict[int, dict[str, Any]] = {}
+        for (seg_no, group), members in wanted.items():
+            data = self._row_group(seg_no, group, columns)
+            for row, offset in members:
+                found[row] = {name: data[name][offset] for name in columns}
+        return found
+
+    def _segment_of(self, row: int) -> int:
+        for number, seg in enumerate(self.segments):
+            if row < seg.first_row + seg.segment.rows:
+                return number
+        raise IndexError(row)
+
+    def _row_group(self, seg_no: int, group: int, columns: tuple[str, ...]) -> dict[str, list[Any]]:
+        key = (seg_no, group)
+        cached = self._group_cache.get(key)
+        if cached is None or any(c not in cached for c in columns):
+            if len(self._group_cache) > 64:  # bounded: a long query file touches many groups
+                self._group_cache.clear()
+            table = self.segments[seg_no].table.read_row_group(group, columns=list(columns))
+            cached = table.to_pydict()
+            self._group_cache[key] = cached
+        return cached
+
+    def iter_rows(self, columns: tuple[str, ...] = PASSAGE_COLUMNS) -> Iterator[dict[str, Any]]:
+        """Every row's metadata in row order, one row group at a time."""
+        for seg in self.segments:
+            for batch in seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=list(columns)):
+                yield from batch.to_pylist()
+
+    def vectors(self, first: int, count: int) -> Any:
+        """Stored vectors of rows ``first .. first+count`` (for reuse in incremental updates)."""
+        import numpy as np
+
+        out = []
+        row = first
+        end = first + count
+        while row < end:
+            seg = self.segments[self._segment_of(row)]
+            local = row - seg.first_row
+            take = min(end - row, seg.segment.rows - local)
+            out.append(seg.faiss_index.reconstruct_n(local, take))
+            row += take
+        return np.concatenate(out) if out else np.zeros((0, self.manifest.model.dim), np.float32)
+
+    def size_on_disk(self) -> int:
+        total = (self.directory / MANIFEST_FILE).stat().st_size
+        for seg in self.manifest.segments:
+            total += sum(f.bytes for f in seg.files.values())
+        return total

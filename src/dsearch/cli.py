@@ -6,6 +6,7 @@ need them, so ``dsearch --help`` stays fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,15 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 
 from dsearch import __version__
-from dsearch.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, DsearchError, ModelError, UsageError
+from dsearch.errors import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    DsearchError,
+    IncompleteError,
+    ModelError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from dsearch.encoder import Encoder
@@ -55,6 +64,27 @@ class Settings:
 
 
 SETTINGS = Settings()
+
+
+class _PipeClosed(Exception):
+    """stdout's reader went away; not an OSError, so that Typer leaves it to ``run``."""
+
+
+def _guard(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn Ctrl-C/SIGTERM and a closed stdout into our exceptions before Typer maps them to other codes."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+            sys.stdout.flush()
+        except KeyboardInterrupt:
+            message = "interrupted; nothing was published" if command.__name__ == "index" else "interrupted"
+            raise IncompleteError(message) from None
+        except BrokenPipeError:
+            raise _PipeClosed() from None
+
+    return wrapper
 
 app = typer.Typer(
     name="dsearch",
@@ -179,6 +209,7 @@ class _Progress:
 
 
 @app.command()
+@_guard
 def index(
     ctx: typer.Context,
     corpus: Annotated[
@@ -270,6 +301,7 @@ def open_index_and_encoder(
 
 
 @app.command()
+@_guard
 def query(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
@@ -347,6 +379,7 @@ def describe_index(opened: Any) -> dict[str, Any]:
 
 
 @app.command()
+@_guard
 def info(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -412,10 +445,10 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
             print(exc.format_message(), file=sys.stderr)
             return exit_code
         return _fail(f"{exc.format_message()} (see 'dsearch --help')", exit_code)
-    except BrokenPipeError:
+    except (BrokenPipeError, _PipeClosed):
         return _closed_pipe()
     except KeyboardInterrupt:
-        return _fail("interrupted; nothing was published" if "index" in args else "interrupted", EXIT_INCOMPLETE)
+        return _fail("interrupted", EXIT_INCOMPLETE)
     except typer.Abort:
         return _fail("aborted", EXIT_INCOMPLETE)
     except Exception as exc:  # a bug or an unexpected environment problem: still one line

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up with the test extras, lint, and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "[test]"
+. .venv/bin/activate
+ruff check src tests benchmarks
+python -m pytest "$@"

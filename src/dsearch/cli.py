@@ -412,6 +412,63 @@ def info(
     render_mapping(str(directory), words, sys.stdout, color=_color())
 
 
+# --- eval --------------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+@_guard
+def eval_command(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    queries_file: Annotated[Path, typer.Option("--queries", help="Queries: BEIR queries.jsonl or TSV qid<TAB>text.")],
+    qrels_file: Annotated[Path, typer.Option("--qrels", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")],
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits retrieved per query.")] = 100,
+    metrics: Annotated[str, typer.Option(help="Comma-separated ir-measures names.")] = "nDCG@10,R@100,RR@10",
+    run_file: Annotated[Path | None, typer.Option("--run", help="Also save the TREC run to this file.")] = None,
+    per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
+    keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    model: ModelOpt = None,
+    batch_size: BatchSize = 32,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Run judged queries against DIR and score them (nDCG, recall, MRR…) with ir-measures."""
+    _setup(verbose, quiet, debug)
+    from dsearch.evaluate import evaluate, parse_metrics, read_qrels
+    from dsearch.search import read_query_file
+
+    measures = parse_metrics(metrics)
+    qrels = read_qrels(str(qrels_file))
+    queries = read_query_file(str(queries_file))
+    opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, trust_remote_code, batch_size)
+    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_file)
+    if report.queries_without_judgements:
+        log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)
+    if report.judged_queries_missing:
+        log.warning("%d judged queries are not in %s", report.judged_queries_missing, queries_file)
+    if report.judged_ids_missing_from_index:
+        log.warning("%d judged passage ids are not in the index", report.judged_ids_missing_from_index)
+    if as_json:
+        print(json.dumps(report.as_dict(per_query)))
+        return
+    if _stdout_is_terminal():
+        from dsearch.output import render_mapping
+
+        rows = {name: f"{value:.4f}" for name, value in report.metrics.items()}
+        rows["queries"] = str(report.queries)
+        render_mapping(f"{directory} ({report.queries} queries, k={top_k})", rows, sys.stdout, color=_color())
+    else:  # awk-friendly, like trec_eval: metric<TAB>all<TAB>value
+        for name, value in report.metrics.items():
+            print(f"{name}\tall\t{value:.4f}")
+    if per_query:
+        for qid, values in report.per_query.items():
+            for name, value in values.items():
+                print(f"{name}\t{qid}\t{value:.4f}")
+
+
 # --- entry point -------------------------------------------------------------------------------------
 
 

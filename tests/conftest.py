@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 # Tests never reach for a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# ONNX exports go to a throwaway cache, not the user's ~/.cache/dsearch.
+os.environ["DSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsearch-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_corpus"
@@ -35,13 +38,13 @@ class Runner:
 
     def __init__(self, capsys: pytest.CaptureFixture[str], encoder_factory=None) -> None:
         self.capsys = capsys
-        self.encoder_factory = encoder_factory or (lambda name, trust, batch: HashingEncoder(name))
+        self.encoder_factory = encoder_factory or (lambda name, **options: HashingEncoder(name))
         self.loaded: list[str | None] = []
 
     def __call__(self, *args: str, stdin: bytes | None = None) -> Result:
-        def load(name, trust, batch):
+        def load(name, **options):
             self.loaded.append(name)
-            return self.encoder_factory(name, trust, batch)
+            return self.encoder_factory(name, **options)
 
         self.capsys.readouterr()
         deps = Deps(load_encoder=load, stdin=io.BytesIO(stdin) if stdin is not None else io.BytesIO(b""))

@@ -79,7 +79,7 @@ def test_skip_bad_counts(cli, tmp_path):
 
 def test_interrupted_index_exits_3_and_keeps_previous(capsys, tmp_path, sample_index):
     before = {p: p.read_bytes() for p in sample_index.rglob("*") if p.is_file()}
-    failing = Runner(capsys, lambda name, trust, batch: HashingEncoder(name, fail_after_batches=1))
+    failing = Runner(capsys, lambda name, **options: HashingEncoder(name, fail_after_batches=1))
     result = failing("index", SAMPLE / "passages.jsonl", "-o", sample_index, "--batch-size", "4")
     one_error_line(result, 3, "interrupted; nothing was published")
     assert {p: p.read_bytes() for p in sample_index.rglob("*") if p.is_file()} == before
@@ -206,12 +206,12 @@ def test_missing_index(cli, tmp_path):
 
 
 def test_model_with_other_dimension_is_refused(capsys, sample_index):
-    other = Runner(capsys, lambda name, trust, batch: HashingEncoder(name, dim=32))
+    other = Runner(capsys, lambda name, **options: HashingEncoder(name, dim=32))
     one_error_line(other("query", sample_index, "x", "--model", "other"), 1, "32-d", "64-d")
 
 
 def test_model_with_other_fingerprint_warns(capsys, sample_index):
-    other = Runner(capsys, lambda name, trust, batch: HashingEncoder(name, similarity="dot"))
+    other = Runner(capsys, lambda name, **options: HashingEncoder(name, similarity="dot"))
     result = other("query", sample_index, "volcano", "--model", "other", "-k", "1")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1
     assert "differs from the one that built the index" in result.stderr

@@ -156,6 +156,6 @@ def test_dot_product_model_is_indexed_raw(tiny_seed_model, tmp_path, capsys):
     np.testing.assert_allclose(hit_scores, np.sort(raw_scores)[::-1][:5], rtol=1e-4)
 
     # And through the command line, with the model recorded in the manifest:
-    runner = Runner(capsys, lambda name, trust, batch: SentenceTransformerEncoder(name))
+    runner = Runner(capsys, lambda name, **options: SentenceTransformerEncoder(name))
     result = runner("query", target, query, "-k", "1", "--format", "ids")
     assert result.exit_code == 0 and result.stdout.strip() == hits[0].id

@@ -34,22 +34,42 @@ from dsearch.errors import (
 
 if TYPE_CHECKING:
     from dsearch.encoder import Encoder
+    from dsearch.manifest import ModelInfo
 
 log = logging.getLogger("dsearch")
 
 
-def default_load_encoder(name: str | None, trust_remote_code: bool, batch_size: int) -> Encoder:
-    from dsearch.encoder import SentenceTransformerEncoder
+def default_load_encoder(name: str | None, **options: Any) -> Encoder:
+    from dsearch.encoder import load_encoder
 
-    return SentenceTransformerEncoder(name, trust_remote_code=trust_remote_code, batch_size=batch_size)
+    return load_encoder(name, **options)
+
+
+def default_load_query_encoder(model: ModelInfo, **options: Any) -> Encoder:
+    from dsearch.encoder import load_query_encoder
+
+    return load_query_encoder(model, **options)
 
 
 @dataclass
 class Deps:
-    """What the commands get from outside; tests pass their own (a tiny encoder, a stdin)."""
+    """What the commands get from outside; tests pass their own (a tiny encoder, a stdin).
 
-    load_encoder: Callable[[str | None, bool, int], Encoder] = default_load_encoder
+    ``load_encoder(name, precision=, trust_remote_code=, batch_size=)`` loads a model by name;
+    ``load_query_encoder(model_info, …)`` loads an index's model for queries (default: the lean path,
+    or ``load_encoder`` when a test injected only that).
+    """
+
+    load_encoder: Callable[..., Encoder] = default_load_encoder
+    load_query_encoder: Callable[..., Encoder] | None = None
     stdin: IO[bytes] | None = None
+
+    def query_encoder(self, model: ModelInfo, **options: Any) -> Encoder:
+        if self.load_query_encoder is not None:
+            return self.load_query_encoder(model, **options)
+        if self.load_encoder is default_load_encoder:
+            return default_load_query_encoder(model, **options)
+        return self.load_encoder(model.name, **options)
 
     def stdin_bytes(self) -> IO[bytes]:
         return self.stdin if self.stdin is not None else sys.stdin.buffer
@@ -86,6 +106,7 @@ def _guard(command: Callable[..., None]) -> Callable[..., None]:
 
     return wrapper
 
+
 app = typer.Typer(
     name="dsearch",
     help="Dense retrieval from the command line: index passages with a sentence-transformers model, query them.",
@@ -110,6 +131,10 @@ ModelOpt = Annotated[
 ]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder batch.")]
+Precision = Annotated[
+    str | None,
+    typer.Option("--precision", help="auto|fp32|bf16|int8 [index default: auto; query default: the index's]"),
+]
 
 
 def _setup(verbose: int, quiet: bool, debug: bool) -> None:
@@ -225,6 +250,7 @@ def index(
     text_field: Annotated[str | None, typer.Option(help="Field holding the text [default: text]")] = None,
     title_field: Annotated[str | None, typer.Option(help="Field holding the title [default: title]")] = None,
     model: ModelOpt = None,
+    precision: Precision = None,
     batch_size: BatchSize = 32,
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Skip and count bad records instead of stopping.")
@@ -242,10 +268,13 @@ def index(
 
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _check_precision(precision)
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     deps = _deps(ctx)
-    encoder = deps.load_encoder(model, trust_remote_code, batch_size)
+    encoder = deps.load_encoder(
+        model, precision=precision or "auto", trust_remote_code=trust_remote_code, batch_size=batch_size
+    )
     progress = _Progress(count_records(corpus) if sys.stderr.isatty() else None)
     try:
         summary = build_index(
@@ -273,15 +302,27 @@ def index(
 # --- query -------------------------------------------------------------------------------------------
 
 
+def _check_precision(precision: str | None) -> None:
+    from dsearch.encoder import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
 def open_index_and_encoder(
-    deps: Deps, directory: Path, model: str | None, trust_remote_code: bool, batch_size: int
+    deps: Deps, directory: Path, model: str | None, precision: str | None, trust_remote_code: bool, batch_size: int
 ) -> tuple[Any, Encoder]:
     """Open the index, then load the model it was built with (or a compatible override)."""
     from dsearch.store import OpenIndex
 
+    _check_precision(precision)
     opened = OpenIndex(directory)
     info = opened.manifest.model
-    encoder = deps.load_encoder(model or info.name, trust_remote_code, batch_size)
+    options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": batch_size}
+    if model:
+        encoder = deps.load_encoder(model, **{**options, "precision": precision or info.precision})
+    else:
+        encoder = deps.query_encoder(info, **options)
     if encoder.dim != info.dim:
         raise ModelError(
             f"model {encoder.name!r} makes {encoder.dim}-d vectors but the index holds {info.dim}-d ones "
@@ -319,6 +360,7 @@ def query(
         typer.Option("--format", "-f", help="table|jsonl|tsv|trec|ids [default: table on a terminal, jsonl in a pipe]"),
     ] = None,
     model: ModelOpt = None,
+    precision: Precision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
@@ -346,7 +388,7 @@ def query(
         if deps.stdin is None and sys.stdin.isatty():
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         query_list = queries_from_texts(line.decode("utf-8", errors="replace") for line in stdin)
-    opened, encoder = open_index_and_encoder(deps, directory, model, trust_remote_code, batch_size)
+    opened, encoder = open_index_and_encoder(deps, directory, model, precision, trust_remote_code, batch_size)
     written = render(run_search(opened, encoder, query_list, top_k), fmt, sys.stdout, color=_color())
     log.info("wrote %d hits", written)
 
@@ -429,6 +471,7 @@ def eval_command(
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     model: ModelOpt = None,
+    precision: Precision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
@@ -443,7 +486,7 @@ def eval_command(
     measures = parse_metrics(metrics)
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
-    opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, trust_remote_code, batch_size)
+    opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
     report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_file)
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)

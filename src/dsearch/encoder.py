@@ -101,14 +101,22 @@ def fingerprint_directory(directory: Path) -> str:
 class SentenceTransformerEncoder:
     """A sentence-transformers model on the CPU, encoding with its own prompts and similarity."""
 
-    def __init__(self, name: str | None = None, trust_remote_code: bool = False, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        trust_remote_code: bool = False,
+        batch_size: int = 32,
+        bf16: bool = False,
+        fingerprint: str | None = None,
+    ) -> None:
         self.name = canonical_model_name(name)
         self.batch_size = batch_size
-        self.precision = "fp32"
+        self.bf16 = bf16
+        self.precision = "bf16" if bf16 else "fp32"
         directory = model_directory(self.name)
         self.model = _load_sentence_transformer(self.name, directory, trust_remote_code)
         directory = directory or model_directory(self.name)  # a hub download lands in the cache
-        self.fingerprint = fingerprint_directory(directory) if directory else "unknown"
+        self.fingerprint = fingerprint or (fingerprint_directory(directory) if directory else "unknown")
         similarity = self.model.similarity_fn_name or "cosine"
         if similarity not in SUPPORTED_SIMILARITIES:
             raise ModelError(
@@ -129,15 +137,19 @@ class SentenceTransformerEncoder:
 
     def _encode(self, texts: list[str], side: str) -> np.ndarray:
         import numpy as np
+        import torch
 
         encode = self.model.encode_document if side == "document" else self.model.encode_query
-        vectors = encode(
-            texts,
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=self.similarity == "cosine",
-            show_progress_bar=False,
-        )
+        # bf16 autocast runs the matrix products in bfloat16 (fast with avx512_bf16/AMX); pooling and
+        # normalisation stay in fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            vectors = encode(
+                texts,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=self.similarity == "cosine",
+                show_progress_bar=False,
+            )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
@@ -186,3 +198,90 @@ def _load_sentence_transformer(name: str, directory: Path | None, trust_remote_c
         if "trust_remote_code" in text:
             hint = "; the model ships its own code: pass --trust-remote-code if you trust it"
         raise ModelError(f"cannot load model {name!r} (tried {tried}): {text}{hint}") from exc
+
+
+# --- choosing how to run a model ---------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# What each setting runs on: ONNX Runtime for fp32 and int8 (an export cached per model), torch for bf16.
+LEAN_PRECISIONS = ("fp32", "int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_precision(flags: set[str]) -> tuple[str, str]:
+    """``auto``: the fastest setting that passed the quality gate on this CPU (benchmarks/RESULTS.md)."""
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if vnni:
+        return (
+            "int8",
+            f"the CPU has {', '.join(vnni)}: int8 ONNX Runtime is the fastest setting within the quality gate",
+        )
+    return "fp32", "the CPU has no VNNI int8 instructions: fp32 ONNX Runtime (int8 would gain little)"
+
+
+def load_encoder(
+    name: str | None, precision: str = "auto", trust_remote_code: bool = False, batch_size: int = 32
+) -> Encoder:
+    """Load a model for encoding at the given precision, preferring a cached lean export (no torch)."""
+    from dsearch import lean
+
+    canonical = canonical_model_name(name)
+    if precision == "auto":
+        precision, reason = choose_precision(cpu_flags())
+        log.info("precision auto: %s (%s)", precision, reason)
+    if precision == "bf16" and not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        log.warning("this CPU has no bf16 instructions (avx512_bf16/AMX); bf16 will be slow")
+    fingerprint = None
+    if precision in LEAN_PRECISIONS:
+        directory = model_directory(canonical)
+        if directory is not None:
+            fingerprint = fingerprint_directory(directory)
+            cached = lean.find_lean(fingerprint, precision, batch_size, canonical)
+            if cached is not None:
+                log.info("using the cached %s ONNX export of %s", precision, canonical)
+                return cached
+    st = SentenceTransformerEncoder(
+        canonical, trust_remote_code, batch_size, bf16=precision == "bf16", fingerprint=fingerprint
+    )
+    if precision not in LEAN_PRECISIONS:
+        return st
+    try:
+        log.info("exporting %s to ONNX (%s); cached for later runs", canonical, precision)
+        return lean.LeanEncoder(lean.export(st, precision), batch_size, canonical)
+    except Exception as exc:  # an export problem must never stop indexing: fall back to plain fp32
+        level = logging.WARNING if precision == "int8" else logging.INFO
+        log.log(
+            level,
+            "no %s ONNX export for %s (%s); using fp32 sentence-transformers",
+            precision,
+            canonical,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return st
+
+
+def load_query_encoder(
+    model: Any, precision: str | None = None, trust_remote_code: bool = False, batch_size: int = 32
+) -> Encoder:
+    """The query side of an index's model (its manifest ``ModelInfo``), in the index's precision by default."""
+    from dsearch import lean
+
+    if precision in (None, "auto"):
+        precision = model.precision
+    if precision in LEAN_PRECISIONS:
+        cached = lean.find_lean(model.fingerprint, precision, batch_size, model.name)
+        if cached is not None:
+            return cached
+        log.info("no cached ONNX export for this index's model; loading sentence-transformers")
+    return load_encoder(model.name, precision, trust_remote_code, batch_size)

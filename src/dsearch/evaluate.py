@@ -41,8 +41,9 @@ def read_qrels(path: str) -> Qrels:
         elif len(parts) == 3:
             qid, docid, rel = parts
         else:
-            raise InputError(where, f"expected 'qid docid rel' (BEIR) or 'qid 0 docid rel' (TREC), found {len(parts)} "
-                             "columns")
+            raise InputError(
+                where, f"expected 'qid docid rel' (BEIR) or 'qid 0 docid rel' (TREC), found {len(parts)} columns"
+            )
         try:
             qrels.setdefault(qid, {})[docid] = int(float(rel))
         except ValueError:
@@ -63,8 +64,9 @@ def parse_metrics(spec: str) -> list[tuple[str, Any]]:
         try:
             metrics.append((name, ir_measures.parse_measure(name)))
         except (ValueError, NameError, SyntaxError, TypeError):
-            raise UsageError(f"unknown metric {name!r}; use ir-measures names such as nDCG@10, R@100, RR@10, P@5, "
-                             "AP") from None
+            raise UsageError(
+                f"unknown metric {name!r}; use ir-measures names such as nDCG@10, R@100, RR@10, P@5, AP"
+            ) from None
     if not metrics:
         raise UsageError("--metrics names no metric")
     return metrics
@@ -94,8 +96,9 @@ class EvalReport:
         return data
 
 
-def score_run(run: Run, qrels: Qrels, metrics: list[tuple[str, Any]]) -> tuple[dict[str, float],
-                                                                             dict[str, dict[str, float]]]:
+def score_run(
+    run: Run, qrels: Qrels, metrics: list[tuple[str, Any]]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Mean and per-query values; queries without judgements are left out, as trec_eval does."""
     import ir_measures
 

@@ -1,0 +1,98 @@
+"""The lean encoder (ONNX Runtime + tokenizers + numpy) against sentence-transformers, and the choice of path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+from dsearch import lean
+from dsearch.encoder import LEAN_PRECISIONS, SentenceTransformerEncoder, choose_precision, load_encoder
+from dsearch.indexer import build_index
+
+pytestmark = pytest.mark.slow
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "eval" / "scifact"
+
+
+def scifact(n_docs: int) -> tuple[list[str], list[str]]:
+    if not SCIFACT.exists():
+        pytest.skip("../shared/eval/scifact is not there")
+    docs = [json.loads(line) for line in (SCIFACT / "corpus.jsonl").read_text().splitlines()[:n_docs]]
+    queries = [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").read_text().splitlines()]
+    # Abstracts cut to 64 words keep the test quick; long texts are covered by the truncation case below.
+    return [" ".join(f"{d['title']} {d['text']}".split()[:64]) for d in docs], queries
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.parametrize("which", ["bundled", "tiny-seed"])
+def test_lean_fp32_matches_sentence_transformers(which, tiny_seed_model):
+    st = SentenceTransformerEncoder(None if which == "bundled" else str(tiny_seed_model))
+    lean_encoder = lean.LeanEncoder(lean.export(st, "fp32"))
+    docs, queries = scifact(300)
+    long_texts = ["word " * 600, "short", ""]  # truncation at max_seq_length, and edge lengths
+    st_docs, lean_docs = st.encode_documents(docs + long_texts), lean_encoder.encode_documents(docs + long_texts)
+    st_queries, lean_queries = st.encode_queries(queries), lean_encoder.encode_queries(queries)
+    assert cosines(st_docs[:-1], lean_docs[:-1]).min() >= 0.9999
+    assert cosines(st_queries, lean_queries).min() >= 0.9999
+    if st.similarity == "dot":  # raw vectors: the scale must match too, not just the direction
+        np.testing.assert_allclose(lean_docs, st_docs, rtol=1e-3, atol=1e-4)
+    st_top = np.argsort(-(st_queries @ st_docs[: len(docs)].T), axis=1, kind="stable")[:, :10]
+    lean_top = np.argsort(-(lean_queries @ lean_docs[: len(docs)].T), axis=1, kind="stable")[:, :10]
+    if which == "bundled":
+        assert (st_top == lean_top).all()
+    else:
+        # Random weights leave many near-equal scores; compare the top-10 score profiles instead of ids.
+        st_scores = np.take_along_axis(st_queries @ st_docs[: len(docs)].T, st_top, 1)
+        lean_scores = np.take_along_axis(lean_queries @ lean_docs[: len(docs)].T, lean_top, 1)
+        np.testing.assert_allclose(lean_scores, st_scores, rtol=1e-4)
+    assert lean_encoder.count_truncated(long_texts) == st.count_truncated(long_texts) == 1
+
+
+def test_lean_query_path_imports_no_torch(tmp_path):
+    target = tmp_path / "idx"
+    build_index([str(SAMPLE / "passages.jsonl")], target, load_encoder(None, "fp32"))
+    code = (
+        "import sys, json; from dsearch.cli import run; "
+        f"rc = run(['query', {str(target)!r}, 'what causes the northern lights', '-k', '1', '--format', 'ids']); "
+        "print(rc, [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    assert result.stdout.splitlines() == ["astronomy-17", "0 []"], result.stderr
+
+
+def test_cache_is_reused_without_loading_the_model(caplog):
+    load_encoder(None, "fp32")  # ensures the export exists
+    with caplog.at_level(logging.INFO, logger="dsearch"):
+        encoder = load_encoder(None, "fp32")
+    assert isinstance(encoder, lean.LeanEncoder)
+    assert "using the cached fp32 ONNX export" in caplog.text
+
+
+def test_model_that_cannot_be_exported_falls_back(tmp_path, tiny_seed_model, caplog):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    model = SentenceTransformer(str(tiny_seed_model), device="cpu")
+    model.append(Dense(32, 16))
+    model.save(str(tmp_path / "with-dense"))
+    with caplog.at_level(logging.INFO, logger="dsearch"):
+        encoder = load_encoder(str(tmp_path / "with-dense"), "int8")
+    assert isinstance(encoder, SentenceTransformerEncoder) and encoder.dim == 16
+    assert "module layout Transformer → Pooling → Dense" in caplog.text
+    assert "using fp32 sentence-transformers" in caplog.text
+
+
+def test_auto_precision_follows_the_cpu():
+    assert choose_precision({"avx512f", "avx512_vnni"})[0] == "int8"
+    assert choose_precision({"avx2"})[0] == "fp32"
+    assert all(choose_precision(flags)[0] in LEAN_PRECISIONS for flags in ({"avx_vnni"}, set()))

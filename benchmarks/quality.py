@@ -41,12 +41,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         target = args.keep or Path(tmp) / "scifact.idx"
         started = time.perf_counter()
-        built = dsearch("index", str(args.scifact / "corpus.jsonl"), "-o", str(target), "--json", "-q",
-                        *model, *extra)
+        built = dsearch("index", str(args.scifact / "corpus.jsonl"), "-o", str(target), "--json", "-q", *model, *extra)
         wall = time.perf_counter() - started
         summary = json.loads(built.stdout)
-        scored = dsearch("eval", str(target), "--queries", str(args.scifact / "queries.jsonl"),
-                         "--qrels", str(args.scifact / "qrels" / "test.tsv"), "-k", "100", "--json", "-q", *model)
+        scored = dsearch(
+            "eval",
+            str(target),
+            "--queries",
+            str(args.scifact / "queries.jsonl"),
+            "--qrels",
+            str(args.scifact / "qrels" / "test.tsv"),
+            "-k",
+            "100",
+            "--json",
+            "-q",
+            *model,
+        )
         report = json.loads(scored.stdout)
     result = {
         "model": summary["model"],

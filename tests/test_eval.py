@@ -44,11 +44,14 @@ def test_beir_and_trec_qrels_read_the_same(tmp_path):
     assert read_qrels(str(beir)) == read_qrels(str(trec)) == {"q1": {"d1": 1, "d2": 2}, "q2": {"d3": 1}}
 
 
-@pytest.mark.parametrize("content,line,problem", [
-    ("q1 0 d1 1\nq2 d3\n", 2, "expected 'qid docid rel'"),
-    ("q1 0 d1 high\n", 1, "not a number"),
-    (b"q1 0 d1 1\nq2 0 d\xff 1\n", 2, "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,line,problem",
+    [
+        ("q1 0 d1 1\nq2 d3\n", 2, "expected 'qid docid rel'"),
+        ("q1 0 d1 high\n", 1, "not a number"),
+        (b"q1 0 d1 1\nq2 0 d\xff 1\n", 2, "not valid UTF-8"),
+    ],
+)
 def test_garbled_qrels_name_file_and_line(tmp_path, content, line, problem):
     path = tmp_path / "qrels.txt"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -73,8 +76,7 @@ def test_unknown_metric():
 
 
 def test_eval_json_trec_layout(cli, sample_index):
-    result = cli("eval", sample_index, "--queries", SAMPLE / "queries.tsv", "--qrels", SAMPLE / "qrels.txt",
-                 "--json")
+    result = cli("eval", sample_index, "--queries", SAMPLE / "queries.tsv", "--qrels", SAMPLE / "qrels.txt", "--json")
     assert result.exit_code == 0 and result.stderr == ""
     report = json.loads(result.stdout)
     assert set(report["metrics"]) == {"nDCG@10", "R@100", "RR@10"}
@@ -85,14 +87,31 @@ def test_eval_json_trec_layout(cli, sample_index):
 
 def test_eval_beir_layout_with_run_and_per_query(cli, sample_index, tmp_path):
     queries = tmp_path / "queries.jsonl"
-    queries.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in (
-        ("1", "tallest volcano Olympus Mons"), ("2", "bread yeast dough"), ("3", "an unjudged query"))))
+    queries.write_text(
+        "".join(
+            json.dumps({"_id": q, "text": t}) + "\n"
+            for q, t in (("1", "tallest volcano Olympus Mons"), ("2", "bread yeast dough"), ("3", "an unjudged query"))
+        )
+    )
     qrels = tmp_path / "test.tsv"
-    qrels.write_text("query-id\tcorpus-id\tscore\n1\tastronomy-04\t1\n2\tcooking-01\t1\n2\tno-such-passage\t1\n"
-                     "4\tcooking-02\t1\n")
+    qrels.write_text(
+        "query-id\tcorpus-id\tscore\n1\tastronomy-04\t1\n2\tcooking-01\t1\n2\tno-such-passage\t1\n4\tcooking-02\t1\n"
+    )
     run_file = tmp_path / "run.trec"
-    result = cli("eval", sample_index, "--queries", queries, "--qrels", qrels, "--run", run_file, "--per-query",
-                 "--json", "-k", "20")
+    result = cli(
+        "eval",
+        sample_index,
+        "--queries",
+        queries,
+        "--qrels",
+        qrels,
+        "--run",
+        run_file,
+        "--per-query",
+        "--json",
+        "-k",
+        "20",
+    )
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["queries"] == 2 and report["queries_without_judgements"] == 1
@@ -105,8 +124,16 @@ def test_eval_beir_layout_with_run_and_per_query(cli, sample_index, tmp_path):
 
 
 def test_eval_plain_lines_in_a_pipe(cli, sample_index):
-    result = cli("eval", sample_index, "--queries", SAMPLE / "queries.tsv", "--qrels", SAMPLE / "qrels.txt",
-                 "--metrics", "nDCG@10,P@1")
+    result = cli(
+        "eval",
+        sample_index,
+        "--queries",
+        SAMPLE / "queries.tsv",
+        "--qrels",
+        SAMPLE / "qrels.txt",
+        "--metrics",
+        "nDCG@10,P@1",
+    )
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert [(name, scope) for name, scope, _ in lines] == [("nDCG@10", "all"), ("P@1", "all")]
     assert all(0 <= float(value) <= 1 for _, _, value in lines)
@@ -120,8 +147,12 @@ def test_self_hits_are_dropped_unless_kept(cli, sample_index, tmp_path):
     qrels.write_text(f"{passage['_id']} 0 astronomy-02 1\n")
     for flags, first in (([], "astronomy-02"), (["--keep-self"], passage["_id"])):
         run_file = tmp_path / "run.trec"
-        assert cli("eval", sample_index, "--queries", queries, "--qrels", qrels, "--run", run_file, "-k", "5",
-                   *flags).exit_code == 0
+        assert (
+            cli(
+                "eval", sample_index, "--queries", queries, "--qrels", qrels, "--run", run_file, "-k", "5", *flags
+            ).exit_code
+            == 0
+        )
         ranked = [line.split() for line in run_file.read_text().splitlines()]
         ids = [r[2] for r in ranked]
         assert (passage["_id"] in ids) == bool(flags)
@@ -133,17 +164,34 @@ def test_self_hits_are_dropped_unless_kept(cli, sample_index, tmp_path):
 def test_eval_bad_files(cli, sample_index, tmp_path):
     garbled = tmp_path / "qrels.txt"
     garbled.write_text("q1 0 cooking-01 1\nthis is not a qrels line at all\n")
-    one_error_line(cli("eval", sample_index, "--queries", SAMPLE / "queries.tsv", "--qrels", garbled), 1,
-                   f"{garbled}:2:")
-    one_error_line(cli("eval", sample_index, "--queries", tmp_path / "none.tsv", "--qrels", SAMPLE / "qrels.txt"),
-                   1, "none.tsv", "cannot read")
+    one_error_line(
+        cli("eval", sample_index, "--queries", SAMPLE / "queries.tsv", "--qrels", garbled), 1, f"{garbled}:2:"
+    )
+    one_error_line(
+        cli("eval", sample_index, "--queries", tmp_path / "none.tsv", "--qrels", SAMPLE / "qrels.txt"),
+        1,
+        "none.tsv",
+        "cannot read",
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    one_error_line(cli("eval", sample_index, "--queries", empty, "--qrels", SAMPLE / "qrels.txt"), 1,
-                   "no queries")
+    one_error_line(cli("eval", sample_index, "--queries", empty, "--qrels", SAMPLE / "qrels.txt"), 1, "no queries")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"_id": "1", "text": "ok"}\n{"_id": "2", "text": \n')
-    one_error_line(cli("eval", sample_index, "--queries", bad_json, "--qrels", SAMPLE / "qrels.txt"), 1,
-                   f"{bad_json}:2:")
-    one_error_line(cli("eval", sample_index, "--queries", SAMPLE / "queries.tsv", "--qrels", SAMPLE / "qrels.txt",
-                       "--metrics", "bogus@@"), 2, "unknown metric")
+    one_error_line(
+        cli("eval", sample_index, "--queries", bad_json, "--qrels", SAMPLE / "qrels.txt"), 1, f"{bad_json}:2:"
+    )
+    one_error_line(
+        cli(
+            "eval",
+            sample_index,
+            "--queries",
+            SAMPLE / "queries.tsv",
+            "--qrels",
+            SAMPLE / "qrels.txt",
+            "--metrics",
+            "bogus@@",
+        ),
+        2,
+        "unknown metric",
+    )

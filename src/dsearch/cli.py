@@ -255,13 +255,19 @@ def index(
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Skip and count bad records instead of stopping.")
     ] = False,
+    update: Annotated[
+        bool, typer.Option("--update", help="Encode only new and changed passages; drop those gone from the corpus.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore an interrupted run's checkpoint and start over.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Encode a corpus and write (or atomically replace) the index at DIR."""
+    """Encode a corpus and write (or atomically replace, or --update) the index at DIR."""
     _setup(verbose, quiet, debug)
     from dsearch.corpus import FORMATS, FieldNames
     from dsearch.indexer import build_index, count_records
@@ -272,31 +278,58 @@ def index(
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     deps = _deps(ctx)
-    encoder = deps.load_encoder(
-        model, precision=precision or "auto", trust_remote_code=trust_remote_code, batch_size=batch_size
-    )
+    model_name = None
+    if model is not None or not update:
+        from dsearch.encoder import canonical_model_name
+
+        model_name = canonical_model_name(model)
+
+    def load() -> Encoder:
+        # On --update without --model, the index's own model (read from its manifest) is the one to load.
+        from dsearch.manifest import MANIFEST_FILE, read_manifest
+
+        name, chosen = model, precision or "auto"
+        if update and name is None and (output / MANIFEST_FILE).exists():
+            info = read_manifest(output).model
+            name, chosen = info.name, precision or info.precision
+        return deps.load_encoder(name, precision=chosen, trust_remote_code=trust_remote_code, batch_size=batch_size)
+
     progress = _Progress(count_records(corpus) if sys.stderr.isatty() else None)
     try:
         summary = build_index(
             corpus,
             output,
-            encoder,
+            load,
             fmt=fmt,
             names=FieldNames(id_field, text_field, title_field),
             skip_bad=skip_bad,
             batch_size=batch_size,
             progress=progress.advance,
             stdin=deps.stdin_bytes(),
+            update=update,
+            restart=restart,
+            model_name=model_name if model is not None else None,
+            precision=precision,
         )
     finally:
         progress.close()
     if as_json:
         print(json.dumps(summary.as_dict()))
-    _info(
-        f"indexed {summary.indexed} passages into {output} in {summary.seconds:.1f} s "
-        f"({summary.passages_per_second:.1f} passages/s); skipped {summary.skipped_empty} empty, "
-        f"{summary.skipped_bad} bad; {summary.truncated} truncated at {encoder.max_seq_length} tokens"
-    )
+    s = summary
+    resumed = f"; resumed at passage {s.resumed_at}" if s.resumed_at else ""
+    if update:
+        verb = "updated" if s.published else "unchanged:"
+        _info(
+            f"{verb} {output}: {s.added} added, {s.updated} updated, {s.metadata_only} metadata-only, "
+            f"{s.unchanged} unchanged, {s.removed} removed; {s.indexed} passages; encoded {s.encoded} in "
+            f"{s.seconds:.1f} s; skipped {s.skipped_empty} empty, {s.skipped_bad} bad{resumed}"
+        )
+    else:
+        _info(
+            f"indexed {s.indexed} passages into {output} in {s.seconds:.1f} s "
+            f"({s.passages_per_second:.1f} passages/s, {s.precision}); skipped {s.skipped_empty} empty, "
+            f"{s.skipped_bad} bad; {s.truncated} truncated at the model's max_seq_length{resumed}"
+        )
 
 
 # --- query -------------------------------------------------------------------------------------------
@@ -452,6 +485,47 @@ def info(
         "format": f"{data['format']} v{data['format_version']}",
     }
     render_mapping(str(directory), words, sys.stdout, color=_color())
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+
+def _parse_age(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``1d``, ``2w`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w") from None
+
+
+@app.command()
+@_guard
+def status(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    corpus: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--corpus", help="Corpus path(s) to compare with the ones the index was built from [default: those]."
+        ),
+    ] = None,
+    max_age: Annotated[str | None, typer.Option(help="Fail when the index is older than this (e.g. 1d, 12h).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Check that the index at DIR is healthy: present, complete, intact, fresh, built from the current corpus."""
+    _setup(verbose, quiet, debug)
+    from dsearch.health import check_index
+
+    report = check_index(directory, corpus, _parse_age(max_age) if max_age else None)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(report.line())
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 # --- eval --------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3
 EXIT_LOCKED = 4
+# `dsearch status` only: what is wrong with the index, for monitoring scripts.
+EXIT_STATUS_MISSING = 5
+EXIT_STATUS_BROKEN = 6  # an interrupted run was never finished, or a file is corrupt
+EXIT_STATUS_TOO_OLD = 7
+EXIT_STATUS_CORPUS_CHANGED = 8
 
 
 class DsearchError(Exception):

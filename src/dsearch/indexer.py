@@ -1,27 +1,55 @@
-"""Build an index: corpus passages → batches → encoder → segment writer → atomic publish."""
+"""Build or update an index: corpus passages → batches → encoder → segment writer → atomic publish.
+
+A build holds the index's lock, checkpoints as it goes (an interrupted run resumes from its last checkpoint),
+and with ``update`` re-encodes only the passages whose encoded text changed, reusing every other vector.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from itertools import islice
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, NamedTuple
 
-from dsearch.corpus import CorpusStats, FieldNames, Passage, read_corpus
+import xxhash
+
+from dsearch.corpus import CorpusStats, FieldNames, Passage, detect_format, read_corpus
 from dsearch.encoder import Encoder
-from dsearch.manifest import Manifest, ModelInfo
-from dsearch.store import INDEX_TYPE, SegmentWriter, content_hash, publish, staging_area
+from dsearch.errors import IndexDirError, UsageError
+from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo
+from dsearch.store import (
+    INDEX_TYPE,
+    OpenIndex,
+    SegmentWriter,
+    check_target,
+    content_hash,
+    index_lock,
+    passage_row,
+    publish,
+    staging_area,
+)
 
-# Passages handed to the encoder at once. sentence-transformers sorts each call by length, so a few
-# batches' worth per call lets similar lengths share a batch without holding much in memory.
+log = logging.getLogger("dsearch")
+
+# Passages handed to the encoder at once. Each call sorts by length, so a few batches' worth per call lets
+# similar lengths share a batch without holding much in memory.
 BATCHES_PER_CHUNK = 8
 
+
+def checkpoint_interval() -> float:
+    """Seconds between checkpoints: 30, or DSEARCH_CHECKPOINT_SECONDS (tests use 0: after every chunk)."""
+    return float(os.environ.get("DSEARCH_CHECKPOINT_SECONDS", "30"))
+
+
 ProgressCallback = Callable[[int], None]
+EncoderSource = Encoder | Callable[[], Encoder]
 
 
 @dataclass
@@ -30,12 +58,21 @@ class BuildSummary:
 
     index: str
     model: str
-    indexed: int
-    skipped_empty: int
-    skipped_bad: int
-    truncated: int
-    seconds: float
-    passages_per_second: float
+    precision: str
+    indexed: int  # passages in the published index
+    added: int = 0
+    updated: int = 0  # encoded text changed: re-encoded
+    metadata_only: int = 0  # same encoded text, other fields changed: vector reused
+    unchanged: int = 0
+    removed: int = 0
+    encoded: int = 0
+    skipped_empty: int = 0
+    skipped_bad: int = 0
+    truncated: int = 0
+    resumed_at: int = 0  # rows recovered from an interrupted run's checkpoint
+    published: bool = True
+    seconds: float = 0.0
+    passages_per_second: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -43,7 +80,7 @@ class BuildSummary:
 
 def library_versions() -> dict[str, str]:
     versions = {}
-    for dist in ("dsearch", "faiss-cpu", "sentence-transformers", "torch", "pyarrow"):
+    for dist in ("dsearch", "faiss-cpu", "sentence-transformers", "torch", "onnxruntime", "pyarrow"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -60,11 +97,11 @@ def describe_sources(paths: Iterable[str]) -> list[dict[str, object]]:
             continue
         p = Path(path)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        stats = [f.stat() for f in files]
+        stats = [f.stat() for f in files if f.exists()]
         sources.append(
             {
                 "path": str(p.resolve()),
-                "files": len(files),
+                "files": len(stats),
                 "bytes": sum(s.st_size for s in stats),
                 "mtime": max((s.st_mtime for s in stats), default=0.0),
             }
@@ -84,11 +121,6 @@ def count_records(paths: list[str]) -> int | None:
     return total
 
 
-def _chunks(items: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
-    while chunk := list(islice(items, size)):
-        yield chunk
-
-
 def model_info(encoder: Encoder) -> ModelInfo:
     return ModelInfo(
         name=encoder.name,
@@ -101,10 +133,128 @@ def model_info(encoder: Encoder) -> ModelInfo:
     )
 
 
+class _LazyEncoder:
+    """Loads the model on first use, so an update with nothing to encode never imports torch."""
+
+    def __init__(self, source: EncoderSource) -> None:
+        self._source = source
+        self._encoder: Encoder | None = source if hasattr(source, "encode_documents") else None  # type: ignore
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def get(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = self._source()  # type: ignore[operator]
+        return self._encoder
+
+
+class StoredRow(NamedTuple):
+    row: int
+    content_hash: str
+    metadata: tuple[Any, ...]
+
+
+def _stored_rows(index: OpenIndex) -> dict[str, StoredRow]:
+    """id → where and what each stored passage is (ids, hashes and metadata only; not the text's vectors)."""
+    stored = {}
+    columns = ("id", "content_hash", "title", "text", "source", "fields")
+    for row, data in enumerate(index.iter_rows(columns)):
+        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata(data))
+    return stored
+
+
+def _metadata(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["title"], row["text"], row["source"], row["fields"]
+
+
+def _check_compatible(manifest: Manifest, model_name: str | None, precision: str | None) -> None:
+    """An update must use the index's own model, precision and format; otherwise say to rebuild."""
+    hint = "; rebuild it in full (without --update)"
+    if manifest.format_version != FORMAT_VERSION:
+        raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")
+    if model_name is not None and model_name != manifest.model.name:
+        raise IndexDirError(f"the index was built with model {manifest.model.name!r}, not {model_name!r}{hint}")
+    if precision not in (None, "auto") and precision != manifest.model.precision:
+        raise IndexDirError(f"the index was built at precision {manifest.model.precision}, not {precision}{hint}")
+
+
+def _read(
+    paths: list[str],
+    fmt: str | None,
+    names: FieldNames,
+    skip_bad: bool,
+    stats: CorpusStats,
+    lazy: _LazyEncoder,
+    stdin: IO[bytes] | None,
+) -> Iterator[Passage]:
+    # Only text files need the tokenizer (to cut windows); structured formats never load the model here.
+    needs_tokens = any(p != "-" and (fmt or detect_format(p)) == "text" for p in paths) or fmt == "text"
+    spans = lazy.get().token_spans if needs_tokens else None
+    max_tokens = lazy.get().max_text_tokens if needs_tokens else 256
+    return read_corpus(paths, fmt, names, skip_bad, stats, spans, max_tokens, stdin)
+
+
+@dataclass
+class _Counts:
+    added: int = 0
+    updated: int = 0
+    metadata_only: int = 0
+    unchanged: int = 0
+    encoded: int = 0
+    truncated: int = 0
+    seen_stored: set[str] = field(default_factory=set)
+
+    def changes(self, stored_total: int) -> int:
+        return self.added + self.updated + self.metadata_only + (stored_total - len(self.seen_stored))
+
+
+def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[str, StoredRow], counts: _Counts) -> bool:
+    """Count one passage against the stored index; True when it must be (re-)encoded."""
+    old = stored.get(passage.id)
+    if old is None:
+        counts.added += 1
+        return True
+    counts.seen_stored.add(passage.id)
+    if old.content_hash != hash_:
+        counts.updated += 1
+        return True
+    if old.metadata != _metadata(row):
+        counts.metadata_only += 1
+    else:
+        counts.unchanged += 1
+    return False
+
+
+def _signature(
+    paths: list[str],
+    fmt: str | None,
+    names: FieldNames,
+    skip_bad: bool,
+    model: str | None,
+    precision: str | None,
+    base: Manifest | None,
+) -> str:
+    """What a checkpoint was made from: a resumed run must read the same corpus the same way."""
+    if "-" in paths:
+        return f"stdin-{time.time_ns()}"  # stdin cannot be read again: never resume
+    parts = {
+        "sources": describe_sources(paths),
+        "format": fmt,
+        "names": asdict(names),
+        "skip_bad": skip_bad,
+        "model": model,
+        "precision": precision,
+        "base": base.created_at if base else None,
+    }
+    return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
+
+
 def build_index(
     paths: list[str],
     target: Path,
-    encoder: Encoder,
+    encoder: EncoderSource,
     *,
     fmt: str | None = None,
     names: FieldNames | None = None,
@@ -112,50 +262,183 @@ def build_index(
     batch_size: int = 32,
     progress: ProgressCallback | None = None,
     stdin: IO[bytes] | None = None,
+    update: bool = False,
+    restart: bool = False,
+    model_name: str | None = None,
+    precision: str | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> BuildSummary:
-    """Encode every passage of ``paths`` and publish the index at ``target``; nothing is published on error."""
+    """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
+
+    ``encoder`` is an encoder or a zero-argument function that loads one (called only if something must be
+    encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
+    """
     started = time.perf_counter()
     names = names or FieldNames()
+    lazy = _LazyEncoder(encoder)
+    with index_lock(target):
+        base = None
+        if update:
+            if "-" in paths:
+                raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
+            if check_target(target):
+                base = OpenIndex(target)
+                _check_compatible(base.manifest, model_name, precision)
+            else:
+                log.info("no index at %s yet: building it in full", target)
+        stored = _stored_rows(base) if base else {}
+        counts = _Counts()
+        stats = CorpusStats()
+        if base is not None:
+            # First pass: hash and compare only. With nothing changed, nothing is loaded, encoded or written.
+            for passage in _read(paths, fmt, names, skip_bad, stats, lazy, stdin):
+                text = passage.encoder_text
+                _classify(passage, content_hash(text), passage_row(passage, content_hash(text)), stored, counts)
+            if counts.changes(len(stored)) == 0:
+                return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
+        signature = _signature(paths, fmt, names, skip_bad, model_name, precision, base.manifest if base else None)
+        with staging_area(target, signature, restart) as staging:
+            return _build(
+                paths,
+                staging,
+                lazy,
+                base,
+                stored,
+                fmt,
+                names,
+                skip_bad,
+                batch_size,
+                progress,
+                stdin,
+                signature,
+                checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds,
+                started,
+            )
+
+
+def _build(
+    paths: list[str],
+    staging: Any,
+    lazy: _LazyEncoder,
+    base: OpenIndex | None,
+    stored: dict[str, StoredRow],
+    fmt: str | None,
+    names: FieldNames,
+    skip_bad: bool,
+    batch_size: int,
+    progress: ProgressCallback | None,
+    stdin: IO[bytes] | None,
+    signature: str,
+    checkpoint_seconds: float,
+    started: float,
+) -> BuildSummary:
+    import numpy as np
+
+    info = base.manifest.model if base else model_info(lazy.get())
+    resume = staging.progress or {}
+    resumed_at = int(resume.get("rows", 0))
+    counts = _Counts(**{k: v for k, v in resume.get("counts", {}).items()})
+    if resumed_at:
+        log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
+    writer = SegmentWriter(
+        staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
+    )
     stats = CorpusStats()
-    truncated = 0
-    passages = read_corpus(paths, fmt, names, skip_bad, stats, encoder.token_spans, encoder.max_text_tokens, stdin)
-    with staging_area(target) as staging:
-        writer = SegmentWriter(staging.segment_dir, encoder.dim)
-        for chunk in _chunks(passages, batch_size * BATCHES_PER_CHUNK):
-            texts = [p.encoder_text for p in chunk]
-            truncated += encoder.count_truncated(texts)
-            writer.add(chunk, encoder.encode_documents(texts), [content_hash(t) for t in texts])
-            if progress:
-                progress(len(chunk))
-        segment = writer.close()
-        seconds = time.perf_counter() - started
-        manifest = Manifest(
-            model=model_info(encoder),
-            index_type=INDEX_TYPE,
-            rows=segment.rows,
-            segments=[segment],
-            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            versions=library_versions(),
-            corpus={
-                "sources": describe_sources(paths),
-                "format": fmt,
-                "fields": asdict(names),
-            },
-            stats={
-                "skipped_empty": stats.skipped_empty,
-                "skipped_bad": stats.skipped_bad,
-                "truncated": truncated,
-                "seconds": round(seconds, 3),
-            },
+    passages = _read(paths, fmt, names, skip_bad, stats, lazy, stdin)
+    for passage in islice(passages, resumed_at):  # done before the interruption: only note which ids were seen
+        if passage.id in stored:
+            counts.seen_stored.add(passage.id)
+    if progress and resumed_at:
+        progress(resumed_at)
+    last_checkpoint = time.monotonic()
+    for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
+        texts = [p.encoder_text for p in chunk]
+        hashes = [content_hash(t) for t in texts]
+        rows = [passage_row(p, h) for p, h in zip(chunk, hashes, strict=True)]
+        encode = [
+            i for i, (p, h, r) in enumerate(zip(chunk, hashes, rows, strict=True)) if _classify(p, h, r, stored, counts)
+        ]
+        vectors = np.empty((len(chunk), info.dim), dtype=np.float32)
+        reuse = sorted(set(range(len(chunk))) - set(encode))
+        if reuse:
+            assert base is not None
+            vectors[reuse] = base.vectors_at([stored[chunk[i].id].row for i in reuse])
+        if encode:
+            encoder = _checked(lazy, info)
+            to_encode = [texts[i] for i in encode]
+            counts.truncated += encoder.count_truncated(to_encode)
+            vectors[encode] = encoder.encode_documents(to_encode)
+            counts.encoded += len(encode)
+        writer.add(rows, vectors)
+        if progress:
+            progress(len(chunk))
+        if time.monotonic() - last_checkpoint >= checkpoint_seconds:
+            parts = writer.checkpoint()
+            saved = {k: v for k, v in asdict(counts).items() if k != "seen_stored"}
+            staging.save_progress({"signature": signature, "rows": writer.rows, "parts": parts, "counts": saved})
+            last_checkpoint = time.monotonic()
+    segment = writer.close()
+    seconds = time.perf_counter() - started
+    manifest = Manifest(
+        model=info,
+        index_type=INDEX_TYPE,
+        rows=segment.rows,
+        segments=[segment],
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        versions=library_versions(),
+        corpus={"sources": describe_sources(paths), "format": fmt, "fields": asdict(names)},
+        stats={
+            "skipped_empty": stats.skipped_empty,
+            "skipped_bad": stats.skipped_bad,
+            "truncated": counts.truncated,
+            "seconds": round(seconds, 3),
+        },
+    )
+    publish(staging, manifest)
+    removed = len(stored) - len(counts.seen_stored)
+    return _summary(staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed)
+
+
+def _checked(lazy: _LazyEncoder, info: ModelInfo) -> Encoder:
+    """The loaded encoder, refused if it is not the model that made the index's other vectors."""
+    first_load = not lazy.loaded
+    encoder = lazy.get()
+    if first_load and (encoder.dim != info.dim or encoder.fingerprint != info.fingerprint):
+        raise IndexDirError(
+            f"model {encoder.name!r} is not the one that built this index (its files changed); "
+            "rebuild the index in full (without --update)"
         )
-        publish(staging, manifest)
+    return encoder
+
+
+def _summary(
+    target: Path,
+    info: ModelInfo,
+    rows: int,
+    counts: _Counts,
+    stats: CorpusStats,
+    resumed_at: int,
+    started: float,
+    published: bool = True,
+    removed: int = 0,
+) -> BuildSummary:
+    seconds = time.perf_counter() - started
     return BuildSummary(
         index=os.fspath(target),
-        model=encoder.name,
-        indexed=segment.rows,
+        model=info.name,
+        precision=info.precision,
+        indexed=rows,
+        added=counts.added,
+        updated=counts.updated,
+        metadata_only=counts.metadata_only,
+        unchanged=counts.unchanged,
+        removed=removed,
+        encoded=counts.encoded,
         skipped_empty=stats.skipped_empty,
         skipped_bad=stats.skipped_bad,
-        truncated=truncated,
+        truncated=counts.truncated,
+        resumed_at=resumed_at,
+        published=published,
         seconds=round(seconds, 3),
-        passages_per_second=round(segment.rows / seconds, 2) if seconds > 0 else 0.0,
+        passages_per_second=round(counts.encoded / seconds, 2) if seconds > 0 else 0.0,
     )

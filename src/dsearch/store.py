@@ -19,14 +19,14 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
 from dsearch.corpus import Passage
-from dsearch.errors import IndexDirError
+from dsearch.errors import IndexDirError, LockedError
 from dsearch.manifest import MANIFEST_FILE, FileInfo, Manifest, Segment, read_manifest
 
 INDEX_FILE = "index.faiss"
@@ -58,18 +58,26 @@ class FlatIndexFileWriter:
 
     FAISS can only serialise an index it holds whole; this writes the same bytes as
     ``faiss.write_index`` (a test compares them) so memory stays bounded by one batch.
+    ``resume_rows`` reopens a file left by an interrupted run and cuts it back to its last checkpoint.
     """
 
     _MAGIC = b"IxFI"
     _HEADER = struct.Struct("<iqqq?i")  # d, ntotal, dummy, dummy, is_trained, metric (0 = inner product)
     _COUNT = struct.Struct("<Q")  # number of floats that follow
+    HEADER_BYTES = len(_MAGIC) + _HEADER.size + _COUNT.size
 
-    def __init__(self, path: Path, dim: int) -> None:
+    def __init__(self, path: Path, dim: int, resume_rows: int | None = None) -> None:
         self.path = path
         self.dim = dim
-        self.ntotal = 0
-        self._fh = open(path, "wb")
-        self._write_header()
+        if resume_rows is None:
+            self.ntotal = 0
+            self._fh = open(path, "wb")
+            self._write_header()
+        else:
+            self.ntotal = resume_rows
+            self._fh = open(path, "r+b")
+            self._fh.truncate(self.HEADER_BYTES + resume_rows * dim * 4)
+            self._fh.seek(0, os.SEEK_END)
 
     def _write_header(self) -> None:
         self._fh.write(self._MAGIC)
@@ -85,41 +93,36 @@ class FlatIndexFileWriter:
         self._fh.write(vectors.tobytes())
         self.ntotal += len(vectors)
 
+    def checkpoint(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
     def close(self) -> None:
         self._fh.seek(0)
         self._write_header()  # now with the real counts
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self.checkpoint()
         self._fh.close()
+
+
+def _passage_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.string()) for name in PASSAGE_COLUMNS])
 
 
 class PassageTableWriter:
     """Writes row-aligned passage metadata to Parquet, one small row group at a time."""
 
     def __init__(self, path: Path) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.schema = pa.schema([(name, pa.string()) for name in PASSAGE_COLUMNS])
+        self.schema = _passage_schema()
         self.path = path
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self._buffer: dict[str, list[str | None]] = {name: [] for name in PASSAGE_COLUMNS}
         self.rows = 0
 
-    def add(self, passage: Passage, hash_: str) -> None:
-        buf = self._buffer
-        buf["id"].append(passage.id)
-        buf["title"].append(passage.title)
-        buf["text"].append(passage.text)
-        buf["source"].append(passage.source)
-        buf["fields"].append(json.dumps(passage.fields, ensure_ascii=False, default=str) if passage.fields else None)
-        buf["content_hash"].append(hash_)
-        self.rows += 1
-        if len(buf["id"]) >= ROW_GROUP_SIZE:
-            self._flush()
-
     def add_row(self, row: dict[str, str | None]) -> None:
-        """Copy a stored row as it is (incremental updates reuse unchanged passages)."""
         for name in PASSAGE_COLUMNS:
             self._buffer[name].append(row.get(name))
         self.rows += 1
@@ -139,25 +142,81 @@ class PassageTableWriter:
         self._writer.close()
 
 
+def passage_row(passage: Passage, hash_: str) -> dict[str, str | None]:
+    """The stored form of a passage: user fields as one JSON string, so any shape of record fits one schema."""
+    fields = json.dumps(passage.fields, ensure_ascii=False, default=str, sort_keys=True) if passage.fields else None
+    return {
+        "id": passage.id,
+        "title": passage.title,
+        "text": passage.text,
+        "source": passage.source,
+        "fields": fields,
+        "content_hash": hash_,
+    }
+
+
 class SegmentWriter:
-    """Writes one segment directory: vectors and their passages, kept row-aligned."""
+    """Writes one segment directory: vectors and their passages, kept row-aligned, with checkpoints.
 
-    def __init__(self, directory: Path, dim: int) -> None:
-        directory.mkdir(parents=True)
+    Passages go to numbered Parquet part files, each closed at a checkpoint, so that a killed run keeps every
+    checkpointed row; ``close`` merges the parts into ``passages.parquet``.
+    """
+
+    PARTS = "parts"
+
+    def __init__(self, directory: Path, dim: int, resume_rows: int | None = None, resume_parts: int = 0) -> None:
         self.directory = directory
-        self.vectors = FlatIndexFileWriter(directory / INDEX_FILE, dim)
-        self.passages = PassageTableWriter(directory / PASSAGES_FILE)
+        self.parts_dir = directory / self.PARTS
+        if resume_rows is None:
+            self.parts_dir.mkdir(parents=True)
+        else:
+            for part in self.parts_dir.glob("*.parquet"):
+                if int(part.stem.split("-")[1]) >= resume_parts:
+                    part.unlink()  # written after the last checkpoint: its rows are redone
+            for tmp in self.parts_dir.glob(".*"):
+                tmp.unlink()
+        self.vectors = FlatIndexFileWriter(directory / INDEX_FILE, dim, resume_rows)
+        self.parts = resume_parts
+        self._part: PassageTableWriter | None = None
 
-    def add(self, passages: list[Passage], vectors: Any, hashes: list[str]) -> None:
-        if len(passages) != len(vectors):
+    @property
+    def rows(self) -> int:
+        return self.vectors.ntotal
+
+    def add(self, rows: list[dict[str, str | None]], vectors: Any) -> None:
+        if len(rows) != len(vectors):
             raise ValueError("passages and vectors must be row-aligned")
+        if self._part is None:
+            self._part = PassageTableWriter(self.parts_dir / f".part-{self.parts:06d}.parquet")
         self.vectors.add(vectors)
-        for passage, hash_ in zip(passages, hashes, strict=True):
-            self.passages.add(passage, hash_)
+        for row in rows:
+            self._part.add_row(row)
+
+    def checkpoint(self) -> int:
+        """Make every row so far durable; returns the number of parts to keep on resume."""
+        if self._part is not None:
+            self._part.close()
+            os.replace(self._part.path, self.parts_dir / f"part-{self.parts:06d}.parquet")
+            self.parts += 1
+            self._part = None
+        self.vectors.checkpoint()
+        return self.parts
 
     def close(self) -> Segment:
+        self.checkpoint()
         self.vectors.close()
-        self.passages.close()
+        merged = PassageTableWriter(self.directory / PASSAGES_FILE)
+        import pyarrow.parquet as pq
+
+        for number in range(self.parts):
+            part = pq.ParquetFile(self.parts_dir / f"part-{number:06d}.parquet")
+            for batch in part.iter_batches(batch_size=ROW_GROUP_SIZE):
+                for row in batch.to_pylist():
+                    merged.add_row(row)
+        merged.close()
+        shutil.rmtree(self.parts_dir)
+        if merged.rows != self.vectors.ntotal:
+            raise IndexDirError(f"{self.directory}: {merged.rows} passages but {self.vectors.ntotal} vectors")
         files = {name: file_info(self.directory / name) for name in (INDEX_FILE, PASSAGES_FILE)}
         return Segment(path=self.directory.name, rows=self.vectors.ntotal, files=files)
 
@@ -186,37 +245,135 @@ def check_target(target: Path) -> bool:
     return False  # an empty directory is fine to fill
 
 
+# --- locking ----------------------------------------------------------------------------------------
+
+
+def lock_path(target: Path) -> Path:
+    """The lock sits beside DIR, so that it also guards the first build, before DIR exists."""
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def index_lock(target: Path) -> Iterator[None]:
+    """Hold the write lock on ``target`` or fail at once (exit 4) if another run holds it.
+
+    The lock is an OS file lock (flock): it dies with its process, so a crashed run never leaves a stale lock.
+    """
+    from filelock import FileLock, Timeout
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(target)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = _lock_holder(path)
+        raise LockedError(
+            f"{target}: another dsearch run{holder} is writing this index; try again when it ends"
+        ) from None
+    try:
+        path.with_suffix(".pid").write_text(str(os.getpid()))
+        yield
+    finally:
+        path.with_suffix(".pid").unlink(missing_ok=True)
+        lock.release()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return f" (pid {int(path.with_suffix('.pid').read_text())})"
+    except (OSError, ValueError):
+        return ""
+
+
+def lock_is_held(target: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    if not lock_path(target).exists():
+        return False
+    lock = FileLock(lock_path(target), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+# --- staging and publishing -------------------------------------------------------------------------
+
+PROGRESS_FILE = "progress.json"
+
+
 @dataclass
 class Staging:
     """Where a new generation is built before it is published."""
 
     target: Path
-    root: Path  # removed on failure
+    root: Path
     segment_dir: Path
     replacing: bool
-    segments: list[Segment] = field(default_factory=list)
+    progress: dict[str, Any] | None = None  # the checkpoint of an interrupted run being resumed
+
+    def save_progress(self, progress: dict[str, Any]) -> None:
+        _write_file(self.root / PROGRESS_FILE, json.dumps(progress).encode("utf-8"), atomic=True)
+
+
+def staging_dirs(target: Path) -> list[Path]:
+    """Staging areas of ``target`` left by earlier runs (inside DIR when replacing it, beside it otherwise)."""
+    inside = sorted(target.glob(".staging-*")) if target.is_dir() else []
+    beside = sorted(target.parent.glob(f".{target.name}.staging-*"))
+    return [p for p in inside + beside if p.is_dir()]
+
+
+def read_progress(staging_root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((staging_root / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @contextmanager
-def staging_area(target: Path) -> Iterator[Staging]:
-    """Create a staging area for ``target``; remove it if the build fails, so nothing half-written remains.
+def staging_area(target: Path, signature: str = "", restart: bool = False) -> Iterator[Staging]:
+    """A staging area for ``target``: an interrupted run's one when it matches ``signature``, else a new one.
 
     A new index is staged beside DIR and renamed into place; an existing index stages its new segment
     inside DIR and swaps ``manifest.json`` atomically, so readers see the old index or the new one.
+    On an error the area is removed; on an interrupt (Ctrl-C, SIGTERM) it is kept so the next run resumes.
     """
     replacing = check_target(target)
-    token = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    if replacing:
-        root = target / f".staging-{token}"
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        root = target.parent / f".{target.name}.staging-{token}"
-    root.mkdir()
-    staging = Staging(target, root, root / f"seg-{token}", replacing)
+    staging = None
+    for old in staging_dirs(target):
+        progress = read_progress(old)
+        resumable = (
+            progress is not None
+            and progress.get("signature") == signature
+            and not restart
+            and (old.parent == target) == replacing
+            and staging is None
+        )
+        if resumable:
+            segment_dir = next(old.glob("seg-*"))
+            staging = Staging(target, old, segment_dir, replacing, progress)
+        else:
+            shutil.rmtree(old, ignore_errors=True)  # another run's leftovers: we hold the lock
+    if staging is None:
+        token = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        if replacing:
+            root = target / f".staging-{token}"
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            root = target.parent / f".{target.name}.staging-{token}"
+        root.mkdir()
+        staging = Staging(target, root, root / f"seg-{token}", replacing)
     try:
         yield staging
+    except KeyboardInterrupt:
+        if read_progress(staging.root) is None:
+            shutil.rmtree(staging.root, ignore_errors=True)  # nothing worth resuming
+        raise
     except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(staging.root, ignore_errors=True)
         raise
 
 
@@ -224,6 +381,7 @@ def publish(staging: Staging, manifest: Manifest) -> None:
     """Make the staged generation the index at ``staging.target`` in one atomic step."""
     target = staging.target
     data = manifest.to_json().encode("utf-8")
+    (staging.root / PROGRESS_FILE).unlink(missing_ok=True)
     if not staging.replacing:
         _write_file(staging.root / MANIFEST_FILE, data)
         if target.exists():
@@ -247,11 +405,16 @@ def publish(staging: Staging, manifest: Manifest) -> None:
             shutil.rmtree(target / segment.path, ignore_errors=True)
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
+    destination = path
+    if atomic:
+        path = path.with_name(f".{path.name}.tmp")
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    if atomic:
+        os.replace(path, destination)
 
 
 # --- reading -----------------------------------------------------------------------------------------
@@ -272,14 +435,20 @@ class OpenIndex:
     def __init__(self, directory: Path, verify: bool = False) -> None:
         self.directory = directory
         # A publish may swap the manifest between our reading it and opening its files: read it again.
-        for attempt in range(3):
+        for attempt in range(5):
             self.manifest = read_manifest(directory)
             try:
                 self.segments = self._open_segments(verify)
                 break
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise IndexDirError(f"{directory}: index files are missing; rebuild the index") from None
+            except (FileNotFoundError, IndexDirError) as exc:
+                swapped = read_manifest(directory).to_json() != self.manifest.to_json()
+                if swapped and attempt < 4:
+                    continue  # a publish replaced the files we were opening: read the new manifest
+                if isinstance(exc, FileNotFoundError):
+                    raise IndexDirError(
+                        f"{directory}: index file {exc.filename} is missing; rebuild the index"
+                    ) from None
+                raise
         self.rows = self.manifest.rows
         self._group_cache: dict[tuple[int, int], dict[str, list[Any]]] = {}
 
@@ -299,8 +468,8 @@ class OpenIndex:
                         f"{path}: does not match the manifest (corrupt or truncated); rebuild the index"
                     )
             try:
+                table = pq.ParquetFile(seg_dir / PASSAGES_FILE)  # holds the file open, even if it is replaced
                 index = faiss.read_index(str(seg_dir / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-                table = pq.ParquetFile(seg_dir / PASSAGES_FILE)
             except FileNotFoundError:
                 raise
             except Exception as exc:
@@ -399,6 +568,16 @@ class OpenIndex:
             out.append(seg.faiss_index.reconstruct_n(local, take))
             row += take
         return np.concatenate(out) if out else np.zeros((0, self.manifest.model.dim), np.float32)
+
+    def vectors_at(self, rows: list[int]) -> Any:
+        """Stored vectors of arbitrary rows, in the order given."""
+        import numpy as np
+
+        out = np.empty((len(rows), self.manifest.model.dim), dtype=np.float32)
+        for i, row in enumerate(rows):
+            seg = self.segments[self._segment_of(row)]
+            out[i] = seg.faiss_index.reconstruct(row - seg.first_row)
+        return out
 
     def size_on_disk(self) -> int:
         total = (self.directory / MANIFEST_FILE).stat().st_size

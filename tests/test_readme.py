@@ -56,5 +56,5 @@ def test_readme_examples_run_as_shown(tmp_path):
         )
         assert result.returncode == code, f"{command}\n{result.stderr}"
         if shown:
-            actual = result.stdout if code == 0 else result.stderr
+            actual = result.stdout or result.stderr  # errors are on stderr; `status` reports on stdout
             assert actual.splitlines() == shown, command

@@ -85,17 +85,37 @@ def model_directory(name: str) -> Path | None:
 
 
 def fingerprint_directory(directory: Path) -> str:
-    """A hash of the files that define the model (config, tokenizer, weights); stable across copies."""
-    digest = xxhash.xxh3_128()
+    """A hash of the files that define the model (config, tokenizer, weights); stable across copies.
+
+    Hashing a large model's weights takes a noticeable part of a second, so the result is remembered in the
+    cache, keyed by the files' paths, sizes and modification times; any change to a file hashes it anew.
+    """
+    from dsearch.lean import cache_root
+
+    files = []
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = file.relative_to(directory).as_posix()
-        if file.name in _FINGERPRINT_SKIP or rel.startswith((".", "onnx/", "openvino/")):
-            continue
+        if file.name not in _FINGERPRINT_SKIP and not rel.startswith((".", "onnx/", "openvino/")):
+            files.append((rel, file))
+    stats = [(rel, f.stat().st_size, f.stat().st_mtime_ns) for rel, f in files]
+    memo = cache_root() / "fingerprints" / xxhash.xxh3_128_hexdigest(repr((str(directory), stats)).encode())
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = xxhash.xxh3_128()
+    for rel, file in files:
         digest.update(rel.encode() + b"\0")
         with open(file, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 digest.update(chunk)
-    return digest.hexdigest()
+    fingerprint = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(fingerprint)
+    except OSError:  # a read-only cache only costs time
+        pass
+    return fingerprint
 
 
 class SentenceTransformerEncoder:

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
@@ -80,7 +80,6 @@ class Settings:
     verbose: int = 0
     quiet: bool = False
     debug: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 SETTINGS = Settings()
@@ -99,7 +98,9 @@ def _guard(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
             sys.stdout.flush()
         except KeyboardInterrupt:
-            message = "interrupted; nothing was published" if command.__name__ == "index" else "interrupted"
+            message = "interrupted"
+            if command.__name__ == "index":
+                message = "interrupted; nothing was published (run the same command again to resume)"
             raise IncompleteError(message) from None
         except BrokenPipeError:
             raise _PipeClosed() from None
@@ -195,6 +196,7 @@ class _Progress:
         self.last_log = self.started
         self.bar: Any = None
         if sys.stderr.isatty() and not SETTINGS.quiet:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -213,6 +215,7 @@ class _Progress:
                 TextColumn("{task.fields[rate]} passages/s"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
+                console=Console(stderr=True),  # stdout carries results only
                 transient=True,
             )
             self.task = self.bar.add_task("index", total=total, rate="0")
@@ -278,11 +281,10 @@ def index(
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     deps = _deps(ctx)
-    model_name = None
-    if model is not None or not update:
-        from dsearch.encoder import canonical_model_name
+    from dsearch.encoder import canonical_model_name
 
-        model_name = canonical_model_name(model)
+    # What the user asked for, to check an index being updated against (None: whatever it was built with).
+    model_name = canonical_model_name(model) if model is not None else None
 
     def load() -> Encoder:
         # On --update without --model, the index's own model (read from its manifest) is the one to load.
@@ -308,7 +310,7 @@ def index(
             stdin=deps.stdin_bytes(),
             update=update,
             restart=restart,
-            model_name=model_name if model is not None else None,
+            model_name=model_name,
             precision=precision,
         )
     finally:

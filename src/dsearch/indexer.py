@@ -28,6 +28,7 @@ from dsearch.store import (
     INDEX_TYPE,
     OpenIndex,
     SegmentWriter,
+    Staging,
     check_target,
     content_hash,
     index_lock,
@@ -153,7 +154,7 @@ class _LazyEncoder:
 class StoredRow(NamedTuple):
     row: int
     content_hash: str
-    metadata: tuple[Any, ...]
+    metadata_hash: str  # a hash, not the metadata itself: memory per stored passage stays small
 
 
 def _stored_rows(index: OpenIndex) -> dict[str, StoredRow]:
@@ -161,12 +162,13 @@ def _stored_rows(index: OpenIndex) -> dict[str, StoredRow]:
     stored = {}
     columns = ("id", "content_hash", "title", "text", "source", "fields")
     for row, data in enumerate(index.iter_rows(columns)):
-        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata(data))
+        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata_hash(data))
     return stored
 
 
-def _metadata(row: dict[str, Any]) -> tuple[Any, ...]:
-    return row["title"], row["text"], row["source"], row["fields"]
+def _metadata_hash(row: dict[str, Any]) -> str:
+    fields = [row["title"], row["text"], row["source"], row["fields"]]
+    return xxhash.xxh3_64_hexdigest(json.dumps(fields, ensure_ascii=False).encode())
 
 
 def _check_compatible(manifest: Manifest, model_name: str | None, precision: str | None) -> None:
@@ -180,20 +182,24 @@ def _check_compatible(manifest: Manifest, model_name: str | None, precision: str
         raise IndexDirError(f"the index was built at precision {manifest.model.precision}, not {precision}{hint}")
 
 
-def _read(
-    paths: list[str],
-    fmt: str | None,
-    names: FieldNames,
-    skip_bad: bool,
-    stats: CorpusStats,
-    lazy: _LazyEncoder,
-    stdin: IO[bytes] | None,
-) -> Iterator[Passage]:
+@dataclass
+class CorpusSpec:
+    """How to read the corpus: which paths, in which format, with which field names."""
+
+    paths: list[str]
+    fmt: str | None = None
+    names: FieldNames = field(default_factory=FieldNames)
+    skip_bad: bool = False
+    stdin: IO[bytes] | None = None
+
+
+def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder) -> Iterator[Passage]:
     # Only text files need the tokenizer (to cut windows); structured formats never load the model here.
-    needs_tokens = any(p != "-" and (fmt or detect_format(p)) == "text" for p in paths) or fmt == "text"
+    fmt = corpus.fmt
+    needs_tokens = fmt == "text" or any(p != "-" and (fmt or detect_format(p)) == "text" for p in corpus.paths)
     spans = lazy.get().token_spans if needs_tokens else None
     max_tokens = lazy.get().max_text_tokens if needs_tokens else 256
-    return read_corpus(paths, fmt, names, skip_bad, stats, spans, max_tokens, stdin)
+    return read_corpus(corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
 
 
 @dataclass
@@ -220,30 +226,22 @@ def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[st
     if old.content_hash != hash_:
         counts.updated += 1
         return True
-    if old.metadata != _metadata(row):
+    if old.metadata_hash != _metadata_hash(row):
         counts.metadata_only += 1
     else:
         counts.unchanged += 1
     return False
 
 
-def _signature(
-    paths: list[str],
-    fmt: str | None,
-    names: FieldNames,
-    skip_bad: bool,
-    model: str | None,
-    precision: str | None,
-    base: Manifest | None,
-) -> str:
+def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None) -> str:
     """What a checkpoint was made from: a resumed run must read the same corpus the same way."""
-    if "-" in paths:
+    if "-" in corpus.paths:
         return f"stdin-{time.time_ns()}"  # stdin cannot be read again: never resume
     parts = {
-        "sources": describe_sources(paths),
-        "format": fmt,
-        "names": asdict(names),
-        "skip_bad": skip_bad,
+        "sources": describe_sources(corpus.paths),
+        "format": corpus.fmt,
+        "names": asdict(corpus.names),
+        "skip_bad": corpus.skip_bad,
         "model": model,
         "precision": precision,
         "base": base.created_at if base else None,
@@ -274,7 +272,7 @@ def build_index(
     encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
     """
     started = time.perf_counter()
-    names = names or FieldNames()
+    corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin)
     lazy = _LazyEncoder(encoder)
     with index_lock(target):
         base = None
@@ -291,47 +289,30 @@ def build_index(
         stats = CorpusStats()
         if base is not None:
             # First pass: hash and compare only. With nothing changed, nothing is loaded, encoded or written.
-            for passage in _read(paths, fmt, names, skip_bad, stats, lazy, stdin):
-                text = passage.encoder_text
-                _classify(passage, content_hash(text), passage_row(passage, content_hash(text)), stored, counts)
+            for passage in _read(corpus, stats, lazy):
+                hash_ = content_hash(passage.encoder_text)
+                _classify(passage, hash_, passage_row(passage, hash_), stored, counts)
             if counts.changes(len(stored)) == 0:
                 return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
-        signature = _signature(paths, fmt, names, skip_bad, model_name, precision, base.manifest if base else None)
+        signature = _signature(corpus, model_name, precision, base.manifest if base else None)
+        interval = checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds
         with staging_area(target, signature, restart) as staging:
-            return _build(
-                paths,
-                staging,
-                lazy,
-                base,
-                stored,
-                fmt,
-                names,
-                skip_bad,
-                batch_size,
-                progress,
-                stdin,
-                signature,
-                checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds,
-                started,
-            )
+            return _build(corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started)
 
 
 def _build(
-    paths: list[str],
-    staging: Any,
+    corpus: CorpusSpec,
+    staging: Staging,
     lazy: _LazyEncoder,
     base: OpenIndex | None,
     stored: dict[str, StoredRow],
-    fmt: str | None,
-    names: FieldNames,
-    skip_bad: bool,
     batch_size: int,
     progress: ProgressCallback | None,
-    stdin: IO[bytes] | None,
     signature: str,
     checkpoint_seconds: float,
     started: float,
 ) -> BuildSummary:
+    """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
 
     info = base.manifest.model if base else model_info(lazy.get())
@@ -344,7 +325,7 @@ def _build(
         staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
     )
     stats = CorpusStats()
-    passages = _read(paths, fmt, names, skip_bad, stats, lazy, stdin)
+    passages = _read(corpus, stats, lazy)
     for passage in islice(passages, resumed_at):  # done before the interruption: only note which ids were seen
         if passage.id in stored:
             counts.seen_stored.add(passage.id)
@@ -386,7 +367,7 @@ def _build(
         segments=[segment],
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         versions=library_versions(),
-        corpus={"sources": describe_sources(paths), "format": fmt, "fields": asdict(names)},
+        corpus={"sources": describe_sources(corpus.paths), "format": corpus.fmt, "fields": asdict(corpus.names)},
         stats={
             "skipped_empty": stats.skipped_empty,
             "skipped_bad": stats.skipped_bad,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from query_bench import sentences  # noqa: E402
+from synthetic import scifact_sentences  # noqa: E402
 
 DSEARCH = str(Path(sys.executable).with_name("dsearch"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -58,7 +58,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        rows = sentences(max(sizes))
+        rows = scifact_sentences(max(sizes))
         for size in sizes:
             corpus = tmp / f"corpus-{size}.jsonl"
             corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n" for pid, text in rows[:size]))

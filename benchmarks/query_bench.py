@@ -17,7 +17,6 @@ Peak RSS comes from GNU time.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -28,7 +27,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCIFACT = HERE.parent.parent / "shared" / "eval" / "scifact"
+sys.path.insert(0, str(HERE))
+from synthetic import SCIFACT, scifact_sentences, write_random_index  # noqa: E402
+
+from dsearch.corpus import Passage  # noqa: E402
+
 DSEARCH = str(Path(sys.executable).with_name("dsearch"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 QUERY = "vitamin D deficiency and bone fractures in older adults"
@@ -51,53 +54,8 @@ for score, row in zip(scores[0], rows[0]):
 """
 
 
-def sentences(limit: int) -> list[tuple[str, str]]:
-    out = []
-    rounds = 0
-    while len(out) < limit:
-        for line in open(SCIFACT / "corpus.jsonl"):
-            row = json.loads(line)
-            for number, sentence in enumerate(row["text"].split(". ")):
-                if len(sentence) > 20:
-                    out.append((f"{row['_id']}-{number}-{rounds}", sentence))
-                if len(out) == limit:
-                    return out
-        rounds += 1
-    return out
-
-
 def build_synthetic_index(target: Path, n: int) -> None:
-    import numpy as np
-
-    from dsearch.corpus import Passage
-    from dsearch.encoder import load_encoder
-    from dsearch.indexer import library_versions, model_info
-    from dsearch.manifest import Manifest
-    from dsearch.store import INDEX_TYPE, SegmentWriter, content_hash, passage_row, publish, staging_area
-
-    encoder = load_encoder(None, "auto")  # also caches the lean export that queries will use
-    info = model_info(encoder)
-    rng = np.random.default_rng(0)
-    with staging_area(target) as staging:
-        writer = SegmentWriter(staging.segment_dir, info.dim)
-        rows = sentences(n)
-        for start in range(0, n, 5000):
-            chunk = [Passage(pid, text, None, "scifact-sentences") for pid, text in rows[start : start + 5000]]
-            vectors = rng.standard_normal((len(chunk), info.dim)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            writer.add([passage_row(p, content_hash(p.text)) for p in chunk], vectors)
-        segment = writer.close()
-        publish(
-            staging,
-            Manifest(
-                model=info,
-                index_type=INDEX_TYPE,
-                rows=segment.rows,
-                segments=[segment],
-                created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                versions=library_versions(),
-            ),
-        )
+    write_random_index(target, (Passage(pid, text, None, "scifact-sentences") for pid, text in scifact_sentences(n)))
 
 
 def timed(args: list[str], stdin: str | None = None) -> tuple[float, int]:

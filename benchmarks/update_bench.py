@@ -11,7 +11,6 @@ hashes it and compares, so the vectors' values do not matter. Measured whole-pro
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -23,51 +22,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from query_bench import sentences  # noqa: E402
+from synthetic import scifact_sentences, write_random_index  # noqa: E402
+
+from dsearch.corpus import read_corpus  # noqa: E402
 
 DSEARCH = str(Path(sys.executable).with_name("dsearch"))
 
 
 def build(corpus: Path, target: Path) -> None:
-    import numpy as np
-
-    from dsearch.corpus import read_corpus
-    from dsearch.encoder import load_encoder
-    from dsearch.indexer import describe_sources, library_versions, model_info
-    from dsearch.manifest import Manifest
-    from dsearch.store import INDEX_TYPE, SegmentWriter, content_hash, passage_row, publish, staging_area
-
-    info = model_info(load_encoder(None, "auto"))
-    rng = np.random.default_rng(0)
-    with staging_area(target) as staging:
-        writer = SegmentWriter(staging.segment_dir, info.dim)
-        chunk = []
-        for passage in read_corpus([str(corpus)]):
-            chunk.append(passage)
-            if len(chunk) == 5000:
-                writer.add(
-                    [passage_row(p, content_hash(p.encoder_text)) for p in chunk],
-                    rng.standard_normal((len(chunk), info.dim)).astype(np.float32),
-                )
-                chunk = []
-        if chunk:
-            writer.add(
-                [passage_row(p, content_hash(p.encoder_text)) for p in chunk],
-                rng.standard_normal((len(chunk), info.dim)).astype(np.float32),
-            )
-        segment = writer.close()
-        publish(
-            staging,
-            Manifest(
-                model=info,
-                index_type=INDEX_TYPE,
-                rows=segment.rows,
-                segments=[segment],
-                created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                versions=library_versions(),
-                corpus={"sources": describe_sources([str(corpus)])},
-            ),
-        )
+    """The index exactly as dsearch would read the corpus, so that every content hash matches."""
+    write_random_index(target, read_corpus([str(corpus)]), sources=[str(corpus)])
 
 
 def timed(args: list[str]) -> tuple[float, str]:
@@ -87,7 +51,7 @@ def main() -> None:
         corpus.write_text(
             "".join(
                 json.dumps({"id": pid, "title": "SciFact", "text": text, "lang": "en"}) + "\n"
-                for pid, text in sentences(args.passages)
+                for pid, text in scifact_sentences(args.passages)
             )
         )
         target = tmp / "idx"

@@ -23,7 +23,7 @@ import xxhash
 from dsearch.corpus import CorpusStats, FieldNames, Passage, detect_format, read_corpus
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, UsageError
-from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo
+from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment
 from dsearch.store import (
     INDEX_TYPE,
     OpenIndex,
@@ -131,6 +131,20 @@ def model_info(encoder: Encoder) -> ModelInfo:
         max_seq_length=encoder.max_seq_length,
         prompts=dict(encoder.prompts),
         precision=encoder.precision,
+    )
+
+
+def new_manifest(info: ModelInfo, segment: Segment, corpus: dict[str, Any], stats: dict[str, Any]) -> Manifest:
+    """The manifest of a one-segment index built now with this dsearch."""
+    return Manifest(
+        model=info,
+        index_type=INDEX_TYPE,
+        rows=segment.rows,
+        segments=[segment],
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        versions=library_versions(),
+        corpus=corpus,
+        stats=stats,
     )
 
 
@@ -360,21 +374,14 @@ def _build(
             last_checkpoint = time.monotonic()
     segment = writer.close()
     seconds = time.perf_counter() - started
-    manifest = Manifest(
-        model=info,
-        index_type=INDEX_TYPE,
-        rows=segment.rows,
-        segments=[segment],
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        versions=library_versions(),
-        corpus={"sources": describe_sources(corpus.paths), "format": corpus.fmt, "fields": asdict(corpus.names)},
-        stats={
-            "skipped_empty": stats.skipped_empty,
-            "skipped_bad": stats.skipped_bad,
-            "truncated": counts.truncated,
-            "seconds": round(seconds, 3),
-        },
-    )
+    corpus_info = {"sources": describe_sources(corpus.paths), "format": corpus.fmt, "fields": asdict(corpus.names)}
+    stats_info = {
+        "skipped_empty": stats.skipped_empty,
+        "skipped_bad": stats.skipped_bad,
+        "truncated": counts.truncated,
+        "seconds": round(seconds, 3),
+    }
+    manifest = new_manifest(info, segment, corpus_info, stats_info)
     publish(staging, manifest)
     removed = len(stored) - len(counts.seen_stored)
     return _summary(staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed)

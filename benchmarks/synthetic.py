@@ -1,0 +1,53 @@
+"""Indexes with real passages and random vectors, written through dsearch's own writer, for benchmarks whose
+figures do not depend on the vectors' values (query latency, no-op updates). Building them takes seconds where
+encoding 100k passages would take an hour on this machine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from dsearch.corpus import Passage
+from dsearch.encoder import load_encoder
+from dsearch.indexer import describe_sources, model_info, new_manifest
+from dsearch.store import SegmentWriter, content_hash, passage_row, publish, staging_area
+
+SCIFACT = Path(__file__).resolve().parent.parent.parent / "shared" / "eval" / "scifact"
+
+
+def scifact_sentences(limit: int) -> list[tuple[str, str]]:
+    """(id, sentence) pairs from SciFact abstracts, repeated with new ids until there are ``limit``."""
+    out: list[tuple[str, str]] = []
+    rounds = 0
+    while len(out) < limit:
+        for line in open(SCIFACT / "corpus.jsonl"):
+            row = json.loads(line)
+            for number, sentence in enumerate(row["text"].split(". ")):
+                if len(sentence) > 20:
+                    out.append((f"{row['_id']}-{number}-{rounds}", sentence))
+                if len(out) == limit:
+                    return out
+        rounds += 1
+    return out
+
+
+def write_random_index(target: Path, passages: Iterable[Passage], sources: list[str] | None = None) -> None:
+    """An index of ``passages`` for the bundled model at its default precision, with random unit vectors.
+
+    Loading the encoder also caches its ONNX export, which the measured queries then use.
+    """
+    info = model_info(load_encoder(None, "auto"))
+    rng = np.random.default_rng(0)
+    passages = iter(passages)
+    with staging_area(target) as staging:
+        writer = SegmentWriter(staging.segment_dir, info.dim)
+        while chunk := list(islice(passages, 5000)):
+            vectors = rng.standard_normal((len(chunk), info.dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            writer.add([passage_row(p, content_hash(p.encoder_text)) for p in chunk], vectors)
+        segment = writer.close()
+        publish(staging, new_manifest(info, segment, {"sources": describe_sources(sources or [])}, {}))

@@ -64,7 +64,7 @@ def test_lean_query_path_imports_no_torch(tmp_path):
     code = (
         "import sys, json; from dsearch.cli import run; "
         f"rc = run(['query', {str(target)!r}, 'what causes the northern lights', '-k', '1', '--format', 'ids']); "
-        "print(rc, [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules])"
+        "print(rc, [m for m in ('torch', 'sentence_transformers', 'transformers', 'faiss') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert result.stdout.splitlines() == ["astronomy-17", "0 []"], result.stderr

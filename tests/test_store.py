@@ -13,7 +13,7 @@ from dsearch.corpus import Passage
 from dsearch.errors import IndexDirError
 from dsearch.indexer import build_index
 from dsearch.manifest import FORMAT_VERSION, read_manifest
-from dsearch.store import FlatIndexFileWriter, OpenIndex
+from dsearch.store import FlatIndexFileWriter, FlatVectors, OpenIndex
 
 
 def passages(n: int, prefix: str = "p") -> list[Passage]:
@@ -36,6 +36,26 @@ def test_streamed_faiss_file_is_byte_identical_to_faiss_own(tmp_path):
     reference = faiss.IndexFlatIP(16)
     reference.add(vectors)
     assert (tmp_path / "x.faiss").read_bytes() == faiss.serialize_index(reference).tobytes()
+
+
+def test_numpy_search_over_the_mapped_file_matches_faiss(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((70_000, 16)).astype(np.float32)  # more than one search block
+    writer = FlatIndexFileWriter(tmp_path / "x.faiss", 16)
+    writer.add(vectors)
+    writer.close()
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    ours_scores, ours_rows = FlatVectors(tmp_path / "x.faiss").search(queries, 10)
+    order = np.argsort(-ours_scores, axis=1)
+    faiss_scores, faiss_rows = faiss.read_index(str(tmp_path / "x.faiss")).search(queries, 10)
+    assert (np.take_along_axis(ours_rows, order, 1) == faiss_rows).all()
+    np.testing.assert_allclose(np.take_along_axis(ours_scores, order, 1), faiss_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_a_file_that_is_not_a_flat_index_is_refused(tmp_path):
+    (tmp_path / "bad.faiss").write_bytes(b"IxHNsomething else entirely" * 3)
+    with pytest.raises(IndexDirError, match="not a FAISS IndexFlat file"):
+        FlatVectors(tmp_path / "bad.faiss")
 
 
 def test_empty_faiss_file_matches_too(tmp_path):

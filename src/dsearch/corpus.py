@@ -6,6 +6,7 @@ Bad input raises :class:`InputError` naming ``file:line``; with ``skip_bad`` it 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import io
@@ -367,8 +368,6 @@ def _line_index(text: str) -> Callable[[int], int]:
     newlines = [i for i, ch in enumerate(text) if ch == "\n"]
 
     def line_of(offset: int) -> int:
-        import bisect
-
         return bisect.bisect_left(newlines, offset) + 1
 
     return line_of

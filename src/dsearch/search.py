@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from dsearch.encoder import Encoder
 from dsearch.errors import InputError
@@ -88,10 +88,6 @@ def read_query_file(path: str) -> list[Query]:
     if not queries:
         raise InputError(path, "no queries in the file")
     return queries
-
-
-def read_query_stream(stream: IO[str]) -> Iterator[Query]:
-    return queries_from_texts(stream)
 
 
 def run_search(

@@ -1,6 +1,6 @@
 """Peak memory of indexing 10k vs 100k passages: dsearch (streaming) against a naive in-memory pipeline.
 
-    python benchmarks/memory_bench.py [--sizes 10000,100000] [--skip-naive]
+    python benchmarks/memory_bench.py [--sizes 10000,100000] [--naive-sizes 10000,100000]
 
 Passages are SciFact sentences (ids made unique), indexed with the bundled all-MiniLM-L6-v2. dsearch runs at
 its default precision; the naive pipeline loads every passage, encodes them all with sentence-transformers,
@@ -52,7 +52,7 @@ def measure(args: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000")
-    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--naive-sizes", default=None, help="sizes to run the naive pipeline on [default: all]")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
@@ -72,7 +72,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-            if not args.skip_naive:
+            if args.naive_sizes is None or str(size) in args.naive_sizes.split(","):
                 seconds, rss = measure([sys.executable, "-c", NAIVE, str(corpus), str(tmp / f"naive-{size}")])
                 results.append(
                     {

@@ -88,6 +88,9 @@ class LeanEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
         options.log_severity_level = 3
+        # Memory patterns are planned and kept per input shape; text batches come in hundreds of shapes, and
+        # with them on, peak RSS kept climbing for the first ~20k passages (measured: 696 MiB against 501 MiB).
+        options.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
     @property

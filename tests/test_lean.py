@@ -96,3 +96,13 @@ def test_auto_precision_follows_the_cpu():
     assert choose_precision({"avx512f", "avx512_vnni"})[0] == "int8"
     assert choose_precision({"avx2"})[0] == "fp32"
     assert all(choose_precision(flags)[0] in LEAN_PRECISIONS for flags in ({"avx_vnni"}, set()))
+
+
+def test_int8_query_vectors_do_not_depend_on_the_batch():
+    """Dynamic int8 scales activations per batch; queries run alone so `query "x"` equals x in a file."""
+    encoder = load_encoder(None, "int8")
+    assert isinstance(encoder, lean.LeanEncoder) and encoder.precision == "int8"
+    queries = ["vitamin D and bone fractures", "a much longer query about the role of stem cells in repair", "x"]
+    together = encoder.encode_queries(queries)
+    alone = np.stack([encoder.encode_queries([q])[0] for q in queries])
+    assert np.array_equal(together, alone)

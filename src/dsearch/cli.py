@@ -77,7 +77,8 @@ class Deps:
 
 @dataclass
 class Settings:
-    verbose: int = 0
+    """What the error and summary printers need to know about the current run."""
+
     quiet: bool = False
     debug: bool = False
 
@@ -139,7 +140,7 @@ Precision = Annotated[
 
 
 def _setup(verbose: int, quiet: bool, debug: bool) -> None:
-    SETTINGS.verbose, SETTINGS.quiet, SETTINGS.debug = verbose, quiet, debug
+    SETTINGS.quiet, SETTINGS.debug = quiet, debug
     level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     # Timestamps in verbose mode: these lines end up in cron mail and log files.
@@ -541,7 +542,9 @@ def eval_command(
     queries_file: Annotated[Path, typer.Option("--queries", help="Queries: BEIR queries.jsonl or TSV qid<TAB>text.")],
     qrels_file: Annotated[Path, typer.Option("--qrels", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")],
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits retrieved per query.")] = 100,
-    metrics: Annotated[str, typer.Option(help="Comma-separated ir-measures names.")] = "nDCG@10,R@100,RR@10",
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma-separated ir-measures names [default: nDCG@10,R@100,RR@10].")
+    ] = None,
     run_file: Annotated[Path | None, typer.Option("--run", help="Also save the TREC run to this file.")] = None,
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
@@ -556,10 +559,10 @@ def eval_command(
 ) -> None:
     """Run judged queries against DIR and score them (nDCG, recall, MRR…) with ir-measures."""
     _setup(verbose, quiet, debug)
-    from dsearch.evaluate import evaluate, parse_metrics, read_qrels
+    from dsearch.evaluate import DEFAULT_METRICS, evaluate, parse_metrics, read_qrels
     from dsearch.search import read_query_file
 
-    measures = parse_metrics(metrics)
+    measures = parse_metrics(metrics or DEFAULT_METRICS)
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)

@@ -459,6 +459,12 @@ class FlatVectors:
 
         return np.array(self._data[first : first + count], dtype=np.float32)
 
+    def take(self, rows: Any) -> Any:
+        """The vectors of the given rows (an integer array), in that order."""
+        import numpy as np
+
+        return np.asarray(self._data[rows], dtype=np.float32)
+
     def search(self, queries: Any, k: int) -> tuple[Any, Any]:
         """Per query, the ``k`` best (scores, rows), in no particular order."""
         import numpy as np
@@ -650,10 +656,12 @@ class OpenIndex:
         """Stored vectors of arbitrary rows, in the order given."""
         import numpy as np
 
-        out = np.empty((len(rows), self.manifest.model.dim), dtype=np.float32)
-        for i, row in enumerate(rows):
-            seg = self.segments[self._segment_of(row)]
-            out[i] = seg.vectors.rows(row - seg.first_row, 1)[0]
+        wanted = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(wanted), self.manifest.model.dim), dtype=np.float32)
+        for seg in self.segments:  # one gather per segment, not one read per row
+            inside = (wanted >= seg.first_row) & (wanted < seg.first_row + seg.segment.rows)
+            if inside.any():
+                out[inside] = seg.vectors.take(wanted[inside] - seg.first_row)
         return out
 
     def size_on_disk(self) -> int:

@@ -133,6 +133,18 @@ ModelOpt = Annotated[
 ]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder batch.")]
+IndexTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--index-type",
+        help="auto|flat|hnsw|ivf|ivfpq or a FAISS factory string such as IVF4096,PQ64 [default: auto; on --update "
+        "the index's]",
+    ),
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option("--memory", help="Memory budget of the index, e.g. 2G; auto fits it [default: half the RAM]"),
+]
 Precision = Annotated[
     str | None,
     typer.Option("--precision", help="auto|fp32|bf16|int8 [index default: auto; query default: the index's]"),
@@ -267,6 +279,8 @@ def index(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     trust_remote_code: TrustRemote = False,
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -279,6 +293,7 @@ def index(
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_precision(precision)
+    budget = _check_index_type(index_type, memory, count_records(corpus) if memory else None)
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     deps = _deps(ctx)
@@ -313,6 +328,8 @@ def index(
             restart=restart,
             model_name=model_name,
             precision=precision,
+            index_type=index_type,
+            memory=budget,
         )
     finally:
         progress.close()
@@ -343,6 +360,29 @@ def _check_precision(precision: str | None) -> None:
 
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def _check_index_type(index_type: str | None, memory: str | None, passages: int | None) -> int | None:
+    """Refuse a malformed --index-type or an impossible --memory before any passage is read; the budget in bytes."""
+    from dsearch.vector_index import INDEX_TYPES, looks_like_factory, minimum_bytes, parse_memory
+
+    if index_type is not None and index_type.lower() not in INDEX_TYPES and not looks_like_factory(index_type):
+        raise UsageError(
+            f"unknown --index-type {index_type!r}; choose one of {', '.join(INDEX_TYPES)} or a FAISS factory "
+            "string such as IVF4096,PQ64"
+        )
+    if memory is None:
+        return None
+    try:
+        budget = parse_memory(memory)
+    except ValueError as exc:
+        raise UsageError(f"--memory: {exc}") from None
+    if passages is not None and minimum_bytes(passages) > budget:
+        raise UsageError(
+            f"--memory {memory} cannot hold an index of {passages} passages (at least "
+            f"{minimum_bytes(passages):,} bytes even compressed); raise --memory"
+        )
+    return budget
 
 
 def open_index_and_encoder(
@@ -399,6 +439,16 @@ def query(
     precision: Precision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", min=1, help="IVF lists probed [default: chosen at build time]")
+    ] = None,
+    ef: Annotated[
+        int | None, typer.Option("--ef", min=1, help="HNSW efSearch [default: chosen at build time]")
+    ] = None,
+    effort: Annotated[
+        float | None,
+        typer.Option("--effort", min=0.01, help="Multiply the build-time nprobe/ef (2 = more recall, slower)"),
+    ] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -425,6 +475,7 @@ def query(
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         query_list = queries_from_texts(line.decode("utf-8", errors="replace") for line in stdin)
     opened, encoder = open_index_and_encoder(deps, directory, model, precision, trust_remote_code, batch_size)
+    opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
     written = render(run_search(opened, encoder, query_list, top_k), fmt, sys.stdout, color=_color())
     log.info("wrote %d hits", written)
 
@@ -446,6 +497,8 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "prompts": m.model.prompts,
         "passages": m.rows,
         "index_type": m.index_type,
+        "index_params": m.index_params,
+        "recall_at_10": m.index_params.get("recall_at_10", 1.0 if m.index_type == "IndexFlatIP" else None),
         "segments": len(m.segments),
         "size_bytes": opened.size_on_disk(),
         "created_at": m.created_at,
@@ -480,7 +533,8 @@ def info(
         "dimension": str(data["dim"]),
         "similarity": f"{data['similarity']} ({'L2-normalised' if data['normalized'] else 'raw vectors'})",
         "passages": f"{data['passages']:,}",
-        "index type": data["index_type"],
+        "index type": " ".join([data["index_type"], *[f"({f})" for f in [data["index_params"].get("factory")] if f]]),
+        "recall@10": _describe_recall(data),
         "precision": data["precision"],
         "max_seq_length": str(data["max_seq_length"]),
         "size on disk": human_bytes(data["size_bytes"]),
@@ -488,6 +542,42 @@ def info(
         "format": f"{data['format']} v{data['format_version']}",
     }
     render_mapping(str(directory), words, sys.stdout, color=_color())
+
+
+def _describe_recall(data: dict[str, Any]) -> str:
+    params = data["index_params"]
+    if "recall_at_10" not in params:
+        return "1 (exact search)"
+    knobs = ", ".join(f"{k} {params[k]}" for k in ("nprobe", "efSearch") if k in params)
+    return f"{params['recall_at_10']} on {params.get('recall_sample')} of its own vectors" + (
+        f" ({knobs})" if knobs else ""
+    )
+
+
+@app.command("reindex")
+@_guard
+def reindex_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Rebuild the ANN structure of DIR from its stored vectors (no model, no encoding); atomic."""
+    _setup(verbose, quiet, debug)
+    from dsearch.manifest import read_manifest
+    from dsearch.vector_index import reindex
+
+    budget = _check_index_type(index_type, memory, None)
+    requested = index_type or read_manifest(directory).index_params.get("requested", "auto")
+    started = time.perf_counter()
+    manifest = reindex(directory, requested, budget)
+    recall = manifest.index_params.get("recall_at_10")
+    _info(
+        f"reindexed {directory} as {manifest.index_type} in {time.perf_counter() - started:.1f} s"
+        + (f"; recall@10 {recall}" if recall is not None else " (exact search)")
+    )
 
 
 # --- status ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import xxhash
 from dsearch.corpus import CorpusStats, FieldNames, Passage, detect_format, read_corpus
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, UsageError
-from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment
+from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment
 from dsearch.store import (
     INDEX_TYPE,
     OpenIndex,
@@ -188,7 +188,7 @@ def _metadata_hash(row: dict[str, Any]) -> str:
 def _check_compatible(manifest: Manifest, model_name: str | None, precision: str | None) -> None:
     """An update must use the index's own model, precision and format; otherwise say to rebuild."""
     hint = "; rebuild it in full (without --update)"
-    if manifest.format_version != FORMAT_VERSION:
+    if not OLDEST_FORMAT_VERSION <= manifest.format_version <= FORMAT_VERSION:
         raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")
     if model_name is not None and model_name != manifest.model.name:
         raise IndexDirError(f"the index was built with model {manifest.model.name!r}, not {model_name!r}{hint}")
@@ -279,6 +279,8 @@ def build_index(
     model_name: str | None = None,
     precision: str | None = None,
     checkpoint_seconds: float | None = None,
+    index_type: str | None = None,
+    memory: int | None = None,
 ) -> BuildSummary:
     """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
 
@@ -310,8 +312,11 @@ def build_index(
                 return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
         signature = _signature(corpus, model_name, precision, base.manifest if base else None)
         interval = checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds
+        # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
+        requested = index_type or (base.manifest.index_params.get("requested", "auto") if base else "auto")
+        ann = (requested, memory)
         with staging_area(target, signature, restart) as staging:
-            return _build(corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started)
+            return _build(corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started, ann)
 
 
 def _build(
@@ -325,6 +330,7 @@ def _build(
     signature: str,
     checkpoint_seconds: float,
     started: float,
+    ann: tuple[str, int | None] = ("auto", None),
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
@@ -382,9 +388,32 @@ def _build(
         "seconds": round(seconds, 3),
     }
     manifest = new_manifest(info, segment, corpus_info, stats_info)
+    manifest.index_type, manifest.index_params = build_segment_index(staging.segment_dir, segment, *ann)
     publish(staging, manifest)
     removed = len(stored) - len(counts.seen_stored)
     return _summary(staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed)
+
+
+def build_segment_index(
+    segment_dir: Path, segment: Segment, requested: str, memory: int | None
+) -> tuple[str, dict[str, Any]]:
+    """Choose and build the segment's ANN file (if any) from its stored vectors; adds it to ``segment.files``."""
+    from dsearch.store import INDEX_FILE, FlatVectors, file_info
+    from dsearch.vector_index import FLAT, build_ann, default_memory, plan_index
+
+    budget = memory if memory is not None else default_memory()
+    raw = FlatVectors(segment_dir / INDEX_FILE)
+    try:
+        plan = plan_index(requested, segment.rows, raw.d, budget)
+    except ValueError as exc:
+        raise UsageError(f"cannot build the index: {exc}") from None
+    log.info("index type %s (%s): %s", plan.index_type, plan.factory or "exact", plan.reason)
+    params: dict[str, Any] = {"requested": requested, "reason": plan.reason}
+    if plan.index_type == FLAT:
+        return FLAT, params
+    name, built = build_ann(segment_dir, raw, plan)
+    segment.files[name] = file_info(segment_dir / name)
+    return plan.index_type, {**params, **built}
 
 
 def _checked(lazy: _LazyEncoder, info: ModelInfo) -> Encoder:

@@ -14,7 +14,10 @@ from typing import Any
 from dsearch.errors import IndexDirError
 
 FORMAT_NAME = "dsearch-index"
-FORMAT_VERSION = 1
+# 2: ANN index types (an ann-*.faiss file per segment beside the exact vectors) and ``index_params``.
+# A format-1 index is a format-2 flat index without ``index_params``: it loads, queries and updates as before.
+FORMAT_VERSION = 2
+OLDEST_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
 
@@ -56,6 +59,8 @@ class Manifest:
     versions: dict[str, str]
     corpus: dict[str, Any] = field(default_factory=dict)  # sources and reading options, for status/update
     stats: dict[str, Any] = field(default_factory=dict)  # what the build skipped and truncated
+    # ANN parameters: factory string, nprobe/efSearch defaults, rerank, recall_at_10 (see vector_index.py)
+    index_params: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -94,6 +99,7 @@ class Manifest:
                 versions=data["versions"],
                 corpus=data.get("corpus", {}),
                 stats=data.get("stats", {}),
+                index_params=data.get("index_params", {}),
                 format_version=version,
             )
         except (KeyError, TypeError) as exc:

@@ -12,7 +12,7 @@ from conftest import SAMPLE
 from test_cli import one_error_line
 
 from dsearch.manifest import read_manifest
-from dsearch.store import FlatIndexFileWriter, FlatVectors
+from dsearch.store import FlatIndexFileWriter, FlatVectors, OpenIndex
 from dsearch.vector_index import (
     FLAT,
     FlatIndex,
@@ -209,3 +209,39 @@ def test_a_format_1_index_still_updates_and_reindexes(cli, tmp_path):
     assert cli("info", copy, "--verify").exit_code == 0
     hits = cli("query", copy, "volcano on mars", "-k", "1", "--format", "ids", "--effort", "1000")
     assert hits.exit_code == 0 and hits.stdout.strip()
+
+
+def test_golden_format_2_ivf_index_loads_verifies_and_answers_like_a_fresh_build(cli, tmp_path):
+    """tests/golden/index-v2-ivf: built from tests/golden/corpus.jsonl with the hashing encoder, --index-type ivf
+    (``build_index([...], Path('golden/index-v2-ivf'), HashingEncoder(), index_type='ivf')`` in tests/)."""
+    golden = Path(__file__).parent / "golden"
+    copy = tmp_path / "golden"
+    shutil.copytree(golden / "index-v2-ivf", copy)
+    opened = OpenIndex(copy, verify=True)
+    assert (opened.manifest.format_version, opened.manifest.index_type) == (2, "ivf")
+    assert opened.segments[0].ann is not None and opened.rows == 30
+    fresh = tmp_path / "fresh"
+    assert cli("index", golden / "corpus.jsonl", "-o", fresh).exit_code == 0
+    for text in ("volcano on mars", "gravity of black holes", "DNA base pairs"):
+        _same(
+            _hits_for(cli, copy, text),
+            _hits_for(cli, fresh, text),
+        )
+
+
+def _hits_for(cli, directory, text):
+    result = cli("query", directory, text, "-k", "5", "--format", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    return [(h["qid"], h["id"], h["score"]) for h in map(json.loads, result.stdout.splitlines())]
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
+def test_a_tiny_corpus_trains_without_faiss_warnings_on_stderr(tmp_path, capfd, index_type):
+    from fakes import HashingEncoder
+
+    from dsearch.indexer import build_index
+
+    corpus = Path(__file__).parent / "golden" / "corpus.jsonl"  # 30 passages: fewer than 39 a centroid
+    build_index([str(corpus)], tmp_path / "idx", HashingEncoder(), index_type=index_type)
+    assert capfd.readouterr().err == ""
+    assert read_manifest(tmp_path / "idx").index_type == index_type

@@ -430,9 +430,16 @@ def build_ann(segment_dir: Path, raw: Any, plan: IndexPlan, seed: int = 0) -> tu
     if hnsw is not None:
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     inner = _ivf_of(faiss, index)
-    if inner is not None and hasattr(faiss.downcast_index(inner), "do_polysemous_training"):
-        # The factory turns on polysemous training, which tripled 8-bit PQ's training time here; unused by search.
-        faiss.downcast_index(inner).do_polysemous_training = False
+    if inner is not None:
+        inner = faiss.downcast_index(inner)
+        # FAISS prints a warning on stderr below 39 points a centroid; ivf_lists/pq_codes size for that already,
+        # and a tiny corpus (fewer passages than that) is still searched correctly: keep stderr for our messages.
+        inner.cp.min_points_per_centroid = 1
+        if hasattr(inner, "pq"):
+            inner.pq.cp.min_points_per_centroid = 1
+        if hasattr(inner, "do_polysemous_training"):
+            # The factory turns on polysemous training, which tripled 8-bit PQ's training time; search never uses it.
+            inner.do_polysemous_training = False
     if not index.is_trained:
         ivf = _ivf_of(faiss, index)
         lists = ivf.nlist if ivf is not None else 1

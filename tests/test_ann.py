@@ -245,3 +245,22 @@ def test_a_tiny_corpus_trains_without_faiss_warnings_on_stderr(tmp_path, capfd, 
     build_index([str(corpus)], tmp_path / "idx", HashingEncoder(), index_type=index_type)
     assert capfd.readouterr().err == ""
     assert read_manifest(tmp_path / "idx").index_type == index_type
+
+
+def test_allowed_rows_restrict_every_index_type(tmp_path):
+    """The VectorIndex protocol's filter seam: only allowed rows come back, best first among them."""
+    from dsearch.vector_index import build_ann, open_ann
+
+    vectors = np.random.default_rng(5).standard_normal((2000, 16)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    allowed = np.arange(1, 2000, 7)
+    queries = vectors[:5]
+    best = np.argsort(-(queries @ vectors[allowed].T), axis=1)[:, :3]
+    expected = [set(allowed[row]) for row in best]
+    indexes = [FlatIndex(raw)]
+    for kind in ("hnsw", "ivf"):
+        name, params = build_ann(tmp_path, raw, plan_index(kind, 2000, 16, 1 << 30))
+        indexes.append(open_ann(tmp_path / name, raw, params))
+    for index in indexes:
+        scores, rows = index.search(queries, 3, {"effort": 100}, allowed_rows=allowed)
+        assert [set(r.tolist()) for r in rows] == expected

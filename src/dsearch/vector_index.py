@@ -271,7 +271,7 @@ class FaissIndex:
         ivf = _ivf_of(faiss, self.index)
         if ivf is not None:
             nprobe = max(1, min(ivf.nlist, round(int(knobs.get("nprobe", 1)) * effort)))
-            if ivf is self.index:
+            if isinstance(faiss.downcast_index(self.index), faiss.IndexIVF):  # (SWIG wrappers: no `is`)
                 return faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
             ivf.nprobe = nprobe  # wrapped (e.g. a pre-transform): set it on the IVF inside
         hnsw = _hnsw_of(faiss, self.index)

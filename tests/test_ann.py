@@ -264,3 +264,21 @@ def test_allowed_rows_restrict_every_index_type(tmp_path):
     for index in indexes:
         scores, rows = index.search(queries, 3, {"effort": 100}, allowed_rows=allowed)
         assert [set(r.tolist()) for r in rows] == expected
+
+
+def test_default_nprobe_is_one_step_past_the_first_reaching_the_target(tmp_path):
+    from dsearch.vector_index import NPROBE_STEPS, RECALL_TARGET, build_ann, open_ann, sample_rows, tune
+
+    vectors = np.random.default_rng(9).standard_normal((4000, 16)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    name, params = build_ann(tmp_path, raw, plan_index("ivf", 4000, 16, 1 << 30))
+    index = open_ann(tmp_path / name, raw, params)
+    sample = sample_rows(4000, 300, 2)
+    truth = exact_truth(raw, sample)
+    knobs, recall = tune(index, raw, sample, truth)
+    chosen = NPROBE_STEPS.index(knobs["nprobe"])
+    assert chosen >= 1 and recall == measure_recall(index, raw, knobs, sample, truth)
+    reached = measure_recall(index, raw, {"nprobe": NPROBE_STEPS[chosen - 1]}, sample, truth)
+    assert reached >= RECALL_TARGET
+    if chosen >= 2:
+        assert measure_recall(index, raw, {"nprobe": NPROBE_STEPS[chosen - 2]}, sample, truth) < RECALL_TARGET

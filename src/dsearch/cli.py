@@ -145,6 +145,14 @@ MemoryOpt = Annotated[
     str | None,
     typer.Option("--memory", help="Memory budget of the index, e.g. 2G; auto fits it [default: half the RAM]"),
 ]
+NProbeOpt = Annotated[
+    int | None, typer.Option("--nprobe", min=1, help="IVF lists probed [default: chosen at build time]")
+]
+EfOpt = Annotated[int | None, typer.Option("--ef", min=1, help="HNSW efSearch [default: chosen at build time]")]
+EffortOpt = Annotated[
+    float | None,
+    typer.Option("--effort", min=0.01, help="Multiply the build-time nprobe/ef (2 = more recall, slower)"),
+]
 Precision = Annotated[
     str | None,
     typer.Option("--precision", help="auto|fp32|bf16|int8 [index default: auto; query default: the index's]"),
@@ -439,16 +447,9 @@ def query(
     precision: Precision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
-    nprobe: Annotated[
-        int | None, typer.Option("--nprobe", min=1, help="IVF lists probed [default: chosen at build time]")
-    ] = None,
-    ef: Annotated[
-        int | None, typer.Option("--ef", min=1, help="HNSW efSearch [default: chosen at build time]")
-    ] = None,
-    effort: Annotated[
-        float | None,
-        typer.Option("--effort", min=0.01, help="Multiply the build-time nprobe/ef (2 = more recall, slower)"),
-    ] = None,
+    nprobe: NProbeOpt = None,
+    ef: EfOpt = None,
+    effort: EffortOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -639,6 +640,9 @@ def eval_command(
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    nprobe: NProbeOpt = None,
+    ef: EfOpt = None,
+    effort: EffortOpt = None,
     model: ModelOpt = None,
     precision: Precision = None,
     batch_size: BatchSize = 32,
@@ -656,6 +660,7 @@ def eval_command(
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
+    opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
     report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_file)
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)

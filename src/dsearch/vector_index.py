@@ -406,10 +406,15 @@ def tune(index: FaissIndex, raw: Any, sample: Any, truth: Any) -> tuple[dict[str
     else:
         return {}, measure_recall(index, raw, {}, sample, truth)
     recall = 0.0
-    for value in steps:
+    for position, value in enumerate(steps):
         recall = measure_recall(index, raw, {knob: value}, sample, truth)
         log.debug("recall@10 with %s=%d: %.4f", knob, value, recall)
         if recall >= RECALL_TARGET:
+            # One step more as the default: real queries lie farther from the corpus than its own vectors.
+            # On SciFact, nprobe 16 (0.96 on own vectors) lost 0.045 nDCG@10 to the exact index; 32 lost 0.0002.
+            if position + 1 < len(steps):
+                value = steps[position + 1]
+                recall = measure_recall(index, raw, {knob: value}, sample, truth)
             break
     return {knob: value}, recall
 

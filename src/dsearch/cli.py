@@ -345,6 +345,16 @@ def _check_precision(precision: str | None) -> None:
         raise UsageError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
+def _output_format(out_format: str | None) -> str:
+    """The --format asked for (an empty one is a usage error, not the default), else by where stdout goes."""
+    from dsearch.output import OUTPUT_FORMATS
+
+    fmt = ("table" if _stdout_is_terminal() else "jsonl") if out_format is None else out_format
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
 def open_index_and_encoder(
     deps: Deps, directory: Path, model: str | None, precision: str | None, trust_remote_code: bool, batch_size: int
 ) -> tuple[Any, Encoder]:
@@ -405,14 +415,19 @@ def query(
 ) -> None:
     """Search the index at DIR and print ranked passages on stdout."""
     _setup(verbose, quiet, debug)
-    from dsearch.output import OUTPUT_FORMATS, render
-    from dsearch.search import queries_from_texts, read_query_file, run_search
+    from dsearch.output import render
+    from dsearch.search import (
+        check_query_arguments,
+        decode_lines,
+        queries_from_texts,
+        read_query_file,
+        run_search,
+    )
 
-    fmt = out_format or ("table" if _stdout_is_terminal() else "jsonl")
-    if fmt not in OUTPUT_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    fmt = _output_format(out_format)
     deps = _deps(ctx)
     texts = [q for q in (queries or []) if q != "-"]
+    check_query_arguments(texts)
     if queries_file is not None and texts:
         raise UsageError("give queries as arguments or with --queries, not both")
     if queries_file is not None:
@@ -423,7 +438,8 @@ def query(
         stdin = deps.stdin_bytes()
         if deps.stdin is None and sys.stdin.isatty():
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
-        query_list = queries_from_texts(line.decode("utf-8", errors="replace") for line in stdin)
+        # Read lazily, so that a pipeline gets each answer as its query arrives.
+        query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
     opened, encoder = open_index_and_encoder(deps, directory, model, precision, trust_remote_code, batch_size)
     written = render(run_search(opened, encoder, query_list, top_k), fmt, sys.stdout, color=_color())
     log.info("wrote %d hits", written)
@@ -559,14 +575,15 @@ def eval_command(
 ) -> None:
     """Run judged queries against DIR and score them (nDCG, recall, MRR…) with ir-measures."""
     _setup(verbose, quiet, debug)
-    from dsearch.evaluate import DEFAULT_METRICS, evaluate, parse_metrics, read_qrels
+    from dsearch.evaluate import DEFAULT_METRICS, RunTarget, evaluate, parse_metrics, read_qrels
     from dsearch.search import read_query_file
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
+    run_target = RunTarget.check(run_file) if run_file is not None else None  # before any query runs
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
-    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_file)
+    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target)
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)
     if report.judged_queries_missing:

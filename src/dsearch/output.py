@@ -6,6 +6,9 @@ Machine formats (jsonl, tsv, trec, ids) are a contract: see the README before ch
 from __future__ import annotations
 
 import json
+import math
+import re
+import unicodedata
 from collections.abc import Iterable
 from typing import IO, Any
 
@@ -34,9 +37,61 @@ def hit_record(hit: Hit) -> dict[str, Any]:
     }
 
 
-def _one_line(value: object) -> str:
-    """TSV cells may hold neither tabs nor newlines."""
-    return "" if value is None else " ".join(str(value).split())
+# One reversible scheme for every line-oriented format (tsv, trec, ids): a backslash escapes itself, tab,
+# newline and carriage return become \t \n \r, other control and line-separator characters \xHH or
+# \uHHHH; in trec, whose columns are separated by whitespace, a space becomes \s and other whitespace \xHH
+# or \uHHHH. Distinct values stay distinct (``a b`` is ``a\sb``, ``a_b`` stays ``a_b``).
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_NEEDS_ESCAPE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NEEDS_ESCAPE_OR_SPACE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\s]")
+
+
+def escape_field(value: object, space: bool = False) -> str:
+    """``value`` as one reversible token: see the scheme above (``space=True`` for trec)."""
+    text = "" if value is None else str(value)
+    if not (_NEEDS_ESCAPE_OR_SPACE if space else _NEEDS_ESCAPE).search(text):
+        return text
+    out = []
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif space and char == " ":
+            out.append("\\s")
+        elif (space and char.isspace()) or unicodedata.category(char) in {"Cc", "Zl", "Zp"}:
+            out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def unescape_field(token: str) -> str:
+    """The inverse of ``escape_field`` (for tests and for readers of dsearch's output)."""
+    simple = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "s": " "}
+    return re.sub(
+        r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)",
+        lambda m: simple.get(m.group(1)) or chr(int(m.group(1)[1:], 16)),
+        token,
+    )
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or Infinity: such numbers (from a record's own fields, say) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False)
+
+
+def trec_line(qid: str, docid: str, rank: int, score: float, tag: str = RUN_TAG) -> str:
+    """One line of a TREC run: ``qid Q0 docid rank score tag``."""
+    return f"{escape_field(qid, space=True)} Q0 {escape_field(docid, space=True)} {rank} {score:.6f} {tag}\n"
 
 
 def render(results: Results, fmt: str, stream: IO[str], color: bool = False) -> int:
@@ -49,14 +104,14 @@ def render(results: Results, fmt: str, stream: IO[str], color: bool = False) -> 
     for _query, hits in results:
         for hit in hits:
             if fmt == "jsonl":
-                stream.write(json.dumps(hit_record(hit), ensure_ascii=False) + "\n")
+                stream.write(json_line(hit_record(hit)) + "\n")
             elif fmt == "tsv":
                 cells = (hit.qid, hit.query, hit.rank, f"{hit.score:.6f}", hit.id, hit.title, hit.text)
-                stream.write("\t".join(_one_line(c) for c in cells) + "\n")
+                stream.write("\t".join(escape_field(c) for c in cells) + "\n")
             elif fmt == "trec":
-                stream.write(f"{_trec_token(hit.qid)} Q0 {_trec_token(hit.id)} {hit.rank} {hit.score:.6f} {RUN_TAG}\n")
+                stream.write(trec_line(hit.qid, hit.id, hit.rank, hit.score))
             elif fmt == "ids":
-                stream.write(f"{hit.id}\n")
+                stream.write(escape_field(hit.id) + "\n")
             else:
                 raise ValueError(f"unknown output format {fmt!r}")
             written += 1
@@ -64,16 +119,25 @@ def render(results: Results, fmt: str, stream: IO[str], color: bool = False) -> 
     return written
 
 
-def _trec_token(value: str) -> str:
-    # TREC run files are whitespace-separated: an id with spaces would shift every column after it.
-    return "_".join(value.split()) if any(c.isspace() for c in value) else value
+def console(stream: IO[str], color: bool, width: int | None = None) -> Any:
+    """A Rich console on ``stream`` that lets a closed pipe surface as BrokenPipeError.
+
+    Rich's own handling exits with status 1 and says nothing; dsearch ends quietly with 0 instead.
+    """
+    from rich.console import Console
+
+    class _PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError()
+
+    return _PipeConsole(file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width)
 
 
 def _render_table(results: Results, stream: IO[str], color: bool) -> int:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=stream, no_color=not color, highlight=False, soft_wrap=False)
+    out = console(stream, color)
     written = 0
     for query, hits in results:
         table = Table(title=f"[{query.qid}] {query.text}", title_justify="left", expand=False)
@@ -90,13 +154,12 @@ def _render_table(results: Results, stream: IO[str], color: bool) -> int:
             written += 1
         if not hits:
             table.caption = "no hits"
-        console.print(table)
+        out.print(table)
     return written
 
 
 def render_mapping(title: str, data: dict[str, Any], stream: IO[str], color: bool = False) -> None:
     """A two-column key/value table for a terminal (index info, status, summaries)."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_header=False, box=None)
@@ -104,7 +167,7 @@ def render_mapping(title: str, data: dict[str, Any], stream: IO[str], color: boo
     table.add_column(overflow="fold")
     for key, value in data.items():
         table.add_row(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
-    Console(file=stream, no_color=not color, highlight=False).print(table)
+    console(stream, color).print(table)
 
 
 def human_bytes(size: float) -> str:

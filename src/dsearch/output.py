@@ -10,6 +10,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from dsearch.search import Hit, Query
@@ -17,7 +18,8 @@ from dsearch.search import Hit, Query
 OUTPUT_FORMATS = ("table", "jsonl", "tsv", "trec", "ids")
 TSV_COLUMNS = ("qid", "query", "rank", "score", "id", "title", "text")
 RUN_TAG = "dsearch"
-SNIPPET_CHARS = 160
+SNIPPET_LINES = 2  # lines of passage text per hit in the table, by default
+PASSAGE_TSV_COLUMNS = ("id", "title", "text", "source")
 
 Results = Iterable[tuple[Query, list[Hit]]]
 
@@ -94,10 +96,12 @@ def trec_line(qid: str, docid: str, rank: int, score: float, tag: str = RUN_TAG)
     return f"{escape_field(qid, space=True)} Q0 {escape_field(docid, space=True)} {rank} {score:.6f} {tag}\n"
 
 
-def render(results: Results, fmt: str, stream: IO[str], color: bool = False) -> int:
+def render(
+    results: Results, fmt: str, stream: IO[str], color: bool = False, table: TableOptions | None = None
+) -> int:
     """Write every query's hits in ``fmt``; returns the number of hits written."""
     if fmt == "table":
-        return _render_table(results, stream, color)
+        return _render_table(results, stream, color, table or TableOptions())
     written = 0
     if fmt == "tsv":
         stream.write("\t".join(TSV_COLUMNS) + "\n")
@@ -134,40 +138,149 @@ def console(stream: IO[str], color: bool, width: int | None = None) -> Any:
     return _PipeConsole(file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width)
 
 
-def _render_table(results: Results, stream: IO[str], color: bool) -> int:
-    from rich.table import Table
+@dataclass
+class TableOptions:
+    """How ``table`` output is laid out; every table fits ``width`` (default: the terminal's, else $COLUMNS or 80)."""
 
-    out = console(stream, color)
+    width: int | None = None
+    snippet_lines: int = SNIPPET_LINES  # lines of text per hit
+    full: bool = False  # the whole passage instead of a snippet
+
+
+def ellipsize(text: str, width: int) -> str:
+    """``text`` on one line of at most ``width`` characters, cut after a whole word with "…" when too long."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return "…"[:width]
+    return _cut_for_ellipsis(text[: width - 1], text[width - 1]) + "…"
+
+
+def _cut_for_ellipsis(head: str, next_char: str = "") -> str:
+    """``head`` shortened to whole words (unless it is one word), so that "…" never follows half a word."""
+    if next_char in ("", " ") or head.endswith(" "):
+        return head.rstrip()
+    if " " in head.strip():
+        return head.rstrip().rsplit(" ", 1)[0].rstrip()
+    return head  # one word longer than the column: cut it, there is no whole word to keep
+
+
+def snippet_lines(text: str, width: int, lines: int, full: bool = False) -> list[str]:
+    """The passage wrapped at word boundaries to ``width``: its first ``lines`` lines, "…" where it was cut."""
+    import textwrap
+
+    wrapped = textwrap.wrap(" ".join(text.split()), width, break_long_words=True, break_on_hyphens=False)
+    if full or len(wrapped) <= lines:
+        return wrapped
+    kept = wrapped[:lines]
+    last = kept[-1]
+    if len(last) + 1 > width:
+        last = _cut_for_ellipsis(last[: width - 1], last[width - 1])
+    kept[-1] = last + "…"
+    return kept
+
+
+# Column gaps of the hit tables (box.SIMPLE_HEAD, no outer edge): a space, the box's inner edge, a space.
+_GAP = 3
+
+
+def _hits_table(
+    title: str, rows: list[dict[str, str]], text_rows: list[str], width: int, options: TableOptions
+) -> Any:
+    """A hit table laid out for ``width``: short columns sized to their content (id and title capped and
+    ellipsised on one line), the text column gets the rest and holds ``snippet_lines`` wrapped lines."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    names = [name for name in ("rank", "score", "id", "title") if name in rows[0]] if rows else []
+    if "title" in names and not any(r["title"] for r in rows):
+        names.remove("title")  # no passage has a title: give its room to the text
+    # Ids are for copying: they get more room than titles, which are cut (at a word) first.
+    caps = {"rank": 6, "score": 10, "id": max(14, width // 4), "title": max(12, width // 5)}
+    widths = {n: min(caps[n], max([len(n)] + [len(r[n]) for r in rows])) for n in names}
+    text_width = width - sum(widths.values()) - _GAP * len(names)
+    while text_width < 20 and any(widths[n] > len(n) for n in ("title", "id") if n in widths):
+        shrink = "title" if "title" in widths and widths["title"] > len("title") else "id"
+        widths[shrink] -= 1
+        text_width += 1
+    text_width = max(text_width, 8)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
+    for name in names:
+        table.add_column(name, justify="right" if name in ("rank", "score") else "left", width=widths[name])
+        table.columns[-1].no_wrap = True
+    table.add_column("text", width=text_width, no_wrap=True)
+    for row, text in zip(rows, text_rows, strict=True):
+        cells = [ellipsize(row[n], widths[n]) for n in names]
+        lines = snippet_lines(text, text_width, options.snippet_lines, options.full)
+        table.add_row(*cells, "\n".join(lines))
+    heading = Text(ellipsize(title, width), no_wrap=True, overflow="ellipsis", style="bold")
+    return heading, table
+
+
+def _render_table(results: Results, stream: IO[str], color: bool, options: TableOptions) -> int:
+    out = console(stream, color, options.width)
     written = 0
     for query, hits in results:
-        table = Table(title=f"[{query.qid}] {query.text}", title_justify="left", expand=False)
-        table.add_column("rank", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("id", overflow="fold")
-        table.add_column("title", overflow="fold", max_width=30)
-        table.add_column("text", overflow="fold")
-        for hit in hits:
-            snippet = " ".join(hit.text.split())
-            if len(snippet) > SNIPPET_CHARS:
-                snippet = snippet[: SNIPPET_CHARS - 1] + "…"
-            table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.id, hit.title or "", snippet)
-            written += 1
-        if not hits:
-            table.caption = "no hits"
-        out.print(table)
+        rows = [
+            {"rank": str(h.rank), "score": f"{h.score:.4f}", "id": h.id, "title": h.title or ""} for h in hits
+        ]
+        heading, table = _hits_table(f"[{query.qid}] {query.text}", rows, [h.text for h in hits], out.width, options)
+        out.print(heading)
+        if hits:
+            out.print(table)
+        else:
+            out.print("no hits")
+        out.print()
+        written += len(hits)
     return written
 
 
-def render_mapping(title: str, data: dict[str, Any], stream: IO[str], color: bool = False) -> None:
-    """A two-column key/value table for a terminal (index info, status, summaries)."""
-    from rich.table import Table
+def render_passages(passages: list[Hit], fmt: str, stream: IO[str], color: bool = False, **table: Any) -> int:
+    """Stored passages (``dsearch get``), in the formats that make sense without a query; the table shows
+    whole passages unless ``full=False``."""
+    if fmt == "table":
+        options = TableOptions(**{"full": True, **table})
+        out = console(stream, color, options.width)
+        rows = [{"id": p.id, "title": p.title or ""} for p in passages]
+        _heading, body = _hits_table("", rows, [p.text for p in passages], out.width, options)
+        out.print(body)
+        return len(passages)
+    if fmt == "tsv":
+        stream.write("\t".join(PASSAGE_TSV_COLUMNS) + "\n")
+    for p in passages:
+        if fmt == "jsonl":
+            record = {"id": p.id, "title": p.title, "text": p.text, "source": p.source, "fields": p.fields}
+            stream.write(json_line(record) + "\n")
+        elif fmt == "tsv":
+            stream.write("\t".join(escape_field(c) for c in (p.id, p.title, p.text, p.source)) + "\n")
+        elif fmt == "ids":
+            stream.write(escape_field(p.id) + "\n")
+        else:
+            raise ValueError(f"unknown passage format {fmt!r}")
+    return len(passages)
 
-    table = Table(title=title, title_justify="left", show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in data.items():
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
-    console(stream, color).print(table)
+
+def render_mapping(
+    title: str, data: dict[str, Any], stream: IO[str], color: bool = False, width: int | None = None
+) -> None:
+    """A two-column key/value table for a terminal (index info, eval): the title on a line of its own, so
+    it never wraps to the narrow table's width; long values wrap at spaces in the value column."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console(stream, color, width)
+    values = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in data.items()}
+    key_width = max((len(k) for k in values), default=0)
+    value_width = max(out.width - key_width - 2, 8)
+    table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    table.add_column(style="bold", no_wrap=True, width=key_width)
+    table.add_column(no_wrap=True)
+    for key, value in values.items():
+        table.add_row(key, "\n".join(snippet_lines(value, value_width, 0, full=True)) or "")
+    out.print(Text(ellipsize(title, out.width), style="bold", no_wrap=True))
+    out.print(table)
 
 
 def human_bytes(size: float) -> str:

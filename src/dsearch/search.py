@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -55,15 +56,13 @@ def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
             yield Query(str(number), text)
 
 
-def check_query_arguments(texts: list[str]) -> None:
-    """Query arguments must be text: Python hands over undecodable bytes as lone surrogates."""
+def check_query_arguments(texts: list[str], what: str = "query argument") -> None:
+    """Arguments must be text: Python hands over undecodable bytes as lone surrogates."""
     for number, text in enumerate(texts, 1):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise UsageError(
-                f"query argument {number} is not valid UTF-8; pass queries in UTF-8 (or use --queries FILE)"
-            ) from None
+            raise UsageError(f"{what} {number} is not valid UTF-8; pass it in UTF-8") from None
 
 
 def decode_lines(lines: Iterable[bytes], where: str) -> Iterator[str]:
@@ -131,48 +130,116 @@ def read_query_file(path: str) -> list[Query]:
     return queries
 
 
+@dataclass(slots=True)
+class SearchStats:
+    """Where a search's time went, for ``-v`` (seconds per stage, summed over batches)."""
+
+    encode: float = 0.0
+    search: float = 0.0
+    lookup: float = 0.0
+    queries: int = 0
+
+
 def run_search(
     index: OpenIndex,
     encoder: Encoder,
     queries: Iterable[Query],
     k: int,
     exclude_self: bool = False,
+    min_score: float | None = None,
+    stats: SearchStats | None = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
-    """Yield each query with its hits, best first. Queries are encoded and searched in batches."""
+    """Yield each query with its hits, best first. Queries are encoded and searched in batches.
+
+    ``exclude_self`` drops a hit whose id is the query's id (BEIR's convention); ``min_score`` drops hits
+    scoring below it, so a query may get fewer than ``k`` hits.
+    """
+    stats = stats if stats is not None else SearchStats()
     iterator = iter(queries)
-    fetch = k + 1 if exclude_self else k  # room for the dropped self-hit (BEIR convention)
     while batch := list(islice(iterator, QUERY_BATCH)):
+        started = time.perf_counter()
         vectors = encoder.encode_queries([q.text for q in batch])
+        stats.encode += time.perf_counter() - started
         check_query_vectors(vectors, batch)
-        scores, rows = index.search(vectors, fetch)
-        metadata = index.lookup(rows.ravel())
-        check_hits(index, batch, scores, rows, metadata)
-        for query, query_scores, query_rows in zip(batch, scores, rows, strict=True):
-            hits: list[Hit] = []
-            for score, row in zip(query_scores.tolist(), query_rows.tolist(), strict=True):
-                if row < 0:
-                    continue
-                meta = metadata[row]
-                if exclude_self and meta["id"] == query.qid:
-                    continue
-                if len(hits) == k:
-                    break
-                fields = json.loads(meta["fields"]) if meta["fields"] else {}
-                hits.append(
-                    Hit(
-                        query.qid,
-                        query.text,
-                        len(hits) + 1,
-                        score,
-                        row,
-                        meta["id"],
-                        meta["title"],
-                        meta["text"],
-                        meta["source"],
-                        fields,
-                    )
-                )
-            yield query, hits
+        yield from _rank(index, batch, vectors, k, min_score, stats, exclude_self=exclude_self)
+
+
+def find_rows(index: OpenIndex, ids: Iterable[str]) -> dict[str, int]:
+    """The rows of the given passage ids that are in the index (one pass over the id column)."""
+    wanted = set(ids)
+    found: dict[str, int] = {}
+    for row, record in enumerate(index.iter_rows(("id",))):
+        if record["id"] in wanted:
+            found[record["id"]] = row
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def get_passages(index: OpenIndex, ids: list[str]) -> tuple[list[Hit], list[str]]:
+    """Stored passages by id, in the order asked (``dsearch get``), and the ids that are not in the index."""
+    rows = find_rows(index, ids)
+    metadata = index.lookup(rows.values())
+    passages = [_hit(Query("", ""), 0, 0.0, rows[i], metadata[rows[i]]) for i in ids if i in rows]
+    return passages, [i for i in ids if i not in rows]
+
+
+def like_search(
+    index: OpenIndex, passage_id: str, k: int, min_score: float | None = None, stats: SearchStats | None = None
+) -> Iterator[tuple[Query, list[Hit]]]:
+    """More like this: rank passages by similarity to a stored passage's own vector (no model), without it."""
+    import numpy as np
+
+    row = find_rows(index, [passage_id]).get(passage_id)
+    if row is None:
+        raise InputError(passage_id, "no passage with this id in the index", "check the id with 'dsearch get'")
+    vectors = index.vectors_at([row])
+    query = Query(passage_id, f"like:{passage_id}")
+    if not np.isfinite(vectors).all():
+        _corrupt(index, row, {row: {"id": passage_id}}, "has a stored vector with NaN or infinite values")
+    yield from _rank(index, [query], vectors, k, min_score, stats or SearchStats(), exclude_row=row)
+
+
+def _rank(
+    index: OpenIndex,
+    batch: list[Query],
+    vectors: Any,
+    k: int,
+    min_score: float | None,
+    stats: SearchStats,
+    exclude_self: bool = False,
+    exclude_row: int | None = None,
+) -> Iterator[tuple[Query, list[Hit]]]:
+    """Search one batch of query vectors and turn the rows into hits."""
+    fetch = k + 1 if exclude_self or exclude_row is not None else k  # room for the dropped hit
+    started = time.perf_counter()
+    scores, rows = index.search(vectors, fetch)
+    stats.search += time.perf_counter() - started
+    if min_score is not None:
+        rows = rows.copy()
+        rows[scores < min_score] = -1  # below the bar: not looked up, not printed
+    started = time.perf_counter()
+    metadata = index.lookup(rows.ravel())
+    stats.lookup += time.perf_counter() - started
+    check_hits(index, batch, scores, rows, metadata)
+    stats.queries += len(batch)
+    for query, query_scores, query_rows in zip(batch, scores, rows, strict=True):
+        hits: list[Hit] = []
+        for score, row in zip(query_scores.tolist(), query_rows.tolist(), strict=True):
+            if row < 0 or row == exclude_row:
+                continue
+            meta = metadata[row]
+            if exclude_self and meta["id"] == query.qid:
+                continue
+            if len(hits) == k:
+                break
+            hits.append(_hit(query, len(hits) + 1, score, row, meta))
+        yield query, hits
+
+
+def _hit(query: Query, rank: int, score: float, row: int, meta: dict[str, Any]) -> Hit:
+    fields = json.loads(meta["fields"]) if meta["fields"] else {}
+    return Hit(query.qid, query.text, rank, score, row, meta["id"], meta["title"], meta["text"], meta["source"], fields)
 
 
 def check_query_vectors(vectors: Any, batch: list[Query]) -> None:

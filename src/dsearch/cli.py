@@ -710,9 +710,11 @@ def eval_command(
         for name, value in report.metrics.items():
             print(f"{name}\tall\t{value:.4f}")
     if per_query:
+        from dsearch.output import escape_field
+
         for qid, values in report.per_query.items():
             for name, value in values.items():
-                print(f"{name}\t{qid}\t{value:.4f}")
+                print(f"{name}\t{escape_field(qid)}\t{value:.4f}")
 
 
 # --- entry point -------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ class RunTarget:
 
     A regular file (or a new one) is replaced atomically by a temporary file beside it. Anything else is
     written through, never replaced: a symlink's target (a regular target atomically, beside the target),
-    a FIFO, ``/dev/stdout`` or another character device.
+    a FIFO, ``/dev/stdout`` or another character device. A regular file in a directory we cannot write to
+    (so no temporary file can go beside it) is overwritten in place.
     """
 
     path: Path  # what to open or replace: a symlink resolved to its target

@@ -182,3 +182,17 @@ def test_verbose_times_each_stage(cli, sample_index):
     assert re.search(r"searched 1 query: encode [\d.]+ s, search [\d.]+ s, metadata lookup [\d.]+ s", log)
     assert log.rstrip().endswith("wrote 1 hit")
     assert cli("query", sample_index, QUERY, "-k", "2", "-v").stderr.rstrip().endswith("wrote 2 hits")
+
+
+def test_tables_never_send_control_characters(cli, tmp_path, monkeypatch):
+    corpus = tmp_path / "odd.jsonl"
+    corpus.write_text(
+        json.dumps({"id": "e\x1bvil", "title": "bell\x07", "text": "volcano \x1b[2J\x1b[31mred\x00"}) + "\n"
+    )
+    assert cli("index", corpus, "-o", tmp_path / "odd.idx").exit_code == 0
+    monkeypatch.setenv("COLUMNS", "80")
+    for args in (("query", tmp_path / "odd.idx", "volcano\x1b"), ("get", tmp_path / "odd.idx", "e\x1bvil")):
+        result = cli(*args, "-f", "table")
+        assert result.exit_code == 0, result.stderr
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout)
+        assert "\\x1b[31mred\\x00" in result.stdout and "e\\x1bvil" in result.stdout

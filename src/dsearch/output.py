@@ -147,6 +147,15 @@ class TableOptions:
     full: bool = False  # the whole passage instead of a snippet
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """Text for a terminal: control characters (ESC, NUL, BEL…) shown as ``\\xHH``, never sent raw, so a
+    passage cannot recolour or clear the user's terminal. Tabs and newlines are left to the layout."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def ellipsize(text: str, width: int) -> str:
     """``text`` on one line of at most ``width`` characters, cut after a whole word with "…" when too long."""
     text = " ".join(text.split())
@@ -199,7 +208,7 @@ def _hits_table(
         names.remove("title")  # no passage has a title: give its room to the text
     # Ids are for copying: they get more room than titles, which are cut (at a word) first.
     caps = {"rank": 6, "score": 10, "id": max(14, width // 4), "title": max(12, width // 5)}
-    widths = {n: min(caps[n], max([len(n)] + [len(r[n]) for r in rows])) for n in names}
+    widths = {n: min(caps[n], max([len(n)] + [len(visible(r[n])) for r in rows])) for n in names}
     text_width = width - sum(widths.values()) - _GAP * len(names)
     while text_width < 20 and any(widths[n] > len(n) for n in ("title", "id") if n in widths):
         shrink = "title" if "title" in widths and widths["title"] > len("title") else "id"
@@ -212,10 +221,10 @@ def _hits_table(
         table.columns[-1].no_wrap = True
     table.add_column("text", width=text_width, no_wrap=True)
     for row, text in zip(rows, text_rows, strict=True):
-        cells = [ellipsize(row[n], widths[n]) for n in names]
-        lines = snippet_lines(text, text_width, options.snippet_lines, options.full)
+        cells = [ellipsize(visible(row[n]), widths[n]) for n in names]
+        lines = snippet_lines(visible(text), text_width, options.snippet_lines, options.full)
         table.add_row(*cells, "\n".join(lines))
-    heading = Text(ellipsize(title, width), no_wrap=True, overflow="ellipsis", style="bold")
+    heading = Text(ellipsize(visible(title), width), no_wrap=True, overflow="ellipsis", style="bold")
     return heading, table
 
 
@@ -271,7 +280,9 @@ def render_mapping(
     from rich.text import Text
 
     out = console(stream, color, width)
-    values = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in data.items()}
+    values = {
+        visible(k): visible(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for k, v in data.items()
+    }
     key_width = max((len(k) for k in values), default=0)
     value_width = max(out.width - key_width - 2, 8)
     table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
@@ -279,7 +290,7 @@ def render_mapping(
     table.add_column(no_wrap=True)
     for key, value in values.items():
         table.add_row(key, "\n".join(snippet_lines(value, value_width, 0, full=True)) or "")
-    out.print(Text(ellipsize(title, out.width), style="bold", no_wrap=True))
+    out.print(Text(ellipsize(visible(title), out.width), style="bold", no_wrap=True))
     out.print(table)
 
 

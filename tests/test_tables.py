@@ -196,3 +196,19 @@ def test_tables_never_send_control_characters(cli, tmp_path, monkeypatch):
         assert result.exit_code == 0, result.stderr
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout)
         assert "\\x1b[31mred\\x00" in result.stdout and "e\\x1bvil" in result.stdout
+
+
+def test_wide_characters_are_measured_in_terminal_columns():
+    from rich.cells import cell_len
+
+    from dsearch.output import render_passages
+    from dsearch.search import Hit
+
+    text = " ".join(["東京の天気は晴れです"] * 20)
+    passage = Hit("", "", 0, 0.0, 0, "jp-1", "日本語のタイトルはとても長いです 本当に", text, "s", {})
+    for width in (80, 160):
+        stream = io.StringIO()
+        render_passages([passage], "table", stream, width=width)
+        lines = stream.getvalue().splitlines()
+        assert all(cell_len(line) <= width for line in lines), [cell_len(line) for line in lines]
+        assert stream.getvalue().count("東京の天気は晴れです") == 20  # whole passage, no word cut

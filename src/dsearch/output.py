@@ -156,37 +156,58 @@ def visible(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def _cells(text: str) -> int:
+    """Terminal columns a string takes (CJK and emoji take two)."""
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """Greedy word wrap by terminal columns; only a word wider than a whole line is cut."""
+    from rich.cells import chop_cells
+
+    lines: list[str] = []
+    line: list[str] = []
+    used = 0
+    for word in text.split():
+        size = _cells(word)
+        if size > width:
+            if line:
+                lines.append(" ".join(line))
+            *full, rest = chop_cells(word, max(width, 1))
+            lines.extend(full)
+            line, used = [rest], _cells(rest)
+            continue
+        if line and used + 1 + size > width:
+            lines.append(" ".join(line))
+            line, used = [], 0
+        used = used + 1 + size if line else size
+        line.append(word)
+    if line:
+        lines.append(" ".join(line))
+    return lines
+
+
 def ellipsize(text: str, width: int) -> str:
-    """``text`` on one line of at most ``width`` characters, cut after a whole word with "…" when too long."""
+    """``text`` on one line of at most ``width`` columns, cut after a whole word with "…" when too long."""
     text = " ".join(text.split())
-    if len(text) <= width:
+    if _cells(text) <= width:
         return text
     if width < 2:
         return "…"[:width]
-    return _cut_for_ellipsis(text[: width - 1], text[width - 1]) + "…"
-
-
-def _cut_for_ellipsis(head: str, next_char: str = "") -> str:
-    """``head`` shortened to whole words (unless it is one word), so that "…" never follows half a word."""
-    if next_char in ("", " ") or head.endswith(" "):
-        return head.rstrip()
-    if " " in head.strip():
-        return head.rstrip().rsplit(" ", 1)[0].rstrip()
-    return head  # one word longer than the column: cut it, there is no whole word to keep
+    return wrap_words(text, width - 1)[0] + "…"
 
 
 def snippet_lines(text: str, width: int, lines: int, full: bool = False) -> list[str]:
     """The passage wrapped at word boundaries to ``width``: its first ``lines`` lines, "…" where it was cut."""
-    import textwrap
-
-    wrapped = textwrap.wrap(" ".join(text.split()), width, break_long_words=True, break_on_hyphens=False)
+    wrapped = wrap_words(text, width)
     if full or len(wrapped) <= lines:
         return wrapped
     kept = wrapped[:lines]
-    last = kept[-1]
-    if len(last) + 1 > width:
-        last = _cut_for_ellipsis(last[: width - 1], last[width - 1])
-    kept[-1] = last + "…"
+    if _cells(kept[-1]) + 1 > width:
+        kept[-1] = wrap_words(kept[-1], width - 1)[0]
+    kept[-1] += "…"
     return kept
 
 
@@ -208,7 +229,7 @@ def _hits_table(
         names.remove("title")  # no passage has a title: give its room to the text
     # Ids are for copying: they get more room than titles, which are cut (at a word) first.
     caps = {"rank": 6, "score": 10, "id": max(14, width // 4), "title": max(12, width // 5)}
-    widths = {n: min(caps[n], max([len(n)] + [len(visible(r[n])) for r in rows])) for n in names}
+    widths = {n: min(caps[n], max([len(n)] + [_cells(visible(r[n])) for r in rows])) for n in names}
     text_width = width - sum(widths.values()) - _GAP * len(names)
     while text_width < 20 and any(widths[n] > len(n) for n in ("title", "id") if n in widths):
         shrink = "title" if "title" in widths and widths["title"] > len("title") else "id"
@@ -283,7 +304,7 @@ def render_mapping(
     values = {
         visible(k): visible(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for k, v in data.items()
     }
-    key_width = max((len(k) for k in values), default=0)
+    key_width = max((_cells(k) for k in values), default=0)
     value_width = max(out.width - key_width - 2, 8)
     table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
     table.add_column(style="bold", no_wrap=True, width=key_width)

@@ -196,7 +196,7 @@ def ellipsize(text: str, width: int) -> str:
         return text
     if width < 2:
         return "…"[:width]
-    return wrap_words(text, width - 1)[0] + "…"
+    return _before_ellipsis(wrap_words(text, width - 1)[0])
 
 
 def snippet_lines(text: str, width: int, lines: int, full: bool = False) -> list[str]:
@@ -207,8 +207,13 @@ def snippet_lines(text: str, width: int, lines: int, full: bool = False) -> list
     kept = wrapped[:lines]
     if _cells(kept[-1]) + 1 > width:
         kept[-1] = wrap_words(kept[-1], width - 1)[0]
-    kept[-1] += "…"
+    kept[-1] = _before_ellipsis(kept[-1])
     return kept
+
+
+def _before_ellipsis(text: str) -> str:
+    # "sides…" reads better than "sides,…"; a line of nothing but punctuation keeps it.
+    return (text.rstrip(",;:") or text) + "…"
 
 
 # Column gaps of the hit tables (box.SIMPLE_HEAD, no outer edge): a space, the box's inner edge, a space.

@@ -215,3 +215,8 @@ def test_wide_characters_are_measured_in_terminal_columns():
         lines = stream.getvalue().splitlines()
         assert all(cell_len(line) <= width for line in lines), [cell_len(line) for line in lines]
         assert stream.getvalue().count("東京の天気は晴れです") == 20  # whole passage, no word cut
+
+
+def test_get_table_of_nothing_prints_nothing(cli, sample_index):
+    result = cli("get", sample_index, "nope", "-f", "table")
+    one_error_line(result, 1, "no passage with id 'nope'")

@@ -276,6 +276,8 @@ def render_passages(passages: list[Hit], fmt: str, stream: IO[str], color: bool 
     """Stored passages (``dsearch get``), in the formats that make sense without a query; the table shows
     whole passages unless ``full=False``."""
     if fmt == "table":
+        if not passages:
+            return 0  # no header over nothing: the error line says which ids were not found
         options = TableOptions(**{"full": True, **table})
         out = console(stream, color, options.width)
         rows = [{"id": p.id, "title": p.title or ""} for p in passages]

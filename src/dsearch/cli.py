@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from dsearch.errors import (
     EXIT_USAGE,
     DsearchError,
     IncompleteError,
+    IndexDirError,
     ModelError,
     UsageError,
 )
@@ -133,6 +135,11 @@ ModelOpt = Annotated[
 ]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder batch.")]
+SNIPPET_DEFAULT = 2
+Snippet = Annotated[
+    int, typer.Option("--snippet", min=1, metavar="LINES", help="Lines of passage text per hit in the table.")
+]
+Full = Annotated[bool, typer.Option("--full", help="Whole passages in the table, not snippets.")]
 Precision = Annotated[
     str | None,
     typer.Option("--precision", help="auto|fp32|bf16|int8 [index default: auto; query default: the index's]"),
@@ -345,6 +352,16 @@ def _check_precision(precision: str | None) -> None:
         raise UsageError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
+def _output_format(out_format: str | None) -> str:
+    """The --format asked for (an empty one is a usage error, not the default), else by where stdout goes."""
+    from dsearch.output import OUTPUT_FORMATS
+
+    fmt = ("table" if _stdout_is_terminal() else "jsonl") if out_format is None else out_format
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
 def open_index_and_encoder(
     deps: Deps, directory: Path, model: str | None, precision: str | None, trust_remote_code: bool, batch_size: int
 ) -> tuple[Any, Encoder]:
@@ -352,13 +369,22 @@ def open_index_and_encoder(
     from dsearch.store import OpenIndex
 
     _check_precision(precision)
+    started = time.perf_counter()
     opened = OpenIndex(directory)
+    log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
     info = opened.manifest.model
     options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": batch_size}
+    started = time.perf_counter()
     if model:
         encoder = deps.load_encoder(model, **{**options, "precision": precision or info.precision})
     else:
         encoder = deps.query_encoder(info, **options)
+    log.info(
+        "load model: %s, precision %s (%.3f s)",
+        encoder.name,
+        getattr(encoder, "precision", precision or info.precision),
+        time.perf_counter() - started,
+    )
     if encoder.dim != info.dim:
         raise ModelError(
             f"model {encoder.name!r} makes {encoder.dim}-d vectors but the index holds {info.dim}-d ones "
@@ -395,6 +421,15 @@ def query(
         str | None,
         typer.Option("--format", "-f", help="table|jsonl|tsv|trec|ids [default: table on a terminal, jsonl in a pipe]"),
     ] = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Drop hits scoring below this (a query may get fewer than k).")
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--like", metavar="ID", help="More like this: rank passages by similarity to a stored passage."),
+    ] = None,
+    snippet: Snippet = SNIPPET_DEFAULT,
+    full: Full = False,
     model: ModelOpt = None,
     precision: Precision = None,
     batch_size: BatchSize = 32,
@@ -405,14 +440,37 @@ def query(
 ) -> None:
     """Search the index at DIR and print ranked passages on stdout."""
     _setup(verbose, quiet, debug)
-    from dsearch.output import OUTPUT_FORMATS, render
-    from dsearch.search import queries_from_texts, read_query_file, run_search
+    from dsearch.output import TableOptions, render
+    from dsearch.search import (
+        SearchStats,
+        check_query_arguments,
+        decode_lines,
+        like_search,
+        queries_from_texts,
+        read_query_file,
+        run_search,
+    )
 
-    fmt = out_format or ("table" if _stdout_is_terminal() else "jsonl")
-    if fmt not in OUTPUT_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    fmt = _output_format(out_format)
+    if min_score is not None and not math.isfinite(min_score):
+        raise UsageError(f"--min-score {min_score} is not a finite number")
+    table = TableOptions(snippet_lines=snippet, full=full)
     deps = _deps(ctx)
     texts = [q for q in (queries or []) if q != "-"]
+    check_query_arguments(texts)
+    stats = SearchStats()
+    if like is not None:
+        if texts or queries_file is not None or queries:
+            raise UsageError("--like ranks by a stored passage: give no QUERY and no --queries with it")
+        if model or precision:
+            raise UsageError("--like uses the stored vectors and loads no model: drop --model/--precision")
+        started = time.perf_counter()
+        opened = _open_index(directory)
+        log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
+        results = like_search(opened, like, top_k, min_score, stats)
+        written = render(results, fmt, sys.stdout, color=_color(), table=table)
+        _log_search(stats, written)
+        return
     if queries_file is not None and texts:
         raise UsageError("give queries as arguments or with --queries, not both")
     if queries_file is not None:
@@ -423,10 +481,75 @@ def query(
         stdin = deps.stdin_bytes()
         if deps.stdin is None and sys.stdin.isatty():
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
-        query_list = queries_from_texts(line.decode("utf-8", errors="replace") for line in stdin)
+        # Read lazily, so that a pipeline gets each answer as its query arrives.
+        query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
     opened, encoder = open_index_and_encoder(deps, directory, model, precision, trust_remote_code, batch_size)
-    written = render(run_search(opened, encoder, query_list, top_k), fmt, sys.stdout, color=_color())
-    log.info("wrote %d hits", written)
+    results = run_search(opened, encoder, query_list, top_k, min_score=min_score, stats=stats)
+    written = render(results, fmt, sys.stdout, color=_color(), table=table)
+    _log_search(stats, written)
+
+
+def _open_index(directory: Path) -> Any:
+    from dsearch.store import OpenIndex
+
+    return OpenIndex(directory)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _log_search(stats: Any, written: int) -> None:
+    """-v: where the time went after the index and model were loaded, and what was written."""
+    log.info(
+        "searched %s: encode %.3f s, search %.3f s, metadata lookup %.3f s",
+        f"{stats.queries} {'query' if stats.queries == 1 else 'queries'}",
+        stats.encode,
+        stats.search,
+        stats.lookup,
+    )
+    log.info("wrote %s", _plural(written, "hit"))
+
+
+# --- get ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_guard
+def get(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    ids: Annotated[
+        list[str], typer.Argument(metavar="ID...", help="Passage ids; '-' reads one id a line from stdin.")
+    ],
+    out_format: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="table|jsonl|tsv|ids [default: table on a terminal, jsonl in a pipe]"),
+    ] = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Print stored passages by id; ids not in the index are an error after the others are printed."""
+    _setup(verbose, quiet, debug)
+    from dsearch.output import render_passages, unescape_field
+    from dsearch.search import check_query_arguments, decode_lines, get_passages
+
+    fmt = _output_format(out_format)
+    if fmt == "trec":
+        raise UsageError("--format trec is for rankings; get prints table, jsonl, tsv or ids")
+    if ids == ["-"]:
+        # What 'query -f ids' prints: one escaped id a line.
+        ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>")]
+        ids = [i for i in ids if i]
+    check_query_arguments(ids, "id argument")
+    opened = _open_index(directory)
+    passages, missing = get_passages(opened, ids)
+    render_passages(passages, fmt, sys.stdout, color=_color())
+    if missing:
+        others = f" (and {_plural(len(missing) - 1, 'other id')})" if len(missing) > 1 else ""
+        sys.stdout.flush()
+        raise IndexDirError(f"{directory}: no passage with id {missing[0]!r}{others}; check the ids")
 
 
 # --- info --------------------------------------------------------------------------------------------
@@ -559,14 +682,15 @@ def eval_command(
 ) -> None:
     """Run judged queries against DIR and score them (nDCG, recall, MRR…) with ir-measures."""
     _setup(verbose, quiet, debug)
-    from dsearch.evaluate import DEFAULT_METRICS, evaluate, parse_metrics, read_qrels
+    from dsearch.evaluate import DEFAULT_METRICS, RunTarget, evaluate, parse_metrics, read_qrels
     from dsearch.search import read_query_file
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
+    run_target = RunTarget.check(run_file) if run_file is not None else None  # before any query runs
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
-    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_file)
+    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target)
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)
     if report.judged_queries_missing:
@@ -586,9 +710,11 @@ def eval_command(
         for name, value in report.metrics.items():
             print(f"{name}\tall\t{value:.4f}")
     if per_query:
+        from dsearch.output import escape_field
+
         for qid, values in report.per_query.items():
             for name, value in values.items():
-                print(f"{name}\t{qid}\t{value:.4f}")
+                print(f"{name}\t{escape_field(qid)}\t{value:.4f}")
 
 
 # --- entry point -------------------------------------------------------------------------------------

@@ -411,3 +411,15 @@ def test_structured_id_is_refused(tmp_path):
     path = write(tmp_path / "c.jsonl", jsonl({"id": {"a": 1}, "text": "x"}))
     with pytest.raises(InputError, match=r"c\.jsonl:1: id field 'id' is not a string or a number"):
         list(read_corpus([path], names=FieldNames()))
+
+
+@pytest.mark.slow
+def test_windows_with_the_real_tokenizer_start_at_sentences(tmp_path, bundled_encoder):
+    sentences = [f"Sentence number {n} says something about topic {n}, quite briefly." for n in range(60)]
+    path = write(tmp_path / "long.txt", " ".join(sentences) + "\n")
+    spans = bundled_encoder.token_spans
+    windows = [p.text for p in read_corpus([path], token_spans=spans, max_tokens=64)]
+    assert len(windows) > 3
+    assert all(w.startswith("Sentence number ") for w in windows)
+    assert all(len(spans(w)) <= 64 for w in windows)
+    assert {s for w in windows for s in sentences if s in w} == set(sentences)  # every sentence whole somewhere

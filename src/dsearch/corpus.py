@@ -350,6 +350,9 @@ def _pick(record: dict[str, Any], wanted: str | None, defaults: tuple[str, ...])
     return next((name for name in defaults if name in record), None)
 
 
+_NOT_ID_TYPES = (dict, list, bool)
+
+
 def _passage_from_record(record: dict[str, Any], where: str, source: str, names: FieldNames) -> Passage | InputError:
     id_key = _pick(record, names.id, DEFAULT_ID_FIELDS)
     text_key = _pick(record, names.text, DEFAULT_TEXT_FIELDS)
@@ -358,7 +361,7 @@ def _passage_from_record(record: dict[str, Any], where: str, source: str, names:
         wanted = names.id or "/".join(DEFAULT_ID_FIELDS)
         return InputError(where, f"missing id field {wanted!r}", "name it with --id-field, or " + SKIP_HINT)
     raw_id = record[id_key]
-    if isinstance(raw_id, dict | list | bool):
+    if type(raw_id) is not str and isinstance(raw_id, _NOT_ID_TYPES):
         return InputError(where, f"id field {id_key!r} is not a string or a number", SKIP_HINT)
     # The id is kept exactly as given (spaces, tabs and all): qrels and other tools must find it unchanged.
     pid = str(raw_id)
@@ -401,20 +404,17 @@ def _read_jsonl(fh: IO[bytes], label: str, names: FieldNames) -> Iterator[Passag
         if not isinstance(record, dict):
             yield InputError(where, "a JSON line must be an object", SKIP_HINT)
             continue
-        problem = _json_problem(record, line)
-        if problem:
-            yield InputError(where, problem, SKIP_HINT)
-            continue
+        # Only a line that could hold a lone surrogate or deep nesting is walked: the rest cost two scans.
+        if "\\u" in line or line.count("[") + line.count("{") > MAX_JSON_DEPTH:
+            problem = _json_problem(record)
+            if problem:
+                yield InputError(where, problem, SKIP_HINT)
+                continue
         yield _passage_from_record(record, where, label, names)
 
 
-def _json_problem(record: dict[str, Any], line: str) -> str | None:
-    """What parsed but cannot be stored: a lone surrogate escape (not text), or nesting too deep to re-serialise.
-
-    Only lines that could hold either are walked (a ``\\ud`` escape, or many brackets): the rest cost nothing.
-    """
-    if "\\ud" not in line and "\\uD" not in line and line.count("{") + line.count("[") <= MAX_JSON_DEPTH:
-        return None
+def _json_problem(record: dict[str, Any]) -> str | None:
+    """What parsed but cannot be stored: a lone surrogate escape (not text), or nesting too deep to re-serialise."""
     stack: list[tuple[Any, int]] = [(record, 1)]
     while stack:
         value, depth = stack.pop()

@@ -314,6 +314,15 @@ def test_skip_bad_names_each_skipped_record_under_verbose(cli, tmp_path):
     assert f"{path}:2: not valid JSON" in skipped[0] and f"{path}:3: missing id field" in skipped[1]
     quiet = cli("index", path, "-o", tmp_path / "idx2", "--skip-bad")
     assert "(skipped)" not in quiet.stderr
+    # --update reads the corpus twice when something changed: each skipped record is still named once.
+    write(path, '{"id": "a", "text": "changed"}\n{"id": "b" "text": "x"}\n{"text": "no id"}\n')
+    update = cli("index", path, "-o", tmp_path / "idx", "--skip-bad", "--update", "-v", "--json")
+    assert update.exit_code == 0, update.stderr
+    assert json.loads(update.stdout)["updated"] == 1
+    assert [line.split(" INFO: ")[1] for line in update.stderr.splitlines() if "(skipped)" in line] == [
+        f"{path}:2: not valid JSON (Expecting ',' delimiter at column 12) (skipped)",
+        f"{path}:3: missing id field '_id/id/docid/doc_id/pid' (skipped)",
+    ]
 
 
 def test_skipped_record_log_is_capped(tmp_path):
@@ -372,6 +381,13 @@ def test_underlined_headings_title_the_passages_below(tmp_path):
     assert [(p.title, p.text) for p in read_corpus([over])] == [("Title", "Body text.")]
 
 
+def test_markdown_rules_are_not_headings_but_rst_takes_any_underline(tmp_path):
+    md = write(tmp_path / "a.md", "# Top\n\nSome text.\n***\n\nMore text.\n")
+    assert [(p.title, p.text) for p in read_corpus([md])] == [("Top", "Some text."), ("Top", "More text.")]
+    rst = write(tmp_path / "a.rst", "Part\n****\n\nBody.\n")
+    assert [(p.title, p.text) for p in read_corpus([rst])] == [("Part", "Body.")]
+
+
 def test_markdown_headings_inside_paragraphs_and_code_fences(tmp_path):
     md = "---\ntitle: front matter\n---\n\n# Setup\nInstall it.\n\n```sh\n# not a heading\n\nmake\n```\n"
     path = write(tmp_path / "a.md", md)
@@ -389,12 +405,11 @@ def test_markdown_headings_inside_paragraphs_and_code_fences(tmp_path):
 
 def test_ids_with_space_and_tab_round_trip_through_the_index(cli, tmp_path):
     path = tmp_path / "c.jsonl"
-    write(
-        path, jsonl({"id": "doc one", "text": "alpha"}, {"id": "doc\ttwo", "text": "beta"}, {"id": " x ", "text": "g"})
-    )
+    ids = ["doc one", "doc\ttwo", " x ", "line\nbreak", "bell\x07"]
+    write(path, jsonl(*({"id": i, "text": f"text {n}"} for n, i in enumerate(ids))))
     result = cli("index", path, "-o", tmp_path / "idx")
     assert result.exit_code == 0, result.stderr
-    assert stored_ids(tmp_path / "idx") == ["doc one", "doc\ttwo", " x "]
+    assert stored_ids(tmp_path / "idx") == ids
 
 
 @pytest.mark.parametrize("bad_id", ["", "   ", "\t"])

@@ -192,11 +192,13 @@ def read_corpus(
     max_tokens: int = 256,
     stdin: IO[bytes] | None = None,
     exclude: Iterable[str | os.PathLike[str]] = (),
+    log_skipped: bool = True,
 ) -> Iterator[Passage]:
     """Yield the passages of every path in order, checking ids for duplicates and skipping empty text.
 
     A directory is read for every file of a supported format (or of ``fmt`` when given), see
-    :func:`corpus_files`; ``exclude`` names directories to leave out (the index being written).
+    :func:`corpus_files`; ``exclude`` names directories to leave out (the index being written). Skipped bad
+    records are logged (INFO) unless ``log_skipped`` is False (a second pass over the same corpus).
     """
     names = names or FieldNames()
     stats = stats if stats is not None else CorpusStats()
@@ -207,7 +209,7 @@ def read_corpus(
             if isinstance(item, InputError):
                 if not skip_bad:
                     raise item
-                _count_bad(item, stats)
+                _count_bad(item, stats, log_skipped)
                 continue
             if not item.text.strip():
                 stats.skipped_empty += 1
@@ -216,19 +218,19 @@ def read_corpus(
                 err = InputError(item.where, f"duplicate id {item.id!r}", "ids must be unique; " + SKIP_HINT)
                 if not skip_bad:
                     raise err
-                _count_bad(err, stats)
+                _count_bad(err, stats, log_skipped)
                 continue
             seen.add(item.id)
             stats.read += 1
             yield item
-    if stats.skipped_bad > MAX_LOGGED_BAD:
+    if log_skipped and stats.skipped_bad > MAX_LOGGED_BAD:
         log.info("%d more bad records skipped, not listed", stats.skipped_bad - MAX_LOGGED_BAD)
 
 
-def _count_bad(err: InputError, stats: CorpusStats) -> None:
+def _count_bad(err: InputError, stats: CorpusStats, log_skipped: bool) -> None:
     stats.skipped_bad += 1
     stats.first_bad = stats.first_bad or str(err)
-    if stats.skipped_bad <= MAX_LOGGED_BAD:
+    if log_skipped and stats.skipped_bad <= MAX_LOGGED_BAD:
         log.info("%s: %s (skipped)", err.where, err.problem)
 
 
@@ -554,7 +556,7 @@ def _read_parquet(path: str, names: FieldNames) -> Iterator[Passage | InputError
 
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")  # Markdown's "# Title"
 # An RST or Markdown (setext) underline, overline or rule: one adornment character, three times or more.
-_UNDERLINE = re.compile(r"^\s{0,3}([=\-~^*+#])\1{2,}\s*$")
+_UNDERLINE = re.compile(r"^\s{0,3}([=\-~^*+#_])\1{2,}\s*$")
 _FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 # A sentence ends with . ! ? or … and maybe closing quotes or brackets; the next one starts with no lowercase.
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
@@ -615,12 +617,15 @@ def _blocks(lines: list[str], markdown: bool, state: _TextState) -> Iterator[tup
             state.in_fence = not state.in_fence
         elif not state.in_fence:
             atx = _HEADING.match(line) if markdown else None
-            if atx or _UNDERLINE.match(line):
-                title = atx.group(1) if atx else buf.pop().strip() if buf else None
+            under = None if atx else _UNDERLINE.match(line)
+            if atx or under:
+                # Markdown underlines a heading with = or - only; its *** or ___ is a rule. RST takes any.
+                underlines = under is not None and bool(buf) and (not markdown or under.group(1) in "=-")
+                title = atx.group(1) if atx else buf.pop().strip() if underlines else None
                 if buf:
                     yield buf_start, "\n".join(buf).strip()
                     buf = []
-                if atx or title is not None:  # a rule or an overline with nothing above it titles nothing
+                if atx or underlines:  # a rule, or an overline with nothing above it, titles nothing
                     state.heading = title or None
                 continue
         if not buf:

@@ -212,15 +212,14 @@ class CorpusSpec:
     exclude: tuple[str, ...] = ()  # the index being written, when it sits inside the corpus
 
 
-def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder) -> Iterator[Passage]:
+def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder, log_skipped: bool = True) -> Iterator[Passage]:
     # Only text files need the tokenizer (to cut windows); structured formats never load the model here.
     fmt = corpus.fmt
     needs_tokens = needs_tokenizer(corpus.paths, fmt, corpus.exclude)
     spans = lazy.get().token_spans if needs_tokens else None
     max_tokens = lazy.get().max_text_tokens if needs_tokens else 256
-    return read_corpus(
-        corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin, corpus.exclude
-    )
+    args = (corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
+    return read_corpus(*args, exclude=corpus.exclude, log_skipped=log_skipped)
 
 
 @dataclass
@@ -346,7 +345,7 @@ def _build(
         staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
     )
     stats = CorpusStats()
-    passages = _read(corpus, stats, lazy)
+    passages = _read(corpus, stats, lazy, log_skipped=base is None)  # an update's first pass logged them
     for passage in islice(passages, resumed_at):  # done before the interruption: only note which ids were seen
         if passage.id in stored:
             counts.seen_stored.add(passage.id)

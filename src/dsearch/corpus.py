@@ -252,11 +252,11 @@ def _read_path(
     if os.path.isdir(path):
         files = corpus_files(path, fmt, exclude)
         if not files:
-            kinds = ", ".join(suffixes_of(fmt))
+            kinds = " ".join(suffixes_of(fmt))
             raise InputError(
                 path,
-                f"no corpus files in this directory (read: {kinds}, each also .gz; hidden files are skipped)",
-                "give the files' directory, or name files with a known extension",
+                f"no corpus files in this directory (it is read for {kinds}, each also .gz, not hidden)",
+                "give the corpus directory, or name the files themselves with --format",
             )
         for file in files:
             rel = file.relative_to(path).as_posix()
@@ -296,7 +296,9 @@ def _read_file(
                     yield from _read_delimited(fh, label, names, "\t" if fmt == "tsv" else ",")
     # A bad .gz fails the whole file, even with --skip-bad: nothing after the damage can be read.
     except gzip.BadGzipFile as exc:
-        raise InputError(label, f"not a valid gzip file ({exc})", "decompress or rename it, or gzip it again") from exc
+        if str(exc).startswith("Not a gzipped file"):
+            raise InputError(label, "not a gzip file, though its name ends in .gz", "rename it or gzip it") from exc
+        raise InputError(label, f"corrupt gzip file ({exc})", "re-download it") from exc
     except EOFError as exc:
         raise InputError(label, "truncated gzip file (the compressed data ends early)", "re-download it") from exc
     except zlib.error as exc:

@@ -81,6 +81,18 @@ def test_directory_of_jsonl_through_the_cli(cli, tmp_path):
     assert stored_ids(tmp_path / "idx") == ["a", "b", "c"]
 
 
+def test_mixed_directory_cuts_its_text_files_with_the_models_tokenizer(cli, tmp_path):
+    docs = tmp_path / "docs"
+    write(docs / "a.jsonl", jsonl({"id": "a", "text": "alpha"}))
+    write(docs / "b.txt", " ".join(f"w{i}" for i in range(100)) + "\n")
+    result = cli("index", docs, "-o", tmp_path / "idx", "--json")
+    assert result.exit_code == 0, result.stderr
+    # The hashing encoder's max_seq_length is 40 (38 text tokens): 100 words make 3 windows, not 1 of 256.
+    assert json.loads(result.stdout)["indexed"] == 1 + 3
+    ids = stored_ids(tmp_path / "idx")
+    assert ids[0] == "a" and all(i.startswith("b.txt#") for i in ids[1:])
+
+
 def test_directory_without_corpus_files_is_an_error(cli, tmp_path):
     docs = tmp_path / "docs"
     write(docs / "data.bin", b"\x00")

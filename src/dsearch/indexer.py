@@ -20,7 +20,7 @@ from typing import IO, Any, NamedTuple
 
 import xxhash
 
-from dsearch.corpus import CorpusStats, FieldNames, Passage, detect_format, read_corpus
+from dsearch.corpus import CorpusStats, FieldNames, Passage, corpus_files, needs_tokenizer, read_corpus
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, UsageError
 from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment
@@ -89,15 +89,19 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def describe_sources(paths: Iterable[str]) -> list[dict[str, object]]:
-    """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed."""
+def describe_sources(paths: Iterable[str], exclude: Iterable[str] = ()) -> list[dict[str, object]]:
+    """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed.
+
+    A directory counts the files a build reads (``corpus.corpus_files``), never an index inside it, so that
+    ``status``, which does not know the index's place, sees what the build saw.
+    """
     sources: list[dict[str, object]] = []
     for path in paths:
         if path == "-":
             sources.append({"path": "-"})
             continue
         p = Path(path)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        files = corpus_files(p, None, exclude) if p.is_dir() else [p]
         stats = [f.stat() for f in files if f.exists()]
         sources.append(
             {
@@ -205,15 +209,17 @@ class CorpusSpec:
     names: FieldNames = field(default_factory=FieldNames)
     skip_bad: bool = False
     stdin: IO[bytes] | None = None
+    exclude: tuple[str, ...] = ()  # the index being written, when it sits inside the corpus
 
 
-def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder) -> Iterator[Passage]:
+def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder, log_skipped: bool = True) -> Iterator[Passage]:
     # Only text files need the tokenizer (to cut windows); structured formats never load the model here.
     fmt = corpus.fmt
-    needs_tokens = fmt == "text" or any(p != "-" and (fmt or detect_format(p)) == "text" for p in corpus.paths)
+    needs_tokens = needs_tokenizer(corpus.paths, fmt, corpus.exclude)
     spans = lazy.get().token_spans if needs_tokens else None
     max_tokens = lazy.get().max_text_tokens if needs_tokens else 256
-    return read_corpus(corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
+    args = (corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
+    return read_corpus(*args, exclude=corpus.exclude, log_skipped=log_skipped)
 
 
 @dataclass
@@ -286,7 +292,7 @@ def build_index(
     encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
     """
     started = time.perf_counter()
-    corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin)
+    corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin, (str(target),))
     lazy = _LazyEncoder(encoder)
     with index_lock(target):
         base = None
@@ -339,7 +345,7 @@ def _build(
         staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
     )
     stats = CorpusStats()
-    passages = _read(corpus, stats, lazy)
+    passages = _read(corpus, stats, lazy, log_skipped=base is None)  # an update's first pass logged them
     for passage in islice(passages, resumed_at):  # done before the interruption: only note which ids were seen
         if passage.id in stored:
             counts.seen_stored.add(passage.id)

@@ -31,6 +31,7 @@ def hit_record(hit: Hit) -> dict[str, Any]:
         "text": hit.text,
         "source": hit.source,
         "fields": hit.fields,
+        "window": list(hit.window) if hit.window else None,
     }
 
 
@@ -83,7 +84,8 @@ def _render_table(results: Results, stream: IO[str], color: bool) -> int:
         table.add_column("title", overflow="fold", max_width=30)
         table.add_column("text", overflow="fold")
         for hit in hits:
-            snippet = " ".join(hit.text.split())
+            matched = hit.text[hit.window[0] : hit.window[1]] if hit.window else hit.text
+            snippet = " ".join(matched.split())
             if len(snippet) > SNIPPET_CHARS:
                 snippet = snippet[: SNIPPET_CHARS - 1] + "…"
             table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.id, hit.title or "", snippet)

@@ -37,6 +37,7 @@ class Hit:
     text: str
     source: str
     fields: dict[str, Any] = field(default_factory=dict)
+    window: tuple[int, int] | None = None  # the span of ``text`` that matched, when the passage was split
 
 
 def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
@@ -99,34 +100,62 @@ def run_search(
 ) -> Iterator[tuple[Query, list[Hit]]]:
     """Yield each query with its hits, best first. Queries are encoded and searched in batches."""
     iterator = iter(queries)
-    fetch = k + 1 if exclude_self else k  # room for the dropped self-hit (BEIR convention)
     while batch := list(islice(iterator, QUERY_BATCH)):
         vectors = encoder.encode_queries([q.text for q in batch])
+        yield from zip(batch, search_vectors(index, batch, vectors, k, exclude_self), strict=True)
+
+
+def search_vectors(
+    index: OpenIndex, batch: list[Query], vectors: Any, k: int, exclude_self: bool = False
+) -> list[list[Hit]]:
+    """The top ``k`` passages per query vector; a split passage counts once, ranked by its best window (MaxP)."""
+    passages = int(index.manifest.stats.get("passages", index.rows))
+    fetch = k + 1 if exclude_self else k  # room for the dropped self-hit (BEIR convention)
+    if passages < index.rows:
+        fetch *= 2  # some rows are further windows of passages already found
+    while True:
+        fetch = min(fetch, index.rows)
         scores, rows = index.search(vectors, fetch)
         metadata = index.lookup(rows.ravel())
-        for query, query_scores, query_rows in zip(batch, scores, rows, strict=True):
-            hits: list[Hit] = []
-            for score, row in zip(query_scores.tolist(), query_rows.tolist(), strict=True):
-                if row < 0:
-                    continue
-                meta = metadata[row]
-                if exclude_self and meta["id"] == query.qid:
-                    continue
-                if len(hits) == k:
-                    break
-                fields = json.loads(meta["fields"]) if meta["fields"] else {}
-                hits.append(
-                    Hit(
-                        query.qid,
-                        query.text,
-                        len(hits) + 1,
-                        score,
-                        row,
-                        meta["id"],
-                        meta["title"],
-                        meta["text"],
-                        meta["source"],
-                        fields,
-                    )
-                )
-            yield query, hits
+        results = [
+            _hits(query, query_scores, query_rows, metadata, k, exclude_self)
+            for query, query_scores, query_rows in zip(batch, scores.tolist(), rows.tolist(), strict=True)
+        ]
+        # Windows of one passage take several of the fetched rows: fetch more until k passages are found.
+        if fetch >= index.rows or all(len(hits) == k for hits in results):
+            return results
+        fetch *= 4
+
+
+def _hits(
+    query: Query, scores: list[float], rows: list[int], metadata: dict[int, dict[str, Any]], k: int, exclude_self: bool
+) -> list[Hit]:
+    hits: list[Hit] = []
+    seen: set[str] = set()
+    for score, row in zip(scores, rows, strict=True):
+        if row < 0:
+            continue
+        meta = metadata[row]
+        if (exclude_self and meta["id"] == query.qid) or meta["id"] in seen:
+            continue  # the self-hit, or a lower-scoring window of a passage already ranked
+        if len(hits) == k:
+            break
+        seen.add(meta["id"])
+        fields = json.loads(meta["fields"]) if meta["fields"] else {}
+        window = None if meta.get("window_start") is None else (meta["window_start"], meta["window_end"])
+        hits.append(
+            Hit(
+                query.qid,
+                query.text,
+                len(hits) + 1,
+                score,
+                row,
+                meta["id"],
+                meta["title"],
+                meta["text"],
+                meta["source"],
+                fields,
+                window,
+            )
+        )
+    return hits

@@ -20,7 +20,7 @@ def test_windows_cover_the_text_overlap_and_fit():
     text = " ".join(f"w{i}" for i in range(100))
     spans = window_spans(text, words, max_tokens=30, overlap=5)
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
-    for (start, end), (next_start, _) in zip(spans, spans[1:], strict=False):
+    for (_start, end), (next_start, _) in zip(spans, spans[1:], strict=False):
         assert next_start < end  # neighbours overlap: nothing falls between two windows
     assert all(len(words(text[s:e])) <= 30 for s, e in spans)
     assert window_spans("short text", words, max_tokens=30) == [(0, len("short text"))]

@@ -11,7 +11,7 @@ from fakes import HashingEncoder
 
 from dsearch.output import TSV_COLUMNS
 
-JSONL_KEYS = {"qid", "query", "rank", "score", "id", "title", "text", "source", "fields"}
+JSONL_KEYS = {"qid", "query", "rank", "score", "id", "title", "text", "source", "fields", "window"}
 
 
 def one_error_line(result, code: int, *fragments: str) -> None:

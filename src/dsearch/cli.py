@@ -272,6 +272,18 @@ def index(
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an interrupted run's checkpoint and start over.")
     ] = False,
+    split: Annotated[
+        bool | None,
+        typer.Option(
+            "--split/--no-split",
+            help="Cut passages longer than the model's window into overlapping windows, each searched, a hit "
+            "showing its best one (default); --no-split truncates them. --update keeps the index's choice.",
+        ),
+    ] = None,
+    overlap: Annotated[
+        int | None,
+        typer.Option("--overlap", min=0, metavar="TOKENS", help="Tokens shared by neighbouring windows [default: 32]."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
@@ -281,13 +293,15 @@ def index(
     """Encode a corpus and write (or atomically replace, or --update) the index at DIR."""
     _setup(verbose, quiet, debug)
     from dsearch.corpus import FORMATS, FieldNames
-    from dsearch.indexer import build_index, count_records
+    from dsearch.indexer import SplitSpec, build_index, count_records
 
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_precision(precision)
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
+    if split is False and overlap is not None:
+        raise UsageError("--overlap sets how --split cuts windows; it cannot go with --no-split")
     deps = _deps(ctx)
     from dsearch.encoder import canonical_model_name
 
@@ -320,6 +334,8 @@ def index(
             restart=restart,
             model_name=model_name,
             precision=precision,
+            split=None if split is False else SplitSpec() if overlap is None else SplitSpec(overlap),
+            keep_split=split is None and overlap is None,
         )
     finally:
         progress.close()
@@ -327,18 +343,20 @@ def index(
         print(json.dumps(summary.as_dict()))
     s = summary
     resumed = f"; resumed at passage {s.resumed_at}" if s.resumed_at else ""
+    windows = f" in {s.windows} windows" if s.windows > s.indexed else ""
     if update:
         verb = "updated" if s.published else "unchanged:"
         _info(
             f"{verb} {output}: {s.added} added, {s.updated} updated, {s.metadata_only} metadata-only, "
-            f"{s.unchanged} unchanged, {s.removed} removed; {s.indexed} passages; encoded {s.encoded} in "
+            f"{s.unchanged} unchanged, {s.removed} removed; {s.indexed} passages{windows}; encoded {s.encoded} in "
             f"{s.seconds:.1f} s; skipped {s.skipped_empty} empty, {s.skipped_bad} bad{resumed}"
         )
     else:
+        truncated = f"; {s.truncated} truncated at the model's max_seq_length (--split keeps them whole)"
         _info(
-            f"indexed {s.indexed} passages into {output} in {s.seconds:.1f} s "
+            f"indexed {s.indexed} passages{windows} into {output} in {s.seconds:.1f} s "
             f"({s.passages_per_second:.1f} passages/s, {s.precision}); skipped {s.skipped_empty} empty, "
-            f"{s.skipped_bad} bad; {s.truncated} truncated at the model's max_seq_length{resumed}"
+            f"{s.skipped_bad} bad{truncated if s.truncated else ''}{resumed}"
         )
 
 
@@ -567,7 +585,9 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "max_seq_length": m.model.max_seq_length,
         "precision": m.model.precision,
         "prompts": m.model.prompts,
-        "passages": m.rows,
+        "passages": int(m.stats.get("passages", m.rows)),
+        "rows": m.rows,
+        "split": m.corpus.get("split"),
         "index_type": m.index_type,
         "segments": len(m.segments),
         "size_bytes": opened.size_on_disk(),
@@ -602,7 +622,9 @@ def info(
         "model": data["model"],
         "dimension": str(data["dim"]),
         "similarity": f"{data['similarity']} ({'L2-normalised' if data['normalized'] else 'raw vectors'})",
-        "passages": f"{data['passages']:,}",
+        "passages": f"{data['passages']:,}"
+        + (f" in {data['rows']:,} windows" if data["rows"] > data["passages"] else ""),
+        "long passages": f"split, overlap {data['split']['overlap']} tokens" if data["split"] else "truncated",
         "index type": data["index_type"],
         "precision": data["precision"],
         "max_seq_length": str(data["max_seq_length"]),

@@ -28,6 +28,7 @@ import xxhash
 
 from dsearch.errors import InputError, UsageError
 from dsearch.manifest import FORMAT_NAME, MANIFEST_FILE
+from dsearch.windows import window_spans
 
 log = logging.getLogger("dsearch")
 
@@ -561,7 +562,6 @@ _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")  # Markdown's "# Title
 _UNDERLINE = re.compile(r"^\s{0,3}([=\-~^*+#_])\1{2,}\s*$")
 _FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 # A sentence ends with . ! ? or … and maybe closing quotes or brackets; the next one starts with no lowercase.
-_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
 
 
 @dataclass
@@ -664,36 +664,8 @@ def _line_index(text: str) -> Callable[[int], int]:
 
 
 def _windows(paragraph: str, token_spans: TokenSpans | None, max_tokens: int) -> Iterator[str]:
-    """Cut a paragraph into windows of ``max_tokens`` tokens that overlap by about an eighth.
-
-    A window after the first starts at a sentence boundary when one lies within a quarter window of where it
-    would start; every token is in some window, and each window starts later than the one before.
-    """
-    spans = token_spans(paragraph) if token_spans else [m.span() for m in re.finditer(r"\S+", paragraph)]
-    spans = [s for s in spans if s[1] > s[0]]  # tokenizers may give special or empty tokens no characters
-    if len(spans) <= max_tokens:
-        yield paragraph
-        return
-    overlap = max(1, max_tokens // 8)
-    reach = max(1, max_tokens // 4)
-    first = 0
-    while True:
-        end = min(first + max_tokens, len(spans))  # one past the window's last token
-        yield paragraph[spans[first][0] : spans[end - 1][1]]
-        if end == len(spans):
-            break
-        nominal = max(first + 1, end - overlap)
-        candidates = [
-            i for i in range(max(first + 1, nominal - reach), end + 1) if _starts_sentence(paragraph, spans, i)
-        ]
-        first = min(candidates, key=lambda i: (abs(i - nominal), i)) if candidates else nominal
-
-
-def _starts_sentence(paragraph: str, spans: list[tuple[int, int]], i: int) -> bool:
-    """Whether token ``i`` begins a sentence: space before it, sentence-ending punctuation before that."""
-    if i >= len(spans):
-        return False
-    begin = spans[i][0]
-    if begin == spans[i - 1][1] or not paragraph[spans[i - 1][1] : begin].isspace():
-        return False
-    return bool(_SENTENCE_END.search(paragraph[max(0, begin - 8) : begin].rstrip())) and not paragraph[begin].islower()
+    """Cut a paragraph into windows of ``max_tokens`` tokens that overlap by about an eighth, each starting
+    at a sentence when one is near (see :func:`dsearch.windows.window_spans`)."""
+    spans_of = token_spans or (lambda text: [m.span() for m in re.finditer(r"\S+", text)])
+    for start, end in window_spans(paragraph, spans_of, max_tokens, overlap=max(1, max_tokens // 8)):
+        yield paragraph[start:end]

@@ -26,6 +26,7 @@ from dsearch.errors import IndexDirError, UsageError
 from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment
 from dsearch.store import (
     INDEX_TYPE,
+    WINDOW_COLUMNS,
     OpenIndex,
     SegmentWriter,
     Staging,
@@ -36,6 +37,7 @@ from dsearch.store import (
     publish,
     staging_area,
 )
+from dsearch.windows import DEFAULT_OVERLAP, budget, window_spans
 
 log = logging.getLogger("dsearch")
 
@@ -61,6 +63,7 @@ class BuildSummary:
     model: str
     precision: str
     indexed: int  # passages in the published index
+    windows: int = 0  # rows (vectors) in the published index: more than passages when long ones were split
     added: int = 0
     updated: int = 0  # encoded text changed: re-encoded
     metadata_only: int = 0  # same encoded text, other fields changed: vector reused
@@ -170,18 +173,36 @@ class _LazyEncoder:
 
 
 class StoredRow(NamedTuple):
-    row: int
+    row: int  # the passage's first row; a split passage's windows follow it
     content_hash: str
     metadata_hash: str  # a hash, not the metadata itself: memory per stored passage stays small
+    windows: tuple[tuple[int, int] | None, ...] = (None,)  # the span of each row's window; None: the whole text
 
 
 def _stored_rows(index: OpenIndex) -> dict[str, StoredRow]:
     """id → where and what each stored passage is (ids, hashes and metadata only; not the text's vectors)."""
-    stored = {}
-    columns = ("id", "content_hash", "title", "text", "source", "fields")
+    stored: dict[str, StoredRow] = {}
+    columns = ("id", "content_hash", "title", "text", "source", "fields", *WINDOW_COLUMNS)
+    previous = None
     for row, data in enumerate(index.iter_rows(columns)):
-        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata_hash(data))
+        span = None if data["window_start"] is None else (data["window_start"], data["window_end"])
+        if data["id"] == previous:  # the next window of the same passage: rows of one passage are contiguous
+            old = stored[previous]
+            stored[previous] = old._replace(windows=(*old.windows, span))
+            continue
+        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata_hash(data), (span,))
+        previous = data["id"]
     return stored
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How long passages are cut into windows (``None`` in the manifest: truncated at max_seq_length)."""
+
+    overlap: int = DEFAULT_OVERLAP
+
+    def as_dict(self) -> dict[str, int]:
+        return {"overlap": self.overlap}
 
 
 def _metadata_hash(row: dict[str, Any]) -> str:
@@ -189,9 +210,20 @@ def _metadata_hash(row: dict[str, Any]) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(fields, ensure_ascii=False).encode())
 
 
-def _check_compatible(manifest: Manifest, model_name: str | None, precision: str | None) -> None:
-    """An update must use the index's own model, precision and format; otherwise say to rebuild."""
+def _check_compatible(
+    manifest: Manifest, model_name: str | None, precision: str | None, split: SplitSpec | None
+) -> None:
+    """An update must use the index's own model, precision, windows and format; otherwise say to rebuild."""
     hint = "; rebuild it in full (without --update)"
+    stored_split = manifest.corpus.get("split")
+    wanted_split = split.as_dict() if split else None
+    if stored_split != wanted_split:
+        def describe(value: dict[str, Any] | None) -> str:
+            return f"split with an overlap of {value['overlap']} tokens" if value else "not split (--no-split)"
+
+        raise IndexDirError(
+            f"the index's long passages were {describe(stored_split)}, not {describe(wanted_split)}{hint}"
+        )
     if manifest.format_version != FORMAT_VERSION:
         raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")
     if model_name is not None and model_name != manifest.model.name:
@@ -285,11 +317,15 @@ def build_index(
     model_name: str | None = None,
     precision: str | None = None,
     checkpoint_seconds: float | None = None,
+    split: SplitSpec | None = SplitSpec(),
+    keep_split: bool = False,
 ) -> BuildSummary:
     """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
 
     ``encoder`` is an encoder or a zero-argument function that loads one (called only if something must be
     encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
+    ``split`` cuts passages longer than the model's window into overlapping windows (``None``: truncate);
+    ``keep_split`` makes an update use whatever the index was built with.
     """
     started = time.perf_counter()
     corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin, (str(target),))
@@ -301,7 +337,10 @@ def build_index(
                 raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
             if check_target(target):
                 base = OpenIndex(target)
-                _check_compatible(base.manifest, model_name, precision)
+                if keep_split:
+                    stored_split = base.manifest.corpus.get("split")
+                    split = SplitSpec(**stored_split) if stored_split else None
+                _check_compatible(base.manifest, model_name, precision, split)
             else:
                 log.info("no index at %s yet: building it in full", target)
         stored = _stored_rows(base) if base else {}
@@ -313,11 +352,16 @@ def build_index(
                 hash_ = content_hash(passage.encoder_text)
                 _classify(passage, hash_, passage_row(passage, hash_), stored, counts)
             if counts.changes(len(stored)) == 0:
-                return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
+                passages = int(base.manifest.stats.get("passages", base.rows))
+                return _summary(
+                    target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
+                )
         signature = _signature(corpus, model_name, precision, base.manifest if base else None)
         interval = checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds
         with staging_area(target, signature, restart) as staging:
-            return _build(corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started)
+            return _build(
+                corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started, split
+            )
 
 
 def _build(
@@ -331,18 +375,19 @@ def _build(
     signature: str,
     checkpoint_seconds: float,
     started: float,
+    split: SplitSpec | None,
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
 
     info = base.manifest.model if base else model_info(lazy.get())
     resume = staging.progress or {}
-    resumed_at = int(resume.get("rows", 0))
+    resumed_at = int(resume.get("passages", resume.get("rows", 0)))
     counts = _Counts(**{k: v for k, v in resume.get("counts", {}).items()})
     if resumed_at:
         log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
     writer = SegmentWriter(
-        staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
+        staging.segment_dir, info.dim, int(resume["rows"]) if staging.progress else None, int(resume.get("parts", 0))
     )
     stats = CorpusStats()
     passages = _read(corpus, stats, lazy, log_skipped=base is None)  # an update's first pass logged them
@@ -352,36 +397,55 @@ def _build(
     if progress and resumed_at:
         progress(resumed_at)
     last_checkpoint = time.monotonic()
+    done = resumed_at  # passages written so far; rows can be more (windows)
     for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
-        texts = [p.encoder_text for p in chunk]
-        hashes = [content_hash(t) for t in texts]
-        rows = [passage_row(p, h) for p, h in zip(chunk, hashes, strict=True)]
-        encode = [
-            i for i, (p, h, r) in enumerate(zip(chunk, hashes, rows, strict=True)) if _classify(p, h, r, stored, counts)
-        ]
-        vectors = np.empty((len(chunk), info.dim), dtype=np.float32)
-        reuse = sorted(set(range(len(chunk))) - set(encode))
+        rows: list[dict[str, Any]] = []
+        reuse: list[tuple[int, int]] = []  # (new row, stored row) whose vector is copied
+        encode: list[tuple[int, str]] = []  # (new row, text to encode)
+        for passage in chunk:
+            hash_ = content_hash(passage.encoder_text)
+            row = passage_row(passage, hash_)
+            if _classify(passage, hash_, row, stored, counts):
+                counts.encoded += 1
+                for span, text in _windows_of(passage, lazy, info, split):
+                    encode.append((len(rows), text))
+                    rows.append(_with_window(row, span))
+            else:  # unchanged text: the same windows, so the stored vectors of every window are reused
+                old = stored[passage.id]
+                for offset, span in enumerate(old.windows):
+                    reuse.append((len(rows), old.row + offset))
+                    rows.append(_with_window(row, span))
+        vectors = np.empty((len(rows), info.dim), dtype=np.float32)
         if reuse:
             assert base is not None
-            vectors[reuse] = base.vectors_at([stored[chunk[i].id].row for i in reuse])
+            vectors[[new for new, _ in reuse]] = base.vectors_at([old for _, old in reuse])
         if encode:
             encoder = _checked(lazy, info)
-            to_encode = [texts[i] for i in encode]
-            counts.truncated += encoder.count_truncated(to_encode)
-            vectors[encode] = encoder.encode_documents(to_encode)
-            counts.encoded += len(encode)
+            to_encode = [text for _, text in encode]
+            if split is None:
+                counts.truncated += encoder.count_truncated(to_encode)
+            vectors[[new for new, _ in encode]] = encoder.encode_documents(to_encode)
         writer.add(rows, vectors)
+        done += len(chunk)
         if progress:
             progress(len(chunk))
         if time.monotonic() - last_checkpoint >= checkpoint_seconds:
             parts = writer.checkpoint()
             saved = {k: v for k, v in asdict(counts).items() if k != "seen_stored"}
-            staging.save_progress({"signature": signature, "rows": writer.rows, "parts": parts, "counts": saved})
+            staging.save_progress(
+                {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts, "counts": saved}
+            )
             last_checkpoint = time.monotonic()
     segment = writer.close()
     seconds = time.perf_counter() - started
-    corpus_info = {"sources": describe_sources(corpus.paths), "format": corpus.fmt, "fields": asdict(corpus.names)}
+    corpus_info = {
+        "sources": describe_sources(corpus.paths),
+        "format": corpus.fmt,
+        "fields": asdict(corpus.names),
+        "split": split.as_dict() if split else None,
+    }
     stats_info = {
+        "passages": done,
         "skipped_empty": stats.skipped_empty,
         "skipped_bad": stats.skipped_bad,
         "truncated": counts.truncated,
@@ -390,7 +454,29 @@ def _build(
     manifest = new_manifest(info, segment, corpus_info, stats_info)
     publish(staging, manifest)
     removed = len(stored) - len(counts.seen_stored)
-    return _summary(staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed)
+    return _summary(
+        staging.target, info, done, counts, stats, resumed_at, started, removed=removed, windows=segment.rows
+    )
+
+
+def _windows_of(
+    passage: Passage, lazy: _LazyEncoder, info: ModelInfo, split: SplitSpec | None
+) -> list[tuple[tuple[int, int] | None, str]]:
+    """(span, text to encode) per window of the passage; one whole-text window when it fits or is not split."""
+    if split is None:
+        return [(None, passage.encoder_text)]
+    encoder = _checked(lazy, info)
+    room = budget(encoder.max_text_tokens, passage.title, encoder.token_spans)
+    spans = window_spans(passage.text, encoder.token_spans, room, split.overlap)
+    if len(spans) == 1:
+        return [(None, passage.encoder_text)]
+    lead = f"{passage.title} " if passage.title else ""  # every window is led by the title, as the passage is
+    return [((start, end), lead + passage.text[start:end]) for start, end in spans]
+
+
+def _with_window(row: dict[str, Any], span: tuple[int, int] | None) -> dict[str, Any]:
+    start, end = span if span is not None else (None, None)
+    return {**row, "window_start": start, "window_end": end}
 
 
 def _checked(lazy: _LazyEncoder, info: ModelInfo) -> Encoder:
@@ -415,6 +501,7 @@ def _summary(
     started: float,
     published: bool = True,
     removed: int = 0,
+    windows: int | None = None,
 ) -> BuildSummary:
     seconds = time.perf_counter() - started
     return BuildSummary(
@@ -422,6 +509,7 @@ def _summary(
         model=info.name,
         precision=info.precision,
         indexed=rows,
+        windows=rows if windows is None else windows,
         added=counts.added,
         updated=counts.updated,
         metadata_only=counts.metadata_only,

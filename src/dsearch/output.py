@@ -36,6 +36,7 @@ def hit_record(hit: Hit) -> dict[str, Any]:
         "text": hit.text,
         "source": hit.source,
         "fields": hit.fields,
+        "window": list(hit.window) if hit.window else None,
     }
 
 
@@ -254,6 +255,11 @@ def _hits_table(
     return heading, table
 
 
+def _matched(hit: Hit, full: bool) -> str:
+    """What a table shows of a hit: the window that matched (of a split passage), or the whole text."""
+    return hit.text[hit.window[0] : hit.window[1]] if hit.window and not full else hit.text
+
+
 def _render_table(results: Results, stream: IO[str], color: bool, options: TableOptions) -> int:
     out = console(stream, color, options.width)
     written = 0
@@ -261,7 +267,8 @@ def _render_table(results: Results, stream: IO[str], color: bool, options: Table
         rows = [
             {"rank": str(h.rank), "score": f"{h.score:.4f}", "id": h.id, "title": h.title or ""} for h in hits
         ]
-        heading, table = _hits_table(f"[{query.qid}] {query.text}", rows, [h.text for h in hits], out.width, options)
+        texts = [_matched(h, options.full) for h in hits]
+        heading, table = _hits_table(f"[{query.qid}] {query.text}", rows, texts, out.width, options)
         out.print(heading)
         if hits:
             out.print(table)

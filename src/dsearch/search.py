@@ -44,6 +44,7 @@ class Hit:
     text: str
     source: str
     fields: dict[str, Any] = field(default_factory=dict)
+    window: tuple[int, int] | None = None  # the span of ``text`` that matched, when the passage was split
 
 
 def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
@@ -180,7 +181,8 @@ def get_passages(index: OpenIndex, ids: list[str]) -> tuple[list[Hit], list[str]
     """Stored passages by id, in the order asked (``dsearch get``), and the ids that are not in the index."""
     rows = find_rows(index, ids)
     metadata = index.lookup(rows.values())
-    passages = [_hit(Query("", ""), 0, 0.0, rows[i], metadata[rows[i]]) for i in ids if i in rows]
+    # A split passage's first row carries the whole passage; no window matched anything here.
+    passages = [_hit(Query("", ""), 0, 0.0, rows[i], metadata[rows[i]], window=False) for i in ids if i in rows]
     return passages, [i for i in ids if i not in rows]
 
 
@@ -197,7 +199,7 @@ def like_search(
     query = Query(passage_id, f"like:{passage_id}")
     if not np.isfinite(vectors).all():
         _corrupt(index, row, {row: {"id": passage_id}}, "has a stored vector with NaN or infinite values")
-    yield from _rank(index, [query], vectors, k, min_score, stats or SearchStats(), exclude_row=row)
+    yield from _rank(index, [query], vectors, k, min_score, stats or SearchStats(), exclude_id=passage_id)
 
 
 def _rank(
@@ -208,38 +210,72 @@ def _rank(
     min_score: float | None,
     stats: SearchStats,
     exclude_self: bool = False,
-    exclude_row: int | None = None,
+    exclude_id: str | None = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
-    """Search one batch of query vectors and turn the rows into hits."""
-    fetch = k + 1 if exclude_self or exclude_row is not None else k  # room for the dropped hit
-    started = time.perf_counter()
-    scores, rows = index.search(vectors, fetch)
-    stats.search += time.perf_counter() - started
-    if min_score is not None:
-        rows = rows.copy()
-        rows[scores < min_score] = -1  # below the bar: not looked up, not printed
-    started = time.perf_counter()
-    metadata = index.lookup(rows.ravel())
-    stats.lookup += time.perf_counter() - started
-    check_hits(index, batch, scores, rows, metadata)
+    """Search one batch of query vectors and turn the rows into hits, one per passage.
+
+    A split passage has a row per window: it is ranked by its best window ("MaxP") and its other windows are
+    skipped, so more rows than ``k`` may be needed; the search is repeated with more until each query has ``k``.
+    """
+    passages = int(index.manifest.stats.get("passages", index.rows))
+    fetch = k + 1 if exclude_self or exclude_id is not None else k  # room for the dropped hit
+    if passages < index.rows:
+        fetch *= 2  # some rows are further windows of passages already found
+    while True:
+        fetch = min(fetch, index.rows)
+        started = time.perf_counter()
+        scores, rows = index.search(vectors, fetch)
+        stats.search += time.perf_counter() - started
+        if min_score is not None:
+            rows = rows.copy()
+            rows[scores < min_score] = -1  # below the bar: not looked up, not printed
+        started = time.perf_counter()
+        metadata = index.lookup(rows.ravel())
+        stats.lookup += time.perf_counter() - started
+        check_hits(index, batch, scores, rows, metadata)
+        ranked = [
+            _passages_hit(query, query_scores, query_rows, metadata, k, exclude_self, exclude_id)
+            for query, query_scores, query_rows in zip(batch, scores.tolist(), rows.tolist(), strict=True)
+        ]
+        # A query is done with k passages, or once its candidates ran out (-1: none left, or below --min-score).
+        done = [len(hits) == k or -1 in query_rows for hits, query_rows in zip(ranked, rows.tolist(), strict=True)]
+        if fetch >= index.rows or all(done):
+            break
+        fetch *= 4
     stats.queries += len(batch)
-    for query, query_scores, query_rows in zip(batch, scores, rows, strict=True):
-        hits: list[Hit] = []
-        for score, row in zip(query_scores.tolist(), query_rows.tolist(), strict=True):
-            if row < 0 or row == exclude_row:
-                continue
-            meta = metadata[row]
-            if exclude_self and meta["id"] == query.qid:
-                continue
-            if len(hits) == k:
-                break
-            hits.append(_hit(query, len(hits) + 1, score, row, meta))
-        yield query, hits
+    yield from zip(batch, ranked, strict=True)
 
 
-def _hit(query: Query, rank: int, score: float, row: int, meta: dict[str, Any]) -> Hit:
+def _passages_hit(
+    query: Query,
+    scores: list[float],
+    rows: list[int],
+    metadata: dict[int, dict[str, Any]],
+    k: int,
+    exclude_self: bool,
+    exclude_id: str | None,
+) -> list[Hit]:
+    hits: list[Hit] = []
+    seen: set[str] = set()
+    for score, row in zip(scores, rows, strict=True):
+        if row < 0:
+            continue
+        passage = metadata[row]["id"]
+        if passage in seen or passage == exclude_id or (exclude_self and passage == query.qid):
+            continue  # a lower-scoring window of a passage already ranked, or a hit to leave out
+        if len(hits) == k:
+            break
+        seen.add(passage)
+        hits.append(_hit(query, len(hits) + 1, score, row, metadata[row]))
+    return hits
+
+
+def _hit(query: Query, rank: int, score: float, row: int, meta: dict[str, Any], window: bool = True) -> Hit:
     fields = json.loads(meta["fields"]) if meta["fields"] else {}
-    return Hit(query.qid, query.text, rank, score, row, meta["id"], meta["title"], meta["text"], meta["source"], fields)
+    span = (meta["window_start"], meta["window_end"]) if window and meta.get("window_start") is not None else None
+    return Hit(
+        query.qid, query.text, rank, score, row, meta["id"], meta["title"], meta["text"], meta["source"], fields, span
+    )
 
 
 def check_query_vectors(vectors: Any, batch: list[Query]) -> None:

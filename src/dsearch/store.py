@@ -34,7 +34,9 @@ PASSAGES_FILE = "passages.parquet"
 INDEX_TYPE = "IndexFlatIP"
 # Small row groups keep hit lookups cheap: a hit reads only its own group of this many passages.
 ROW_GROUP_SIZE = 1000
-PASSAGE_COLUMNS = ("id", "title", "text", "source", "fields", "content_hash")
+# A split passage's windows are rows of their own, each with the character span of its window in ``text``.
+WINDOW_COLUMNS = ("window_start", "window_end")
+PASSAGE_COLUMNS = ("id", "title", "text", "source", "fields", "content_hash", *WINDOW_COLUMNS)
 # Row groups kept in memory by a reader: at most this many times ROW_GROUP_SIZE passages.
 GROUP_CACHE_SIZE = 128
 # Rows scored at once by the exact search: bounds the score matrix at queries x this many floats.
@@ -111,7 +113,9 @@ class FlatIndexFileWriter:
 def _passage_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([(name, pa.string()) for name in PASSAGE_COLUMNS])
+    return pa.schema(
+        [(name, pa.int64() if name in WINDOW_COLUMNS else pa.string()) for name in PASSAGE_COLUMNS]
+    )
 
 
 class PassageTableWriter:
@@ -123,10 +127,10 @@ class PassageTableWriter:
         self.schema = _passage_schema()
         self.path = path
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
-        self._buffer: dict[str, list[str | None]] = {name: [] for name in PASSAGE_COLUMNS}
+        self._buffer: dict[str, list[Any]] = {name: [] for name in PASSAGE_COLUMNS}
         self.rows = 0
 
-    def add_row(self, row: dict[str, str | None]) -> None:
+    def add_row(self, row: dict[str, Any]) -> None:
         for name in PASSAGE_COLUMNS:
             self._buffer[name].append(row.get(name))
         self.rows += 1
@@ -187,7 +191,7 @@ class SegmentWriter:
     def rows(self) -> int:
         return self.vectors.ntotal
 
-    def add(self, rows: list[dict[str, str | None]], vectors: Any) -> None:
+    def add(self, rows: list[dict[str, Any]], vectors: Any) -> None:
         if len(rows) != len(vectors):
             raise ValueError("passages and vectors must be row-aligned")
         if self._part is None:
@@ -610,8 +614,9 @@ class OpenIndex:
             # Only the hit rows become Python objects; the group itself stays in Arrow's compact form.
             # (slice, not take: take imports pyarrow.compute, a noticeable part of a cold query.)
             table = self._row_group(seg_no, group, columns)
+            missing = {name: None for name in columns if name not in table.column_names}
             for row, offset in members:
-                found[row] = table.slice(offset, 1).to_pylist()[0]
+                found[row] = {**missing, **table.slice(offset, 1).to_pylist()[0]}
         return found
 
     def _segment_of(self, row: int) -> int:
@@ -625,7 +630,8 @@ class OpenIndex:
         key = (seg_no, group, columns)
         table = self._group_cache.pop(key, None)
         if table is None:
-            table = self.segments[seg_no].table.read_row_group(group, columns=list(columns))
+            present = self._present(self.segments[seg_no], columns)
+            table = self.segments[seg_no].table.read_row_group(group, columns=present)
             if len(self._group_cache) >= GROUP_CACHE_SIZE:
                 self._group_cache.pop(next(iter(self._group_cache)))  # the least recently used
         self._group_cache[key] = table
@@ -634,8 +640,17 @@ class OpenIndex:
     def iter_rows(self, columns: tuple[str, ...] = PASSAGE_COLUMNS) -> Iterator[dict[str, Any]]:
         """Every row's metadata in row order, one row group at a time."""
         for seg in self.segments:
-            for batch in seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=list(columns)):
-                yield from batch.to_pylist()
+            present = self._present(seg, columns)
+            missing = {name: None for name in columns if name not in present}
+            for batch in seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=present):
+                for row in batch.to_pylist():
+                    yield {**missing, **row} if missing else row
+
+    @staticmethod
+    def _present(seg: OpenSegment, columns: tuple[str, ...]) -> list[str]:
+        """The wanted columns this segment has: indexes written before windows existed lack their columns."""
+        names = set(seg.table.schema_arrow.names)
+        return [name for name in columns if name in names]
 
     def vectors(self, first: int, count: int) -> Any:
         """Stored vectors of rows ``first .. first+count`` (for reuse in incremental updates)."""

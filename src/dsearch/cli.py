@@ -189,12 +189,17 @@ def _root(
 
 
 class _Progress:
-    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing."""
+    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing.
+
+    While it is open it also shows the ``dsearch.notice`` lines (the first run's model export): a log line under
+    -v, else a plain ``dsearch: …`` line (above the bar on a terminal); under -q, nothing.
+    """
 
     def __init__(self, total: int | None) -> None:
         self.done = 0
-        self.started = time.perf_counter()
-        self.last_log = self.started
+        # The rate counts from the first encoded chunk: loading and exporting the model before it is not encoding.
+        self.rate_from: tuple[float, int] | None = None
+        self.last_log = time.perf_counter()
         self.bar: Any = None
         if sys.stderr.isatty() and not SETTINGS.quiet:
             from rich.console import Console
@@ -219,22 +224,61 @@ class _Progress:
                 console=Console(stderr=True),  # stdout carries results only
                 transient=True,
             )
-            self.task = self.bar.add_task("index", total=total, rate="0")
+            self.task = self.bar.add_task("indexing", total=total, rate="-")
             self.bar.start()
+            # -v log lines go through the bar's stderr proxy, which prints them above the bar instead of over it.
+            self.streams = [(h, h.stream) for h in log.handlers if isinstance(h, logging.StreamHandler)]
+            for handler, _ in self.streams:
+                handler.setStream(sys.stderr)
+        self.notices = logging.getLogger("dsearch.notice")
+        self.handler = _NoticeHandler(self.notice)
+        self.notices.addHandler(self.handler)
+        self.notices.setLevel(logging.ERROR if SETTINGS.quiet else logging.INFO)
+        self.notices.propagate = False
+
+    def notice(self, record: logging.LogRecord) -> None:
+        if SETTINGS.quiet:
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.handle(record)  # under -v, a log line like the others
+        else:  # while the bar runs, sys.stderr is its proxy, which prints the line above the bar
+            print(f"dsearch: {record.getMessage()}", file=sys.stderr)
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
-        rate = self.done / max(now - self.started, 1e-9)
+        if self.rate_from is None:
+            self.rate_from = (now, self.done)
+            rate = None
+        else:
+            since, base = self.rate_from
+            rate = (self.done - base) / max(now - since, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+            self.bar.update(self.task, advance=n, rate="-" if rate is None else f"{rate:.1f}")
         elif now - self.last_log >= 10:
             self.last_log = now
-            log.info("encoded %d passages (%.1f passages/s)", self.done, rate)
+            per_second = "" if rate is None else f" ({rate:.1f} passages/s)"
+            log.info("encoded %d passages%s", self.done, per_second)
 
     def close(self) -> None:
+        self.notices.removeHandler(self.handler)
+        self.notices.setLevel(logging.NOTSET)
+        self.notices.propagate = True
         if self.bar is not None:
             self.bar.stop()
+            for handler, stream in self.streams:
+                handler.setStream(stream)
+
+
+class _NoticeHandler(logging.Handler):
+    """Hands ``dsearch.notice`` records to the progress display."""
+
+    def __init__(self, show: Callable[[logging.LogRecord], None]) -> None:
+        super().__init__(logging.INFO)
+        self.show = show
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.show(record)
 
 
 @app.command()

@@ -101,3 +101,4 @@ def test_the_first_export_is_announced_once(capsys, tmp_path, monkeypatch, tiny_
     assert verbose.exit_code == 0, verbose.stderr
     [line] = [line for line in verbose.stderr.splitlines() if NOTICE in line]
     assert TIMESTAMPED.match(line)
+

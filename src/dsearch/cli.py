@@ -483,15 +483,20 @@ def index(
         verb = "updated" if s.published else "unchanged:"
         _info(
             f"{verb} {output}: {s.added} added, {s.updated} updated, {s.metadata_only} metadata-only, "
-            f"{s.unchanged} unchanged, {s.removed} removed; {s.indexed} passages; encoded {s.encoded} in "
+            f"{s.unchanged} unchanged, {s.removed} removed; {_passages(s.indexed)}; encoded {s.encoded} in "
             f"{s.seconds:.1f} s; skipped {s.skipped_empty} empty, {s.skipped_bad} bad{resumed}"
         )
     else:
         _info(
-            f"indexed {s.indexed} passages into {output} in {s.seconds:.1f} s "
+            f"indexed {_passages(s.indexed)} into {output} in {s.seconds:.1f} s "
             f"({s.passages_per_second:.1f} passages/s, {s.precision}); skipped {s.skipped_empty} empty, "
             f"{s.skipped_bad} bad; {s.truncated} truncated at the model's max_seq_length{resumed}"
         )
+
+
+def _passages(n: int) -> str:
+    """``1 passage``, ``2 passages``: the summary is read by people."""
+    return f"{n} passage" if n == 1 else f"{n} passages"
 
 
 # --- query -------------------------------------------------------------------------------------------

@@ -121,7 +121,17 @@ main() {
     check_python "$python"
     [[ -x $VENV/bin/python ]] || run "$python" -m venv "$VENV"
     install_torch
-    venv_pip install --quiet -e ".${extras}"
+    # pip's output goes to a log, shown if it fails: warnings about a machine's own pip configuration are noise.
+    local log
+    log="$(mktemp)"
+    say "installing dsearch${extras} and its dependencies into $VENV"
+    if ! pip_logged "$log" install --quiet -e ".${extras}"; then
+        tail -n 20 "$log" >&2
+        rm -f "$log"
+        say "error: pip could not install dsearch (its last lines are above)"
+        return 1
+    fi
+    rm -f "$log"
 }
 
 # Sourced (by the tests) it only defines the functions above.

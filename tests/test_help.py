@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +92,14 @@ def test_parameters_still_parse_as_before(cli, sample_index):
     missing = cli("index", "x")
     assert missing.exit_code == 2
     assert missing.stderr.startswith("dsearch: error: Missing option '-o'")
+
+
+def test_command_help_imports_no_heavy_library():
+    code = (
+        "import sys; from dsearch.cli import run; "
+        f"codes = [run([*c, '--help']) for c in ([], *([c] for c in {COMMANDS!r}))]; "
+        "heavy = [m for m in ('torch', 'sentence_transformers', 'faiss', 'transformers', 'rich') if m in sys.modules]; "
+        "print(codes, heavy, file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stderr.strip() == "[0, 0, 0, 0, 0, 0] []"

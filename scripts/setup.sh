@@ -11,7 +11,7 @@
 # Why: on Linux, `pip install torch==X` from the public index alone gives the CUDA build plus a dozen nvidia-*
 # packages and triton (several GB) that dsearch never uses. PyTorch publishes CPU-only wheels (versions with a
 # `+cpu` suffix) on its own index, so we ask for exactly that build. A torch 2.13 already in .venv (a GPU build
-# you installed yourself, say) is kept.
+# you installed yourself, say) is kept unless DSEARCH_TORCH asks for another build.
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -74,7 +74,8 @@ install_torch() {
     local requirement have log
     requirement="$(torch_requirement "$variant")"
     have="$(installed_torch)"
-    if [[ $have == "$TORCH_VERSION" || $have == "$TORCH_VERSION"+* ]]; then
+    # Keep the build asked for, or without DSEARCH_TORCH any 2.13 build (one you installed yourself, say).
+    if [[ "torch==$have" == "$requirement" || (-z ${DSEARCH_TORCH:-} && $have == "$TORCH_VERSION"*) ]]; then
         say "keeping torch $have, already in $VENV"
         return 0
     fi

@@ -158,3 +158,16 @@ def test_ci_and_test_scripts_go_through_setup(tmp_path):
     for script in [SETUP, ROOT / "scripts" / "test.sh", ROOT / "scripts" / "demo.sh", ROOT / ".ci" / "run"]:
         syntax = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
         assert syntax.returncode == 0, f"{script}: {syntax.stderr}"
+
+
+def test_an_explicit_build_replaces_another_build_in_the_venv(tmp_path):
+    fake_python = tmp_path / ".venv" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text("#!/bin/sh\necho 2.13.0+cpu\n")
+    fake_python.chmod(0o755)
+    gpu = bash(FAKE_PIP + "install_torch", tmp_path, {"DSEARCH_TORCH": "cu128"})
+    assert gpu.returncode == 0, gpu.stderr
+    assert calls(tmp_path)[0].split()[-1] in ("torch==2.13.0+cu128", "torch==2.13.0")
+    if os.uname().sysname == "Linux":
+        same = bash(FAKE_PIP + "install_torch", tmp_path, {"DSEARCH_TORCH": "cpu"})
+        assert "keeping torch 2.13.0+cpu" in same.stderr and len(calls(tmp_path)) == 1

@@ -111,6 +111,72 @@ def _guard(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+class _HelpCommand(typer.core.TyperCommand):
+    """Help as a person writes it: metavars (CORPUS..., DIR, N) instead of Python types, required options in the
+    usage line, no ``[default: 0]`` on counters or ``x>=1`` on numbers. Only the help text changes; parsing does not.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        params = self.get_params(ctx)
+        pieces = [self.options_metavar] if self.options_metavar else []
+        pieces += [_argument_name(p) for p in params if p.param_type_name == "argument"]
+        pieces += [f"{_short_first(p.opts)[0]} {_metavar(p)}" for p in params if _is_option(p) and p.required]
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        params = [p for p in self.get_params(ctx) if not getattr(p, "hidden", False)]
+        arguments = [(_argument_name(p), _with_extras(p.help, p)) for p in params if p.param_type_name == "argument"]
+        options = [(_option_name(p), _with_extras(p.help, p)) for p in params if _is_option(p)]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _is_option(param: Any) -> bool:
+    return param.param_type_name == "option"
+
+
+def _short_first(opts: list[str]) -> list[str]:
+    return sorted(opts, key=lambda opt: len(opt) - len(opt.lstrip("-")))
+
+
+def _metavar(param: Any) -> str:
+    """The metavar given, else a word for the value's type (never the Python type itself)."""
+    if param.metavar:
+        return str(param.metavar)
+    kind = getattr(getattr(param, "type_descriptor", None), "annotation", str)
+    args = getattr(kind, "__args__", None)
+    if args:  # list[int], int | None …: the element type
+        kind = next((a for a in args if a is not type(None)), str)
+    return {int: "N", float: "NUMBER", Path: "PATH"}.get(kind, "TEXT")
+
+
+def _argument_name(param: Any) -> str:
+    if param.metavar:
+        return str(param.metavar)
+    name = param.name.upper() + ("..." if param.nargs != 1 else "")
+    return name if param.required else f"[{name}]"
+
+
+def _option_name(param: Any) -> str:
+    names = ", ".join(_short_first(list(param.opts) + list(param.secondary_opts)))
+    return names if param.is_flag or param.count else f"{names} {_metavar(param)}"
+
+
+def _with_extras(text: str | None, param: Any) -> str:
+    """The help text plus ``[default: …]`` for a real default value, and ``[required]``."""
+    extras = []
+    default = param.default
+    flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
+    if param.show_default and not flag and default not in (None, ()):
+        extras.append(f"default: {default}")
+    if param.required:
+        extras.append("required")
+    suffix = f" [{'; '.join(extras)}]" if extras else ""
+    return (text or "") + suffix
+
+
 app = typer.Typer(
     name="dsearch",
     help="Dense retrieval from the command line: index passages with a sentence-transformers model, query them.",
@@ -122,7 +188,9 @@ app = typer.Typer(
 )
 
 # Options shared by every command: where they sit on the command line is the user's choice.
-Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="Log progress lines to stderr (-vv: more).")]
+Verbose = Annotated[
+    int, typer.Option("-v", "--verbose", count=True, help="Log lines with timestamps on stderr (-vv: more).")
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing on stderr but errors.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
 ModelOpt = Annotated[
@@ -130,11 +198,22 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="sentence-transformers model: hub name or local folder [default: bundled all-MiniLM-L6-v2]",
+        metavar="NAME|PATH",
+        help="sentence-transformers model: a hub name or a local folder [default: the bundled all-MiniLM-L6-v2]",
+    ),
+]
+QueryModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="NAME|PATH",
+        help="Encode the queries with this model instead of the index's own; it must make vectors of the index's "
+        "dimension [default: the model that built the index]",
     ),
 ]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder batch.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Texts per encoder batch.")]
 SNIPPET_DEFAULT = 2
 Snippet = Annotated[
     int, typer.Option("--snippet", min=1, metavar="LINES", help="Lines of passage text per hit in the table.")
@@ -142,7 +221,19 @@ Snippet = Annotated[
 Full = Annotated[bool, typer.Option("--full", help="Whole passages in the table, not snippets.")]
 Precision = Annotated[
     str | None,
-    typer.Option("--precision", help="auto|fp32|bf16|int8 [index default: auto; query default: the index's]"),
+    typer.Option(
+        "--precision",
+        metavar="PRECISION",
+        help="How the model runs: auto, fp32, bf16 or int8 (README: Speed) [default: auto]",
+    ),
+]
+QueryPrecision = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        metavar="PRECISION",
+        help="Encode the queries at this precision: auto, fp32, bf16 or int8 [default: the index's]",
+    ),
 ]
 
 
@@ -196,12 +287,17 @@ def _root(
 
 
 class _Progress:
-    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing."""
+    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing.
+
+    While it is open it also shows the ``dsearch.notice`` lines (the first run's model export): a log line under
+    -v, else a plain ``dsearch: …`` line (above the bar on a terminal); under -q, nothing.
+    """
 
     def __init__(self, total: int | None) -> None:
         self.done = 0
-        self.started = time.perf_counter()
-        self.last_log = self.started
+        # The rate counts from the first encoded chunk: loading and exporting the model before it is not encoding.
+        self.rate_from: tuple[float, int] | None = None
+        self.last_log = time.perf_counter()
         self.bar: Any = None
         if sys.stderr.isatty() and not SETTINGS.quiet:
             from rich.console import Console
@@ -226,40 +322,102 @@ class _Progress:
                 console=Console(stderr=True),  # stdout carries results only
                 transient=True,
             )
-            self.task = self.bar.add_task("index", total=total, rate="0")
+            self.task = self.bar.add_task("indexing", total=total, rate="-")
             self.bar.start()
+            # -v log lines go through the bar's stderr proxy, which prints them above the bar instead of over it.
+            self.streams = [(h, h.stream) for h in log.handlers if isinstance(h, logging.StreamHandler)]
+            for handler, _ in self.streams:
+                handler.setStream(sys.stderr)
+        self.notices = logging.getLogger("dsearch.notice")
+        self.handler = _NoticeHandler(self.notice)
+        self.notices.addHandler(self.handler)
+        self.notices.setLevel(logging.ERROR if SETTINGS.quiet else logging.INFO)
+        self.notices.propagate = False
+
+    def notice(self, record: logging.LogRecord) -> None:
+        if SETTINGS.quiet:
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.handle(record)  # under -v, a log line like the others
+        else:  # while the bar runs, sys.stderr is its proxy, which prints the line above the bar
+            print(f"dsearch: {record.getMessage()}", file=sys.stderr)
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
-        rate = self.done / max(now - self.started, 1e-9)
+        if self.rate_from is None:
+            self.rate_from = (now, self.done)
+            rate = None
+        else:
+            since, base = self.rate_from
+            rate = (self.done - base) / max(now - since, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+            self.bar.update(self.task, advance=n, rate="-" if rate is None else f"{rate:.1f}")
         elif now - self.last_log >= 10:
             self.last_log = now
-            log.info("encoded %d passages (%.1f passages/s)", self.done, rate)
+            per_second = "" if rate is None else f" ({rate:.1f} passages/s)"
+            log.info("encoded %d passages%s", self.done, per_second)
 
     def close(self) -> None:
+        self.notices.removeHandler(self.handler)
+        self.notices.setLevel(logging.NOTSET)
+        self.notices.propagate = True
         if self.bar is not None:
             self.bar.stop()
+            for handler, stream in self.streams:
+                handler.setStream(stream)
 
 
-@app.command()
+class _NoticeHandler(logging.Handler):
+    """Hands ``dsearch.notice`` records to the progress display."""
+
+    def __init__(self, show: Callable[[logging.LogRecord], None]) -> None:
+        super().__init__(logging.INFO)
+        self.show = show
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.show(record)
+
+
+@app.command(cls=_HelpCommand, short_help="Encode a corpus into an index directory (-o DIR).")
 @_guard
 def index(
     ctx: typer.Context,
     corpus: Annotated[
         list[str],
-        typer.Argument(help="Corpus files or directories (JSONL, TSV, CSV, Parquet, text/Markdown); '-' reads stdin."),
+        typer.Argument(
+            metavar="CORPUS...",
+            help="Corpus files or directories: JSONL, TSV, CSV, Parquet, text or Markdown, optionally .gz; "
+            "'-' reads stdin.",
+        ),
     ],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Index directory to create or replace.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", metavar="DIR", help="Index directory to create, replace or update.")
+    ],
     fmt: Annotated[
         str | None,
-        typer.Option("--format", "-f", help="Input format: jsonl|tsv|csv|parquet|text [default: by extension]"),
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Input format: jsonl, tsv, csv, parquet or text [default: from each file's extension; stdin: jsonl]",
+        ),
     ] = None,
-    id_field: Annotated[str | None, typer.Option(help="Field holding the passage id [default: _id or id]")] = None,
-    text_field: Annotated[str | None, typer.Option(help="Field holding the text [default: text]")] = None,
-    title_field: Annotated[str | None, typer.Option(help="Field holding the title [default: title]")] = None,
+    id_field: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FIELD", help="Field holding the passage id [default: the first of _id, id, docid, doc_id, pid]"
+        ),
+    ] = None,
+    text_field: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FIELD", help="Field holding the text [default: the first of text, contents, passage, body]"
+        ),
+    ] = None,
+    title_field: Annotated[
+        str | None, typer.Option(metavar="FIELD", help="Field holding the title, if any [default: title]")
+    ] = None,
     model: ModelOpt = None,
     precision: Precision = None,
     batch_size: BatchSize = 32,
@@ -290,7 +448,8 @@ def index(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Encode a corpus and write (or atomically replace, or --update) the index at DIR."""
+    """Encode the passages of CORPUS and publish them as the index at -o DIR: a new index, an atomic replacement
+    of the one there, or with --update only what changed."""
     _setup(verbose, quiet, debug)
     from dsearch.corpus import FORMATS, FieldNames
     from dsearch.indexer import SplitSpec, build_index, count_records
@@ -348,16 +507,21 @@ def index(
         verb = "updated" if s.published else "unchanged:"
         _info(
             f"{verb} {output}: {s.added} added, {s.updated} updated, {s.metadata_only} metadata-only, "
-            f"{s.unchanged} unchanged, {s.removed} removed; {s.indexed} passages{windows}; encoded {s.encoded} in "
+            f"{s.unchanged} unchanged, {s.removed} removed; {_passages(s.indexed)}{windows}; encoded {s.encoded} in "
             f"{s.seconds:.1f} s; skipped {s.skipped_empty} empty, {s.skipped_bad} bad{resumed}"
         )
     else:
         truncated = f"; {s.truncated} truncated at the model's max_seq_length (--split keeps them whole)"
         _info(
-            f"indexed {s.indexed} passages{windows} into {output} in {s.seconds:.1f} s "
+            f"indexed {_passages(s.indexed)}{windows} into {output} in {s.seconds:.1f} s "
             f"({s.passages_per_second:.1f} passages/s, {s.precision}); skipped {s.skipped_empty} empty, "
             f"{s.skipped_bad} bad{truncated if s.truncated else ''}{resumed}"
         )
+
+
+def _passages(n: int) -> str:
+    """``1 passage``, ``2 passages``: the summary is read by people."""
+    return f"{n} passage" if n == 1 else f"{n} passages"
 
 
 # --- query -------------------------------------------------------------------------------------------
@@ -421,7 +585,7 @@ def open_index_and_encoder(
     return opened, encoder
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Search an index and print ranked passages.")
 @_guard
 def query(
     ctx: typer.Context,
@@ -432,12 +596,21 @@ def query(
     ] = None,
     queries_file: Annotated[
         Path | None,
-        typer.Option("--queries", help="Query file: TSV qid<TAB>text, BEIR queries.jsonl, or .txt one a line."),
+        typer.Option(
+            "--queries",
+            metavar="FILE",
+            help="Query file: TSV 'qid TAB text', BEIR queries.jsonl, or .txt with one query a line.",
+        ),
     ] = None,
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per query.")] = 10,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits per query.")] = 10,
     out_format: Annotated[
         str | None,
-        typer.Option("--format", "-f", help="table|jsonl|tsv|trec|ids [default: table on a terminal, jsonl in a pipe]"),
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Output format: table, jsonl, tsv, trec or ids [default: table on a terminal, jsonl in a pipe]",
+        ),
     ] = None,
     min_score: Annotated[
         float | None, typer.Option("--min-score", help="Drop hits scoring below this (a query may get fewer than k).")
@@ -448,15 +621,16 @@ def query(
     ] = None,
     snippet: Snippet = SNIPPET_DEFAULT,
     full: Full = False,
-    model: ModelOpt = None,
-    precision: Precision = None,
+    model: QueryModelOpt = None,
+    precision: QueryPrecision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Search the index at DIR and print ranked passages on stdout."""
+    """Search the index at DIR for each QUERY and print the ranked passages on stdout. Queries are encoded with
+    the model that built the index."""
     _setup(verbose, quiet, debug)
     from dsearch.output import TableOptions, render
     from dsearch.search import (
@@ -532,7 +706,7 @@ def _log_search(stats: Any, written: int) -> None:
 # --- get ---------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Print stored passages by id.")
 @_guard
 def get(
     ctx: typer.Context,
@@ -542,7 +716,12 @@ def get(
     ],
     out_format: Annotated[
         str | None,
-        typer.Option("--format", "-f", help="table|jsonl|tsv|ids [default: table on a terminal, jsonl in a pipe]"),
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Output format: table, jsonl, tsv or ids [default: table on a terminal, jsonl in a pipe]",
+        ),
     ] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -599,7 +778,7 @@ def describe_index(opened: Any) -> dict[str, Any]:
     }
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Describe an index: model, dimension, passages, size.")
 @_guard
 def info(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
@@ -647,23 +826,29 @@ def _parse_age(text: str) -> float:
         raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w") from None
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Check that an index is healthy (for monitoring and cron).")
 @_guard
 def status(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
     corpus: Annotated[
         list[str] | None,
         typer.Option(
-            "--corpus", help="Corpus path(s) to compare with the ones the index was built from [default: those]."
+            "--corpus",
+            metavar="PATH",
+            help="A corpus path to compare with the index (repeat for several) [default: the paths it was built from]",
         ),
     ] = None,
-    max_age: Annotated[str | None, typer.Option(help="Fail when the index is older than this (e.g. 1d, 12h).")] = None,
+    max_age: Annotated[
+        str | None,
+        typer.Option(metavar="AGE", help="Fail (exit 7) when the index is older than this: 90s, 30m, 12h, 1d, 2w."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Check that the index at DIR is healthy: present, complete, intact, fresh, built from the current corpus."""
+    """Check that the index at DIR is healthy: present, complete, intact, fresh, and built from the corpus as it is
+    now. Prints one line (or --json) and exits with the code of the first problem (README: Exit codes)."""
     _setup(verbose, quiet, debug)
     from dsearch.health import check_index
 
@@ -679,30 +864,40 @@ def status(
 # --- eval --------------------------------------------------------------------------------------------
 
 
-@app.command("eval")
+@app.command("eval", cls=_HelpCommand, short_help="Score judged queries against an index (nDCG, recall, MRR).")
 @_guard
 def eval_command(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
-    queries_file: Annotated[Path, typer.Option("--queries", help="Queries: BEIR queries.jsonl or TSV qid<TAB>text.")],
-    qrels_file: Annotated[Path, typer.Option("--qrels", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")],
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits retrieved per query.")] = 100,
+    queries_file: Annotated[
+        Path, typer.Option("--queries", metavar="FILE", help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'.")
+    ],
+    qrels_file: Annotated[
+        Path, typer.Option("--qrels", metavar="FILE", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")
+    ],
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits retrieved per query.")] = 100,
     metrics: Annotated[
-        str | None, typer.Option(help="Comma-separated ir-measures names [default: nDCG@10,R@100,RR@10].")
+        str | None,
+        typer.Option(
+            metavar="NAMES", help="Comma-separated ir-measures names [default: nDCG@10,R@100,RR@10; RR@10 is MRR@10]"
+        ),
     ] = None,
-    run_file: Annotated[Path | None, typer.Option("--run", help="Also save the TREC run to this file.")] = None,
+    run_file: Annotated[
+        Path | None, typer.Option("--run", metavar="FILE", help="Also save the TREC run to this file.")
+    ] = None,
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
-    model: ModelOpt = None,
-    precision: Precision = None,
+    model: QueryModelOpt = None,
+    precision: QueryPrecision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Run judged queries against DIR and score them (nDCG, recall, MRR…) with ir-measures."""
+    """Run the judged queries against the index at DIR and score the ranking with ir-measures (trec_eval's
+    definitions of nDCG, recall, MRR and the rest)."""
     _setup(verbose, quiet, debug)
     from dsearch.evaluate import DEFAULT_METRICS, RunTarget, evaluate, parse_metrics, read_qrels
     from dsearch.search import read_query_file

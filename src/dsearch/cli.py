@@ -192,7 +192,8 @@ class _Progress:
     """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing."""
 
     def __init__(self, total: int | None) -> None:
-        self.done = 0
+        self.done = 0  # passages this run processed
+        self.skipped = 0
         self.started = time.perf_counter()
         self.last_log = self.started
         self.bar: Any = None
@@ -221,6 +222,12 @@ class _Progress:
             )
             self.task = self.bar.add_task("index", total=total, rate="0")
             self.bar.start()
+
+    def resumed(self, n: int) -> None:
+        """Passages an interrupted run already did: they move the bar but are not this run's speed."""
+        self.skipped += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -265,6 +272,14 @@ def index(
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an interrupted run's checkpoint and start over.")
     ] = False,
+    max_remove: Annotated[
+        str | None,
+        typer.Option(
+            "--max-remove",
+            metavar="N|P%",
+            help="Refuse (exit 9) to remove more than N passages or P% of the index [default: half of it].",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
@@ -274,8 +289,9 @@ def index(
     """Encode a corpus and write (or atomically replace, or --update) the index at DIR."""
     _setup(verbose, quiet, debug)
     from dsearch.corpus import FORMATS, FieldNames
-    from dsearch.indexer import build_index, count_records
+    from dsearch.indexer import RemovalLimit, build_index, count_records
 
+    limit = RemovalLimit.parse(max_remove)
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_precision(precision)
@@ -313,9 +329,18 @@ def index(
             restart=restart,
             model_name=model_name,
             precision=precision,
+            max_remove=limit,
+            on_resume=progress.resumed,
         )
     finally:
         progress.close()
+    try:
+        _print_summary(summary, output, update, as_json)
+    except KeyboardInterrupt:
+        pass  # the index is published (or was already up to date): that is the outcome, exit 0
+
+
+def _print_summary(summary: Any, output: Path, update: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.as_dict()))
     s = summary

@@ -7,23 +7,25 @@ and with ``update`` re-encodes only the passages whose encoded text changed, reu
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import xxhash
 
-from dsearch.corpus import CorpusStats, FieldNames, Passage, detect_format, read_corpus
+from dsearch.corpus import TEXT_SUFFIXES, CorpusStats, FieldNames, Passage, detect_format, read_corpus
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError, UsageError
-from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment
+from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
+from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
 from dsearch.store import (
     INDEX_TYPE,
     OpenIndex,
@@ -31,10 +33,12 @@ from dsearch.store import (
     Staging,
     check_target,
     content_hash,
+    fault_point,
     index_lock,
     passage_row,
     publish,
     staging_area,
+    tidy,
 )
 
 log = logging.getLogger("dsearch")
@@ -89,25 +93,53 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# A folder source records each file's size and time when it has at most this many files, so that `status
+# --corpus FILE` can check one file inside it; beyond that only the totals (the manifest is read by every query).
+LISTED_FILES = 1000
+
+
+def corpus_files(root: Path, limit: int | None = None) -> Iterator[Path]:
+    """The files under a folder in a stable order, stopping after ``limit`` (never following symlinked folders)."""
+    found = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file():
+                if limit is not None and found >= limit:
+                    return
+                found += 1
+                yield Path(entry.path)
+
+
+def describe_source(path: str, limit: int | None = None) -> dict[str, Any]:
+    """Size and times of one corpus path; with ``limit``, a folder is walked no further than that many files."""
+    p = Path(path)
+    files = list(corpus_files(p, limit)) if p.is_dir() else [p]
+    stats = {}
+    for f in files:
+        with suppress(OSError):
+            stats[f] = f.stat()
+    source: dict[str, Any] = {
+        "path": str(p.resolve()),
+        "files": len(stats),
+        "bytes": sum(s.st_size for s in stats.values()),
+        "mtime": max((s.st_mtime for s in stats.values()), default=0.0),
+    }
+    if p.is_dir() and len(stats) <= LISTED_FILES:
+        source["listing"] = {str(f.relative_to(p)): [s.st_size, s.st_mtime] for f, s in stats.items()}
+    return source
+
+
 def describe_sources(paths: Iterable[str]) -> list[dict[str, object]]:
     """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed."""
-    sources: list[dict[str, object]] = []
-    for path in paths:
-        if path == "-":
-            sources.append({"path": "-"})
-            continue
-        p = Path(path)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        stats = [f.stat() for f in files if f.exists()]
-        sources.append(
-            {
-                "path": str(p.resolve()),
-                "files": len(stats),
-                "bytes": sum(s.st_size for s in stats),
-                "mtime": max((s.st_mtime for s in stats), default=0.0),
-            }
-        )
-    return sources
+    return [{"path": "-"} if path == "-" else describe_source(path) for path in paths]
 
 
 def count_records(paths: list[str]) -> int | None:
@@ -210,10 +242,16 @@ class CorpusSpec:
 def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder) -> Iterator[Passage]:
     # Only text files need the tokenizer (to cut windows); structured formats never load the model here.
     fmt = corpus.fmt
-    needs_tokens = fmt == "text" or any(p != "-" and (fmt or detect_format(p)) == "text" for p in corpus.paths)
+    text_paths = [p for p in corpus.paths if (fmt or detect_format(p)) == "text"]
+    # An empty (or unmounted) folder has nothing to cut: do not load the model just to find that out.
+    needs_tokens = any(p == "-" or not Path(p).is_dir() or _has_text_file(Path(p)) for p in text_paths)
     spans = lazy.get().token_spans if needs_tokens else None
     max_tokens = lazy.get().max_text_tokens if needs_tokens else 256
     return read_corpus(corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
+
+
+def _has_text_file(root: Path) -> bool:
+    return any(f.suffix.lower() in TEXT_SUFFIXES for f in corpus_files(root))
 
 
 @dataclass
@@ -263,6 +301,62 @@ def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, bas
     return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
 
 
+@dataclass
+class RemovalLimit:
+    """How many of an index's passages one run may remove (``--max-remove N`` or ``P%``); default: half.
+
+    A cron job fed an empty, truncated or unmounted corpus would otherwise publish an empty index and exit 0.
+    """
+
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> RemovalLimit:
+        if text is None:
+            return cls()
+        try:
+            if text.endswith("%"):
+                percent = float(text[:-1])
+                if 0 <= percent <= 100:
+                    return cls(percent=percent)
+            elif int(text) >= 0:
+                return cls(count=int(text))
+        except ValueError:
+            pass
+        raise UsageError(f"--max-remove {text!r} is not a number of passages (5000) or a percentage (0-100%)")
+
+    def allowed(self, existing: int) -> int:
+        if self.count is not None:
+            return self.count
+        return int(existing * (self.percent if self.percent is not None else 50) // 100)
+
+    def check(self, target: Path, existing: int, remaining: int, removed: int, why: str = "") -> None:
+        """Refuse (exit 9) before anything is published when ``removed`` is over the limit."""
+        if removed <= self.allowed(existing):
+            return
+        limit = "the default limit of half" if self.count is None and self.percent is None else "--max-remove"
+        raise TooManyRemovedError(
+            f"{target}: this run would remove {removed:,} of the index's {existing:,} passages, leaving "
+            f"{remaining:,}{why}, more than {limit} allows; nothing was published (if that is intended, rerun "
+            f"with --max-remove {removed} or --max-remove 100%)"
+        )
+
+
+def _no_passages(corpus: CorpusSpec, stats: CorpusStats) -> str:
+    where = ", ".join(corpus.paths)
+    return f"{where} gave no passages ({stats.skipped_empty} empty and {stats.skipped_bad} bad skipped)"
+
+
+_DISK_FIXES = {
+    errno.ENOSPC: "free some space or write the index elsewhere with -o",
+    errno.EDQUOT: "free some space or write the index elsewhere with -o",
+    errno.EACCES: "check its permissions or choose another -o",
+    errno.EPERM: "check its permissions or choose another -o",
+    errno.EROFS: "the file system is read-only: choose another -o",
+}
+
+
 def build_index(
     paths: list[str],
     target: Path,
@@ -279,25 +373,81 @@ def build_index(
     model_name: str | None = None,
     precision: str | None = None,
     checkpoint_seconds: float | None = None,
+    max_remove: RemovalLimit | None = None,
+    on_resume: ProgressCallback | None = None,
 ) -> BuildSummary:
     """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
 
     ``encoder`` is an encoder or a zero-argument function that loads one (called only if something must be
     encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
+    ``max_remove`` bounds how many existing passages the run may drop; ``on_resume`` hears how many passages an
+    interrupted run's checkpoint already holds (``progress`` then hears only this run's).
     """
+    try:
+        return _locked_build(
+            CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin),
+            target,
+            _LazyEncoder(encoder),
+            batch_size=batch_size,
+            progress=progress,
+            update=update,
+            restart=restart,
+            model_name=model_name,
+            precision=precision,
+            checkpoint_seconds=checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds,
+            limit=max_remove or RemovalLimit(),
+            on_resume=on_resume,
+        )
+    except OSError as exc:
+        fix = _DISK_FIXES.get(exc.errno or 0)
+        if fix is None:
+            raise
+        # Disk full, no permission, read-only: the user's to fix, so one line naming the path, not a bug report.
+        where = exc.filename or target
+        raise IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})") from exc
+
+
+def _locked_build(
+    corpus: CorpusSpec,
+    target: Path,
+    lazy: _LazyEncoder,
+    *,
+    batch_size: int,
+    progress: ProgressCallback | None,
+    update: bool,
+    restart: bool,
+    model_name: str | None,
+    precision: str | None,
+    checkpoint_seconds: float,
+    limit: RemovalLimit,
+    on_resume: ProgressCallback | None,
+) -> BuildSummary:
     started = time.perf_counter()
-    corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin)
-    lazy = _LazyEncoder(encoder)
+    if update and "-" in corpus.paths:
+        raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
+    check_target(target)  # before the lock, so that not even a lock file goes into a directory that is not ours
     with index_lock(target):
+        # Everything that can refuse the run is checked here, before any passage is encoded.
+        replacing = check_target(target)
         base = None
-        if update:
-            if "-" in paths:
-                raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
-            if check_target(target):
+        existing = 0
+        if update and replacing:
+            try:
                 base = OpenIndex(target)
-                _check_compatible(base.manifest, model_name, precision)
-            else:
-                log.info("no index at %s yet: building it in full", target)
+            except IndexDirError as exc:
+                reason = str(exc).removesuffix("; rebuild the index")
+                raise IndexDirError(
+                    f"{reason}; --update cannot use it: rebuild it in full (without --update)"
+                ) from None
+            _check_compatible(base.manifest, model_name, precision)
+            existing = base.rows
+        elif update:
+            log.info("no index at %s yet: building it in full", target)
+        elif replacing:
+            try:
+                existing = read_manifest(target).rows
+            except IndexDirError as exc:
+                log.warning("replacing a corrupt index: %s", exc)  # a rebuild is the repair
         stored = _stored_rows(base) if base else {}
         counts = _Counts()
         stats = CorpusStats()
@@ -306,12 +456,45 @@ def build_index(
             for passage in _read(corpus, stats, lazy):
                 hash_ = content_hash(passage.encoder_text)
                 _classify(passage, hash_, passage_row(passage, hash_), stored, counts)
+            removed = len(stored) - len(counts.seen_stored)
+            remaining = len(counts.seen_stored) + counts.added
+            why = f" ({_no_passages(corpus, stats)})" if remaining == 0 else ""
+            limit.check(target, existing, remaining, removed, why)
+            if remaining == 0 and existing == 0:
+                raise IndexDirError(f"{_no_passages(corpus, stats)}; nothing to index")
             if counts.changes(len(stored)) == 0:
+                tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
                 return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
         signature = _signature(corpus, model_name, precision, base.manifest if base else None)
-        interval = checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds
+        guard = _Guard(limit, existing, update=base is not None)
         with staging_area(target, signature, restart) as staging:
-            return _build(corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started)
+            try:
+                return _build(
+                    corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
+                    started, guard, on_resume,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                if staging.published:  # past the point of no return: the new index is live
+                    return staging.result  # type: ignore[no-any-return]
+                raise
+
+
+@dataclass
+class _Guard:
+    """The removal limit of a run, checked when the corpus turns out empty and again before publishing."""
+
+    limit: RemovalLimit
+    existing: int  # passages in the index being replaced or updated (0 for a new or corrupt one)
+    update: bool
+
+    def empty_corpus(self, target: Path, corpus: CorpusSpec, stats: CorpusStats) -> None:
+        if self.existing == 0:
+            raise IndexDirError(f"{_no_passages(corpus, stats)}; nothing to index, nothing was written")
+        self.limit.check(target, self.existing, 0, self.existing, f" ({_no_passages(corpus, stats)})")
+
+    def before_publish(self, target: Path, rows: int, removed: int) -> None:
+        # A rebuild does not track ids: what it removes is what the index shrinks by.
+        self.limit.check(target, self.existing, rows, removed if self.update else max(0, self.existing - rows))
 
 
 def _build(
@@ -325,26 +508,35 @@ def _build(
     signature: str,
     checkpoint_seconds: float,
     started: float,
+    guard: _Guard,
+    on_resume: ProgressCallback | None,
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
 
-    info = base.manifest.model if base else model_info(lazy.get())
     resume = staging.progress or {}
     resumed_at = int(resume.get("rows", 0))
     counts = _Counts(**{k: v for k, v in resume.get("counts", {}).items()})
+    counts.encoded = 0  # `encoded` and passages/s describe this run's work, not the checkpoint's
+    stats = CorpusStats()
+    passages = _read(corpus, stats, lazy)
+    first = next(passages, None)  # an empty corpus is refused here, before the model loads (for most formats)
+    if first is None:
+        guard.empty_corpus(staging.target, corpus, stats)
+    else:
+        passages = chain([first], passages)
+    info = base.manifest.model if base else model_info(lazy.get())
     if resumed_at:
         log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
     writer = SegmentWriter(
         staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
     )
-    stats = CorpusStats()
-    passages = _read(corpus, stats, lazy)
     for passage in islice(passages, resumed_at):  # done before the interruption: only note which ids were seen
         if passage.id in stored:
             counts.seen_stored.add(passage.id)
-    if progress and resumed_at:
-        progress(resumed_at)
+    if resumed_at:
+        (on_resume or progress or (lambda n: None))(resumed_at)
+    encode_started = time.perf_counter()
     last_checkpoint = time.monotonic()
     for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
         texts = [p.encoder_text for p in chunk]
@@ -369,22 +561,28 @@ def _build(
             progress(len(chunk))
         if time.monotonic() - last_checkpoint >= checkpoint_seconds:
             parts = writer.checkpoint()
-            saved = {k: v for k, v in asdict(counts).items() if k != "seen_stored"}
-            staging.save_progress({"signature": signature, "rows": writer.rows, "parts": parts, "counts": saved})
+            saved = {k: v for k, v in asdict(counts).items() if k not in ("seen_stored", "encoded")}
+            staging.save_progress(
+                {"signature": signature, "rows": writer.rows, "parts": parts, "dim": info.dim, "counts": saved}
+            )
+            fault_point("checkpointed")
             last_checkpoint = time.monotonic()
     segment = writer.close()
-    seconds = time.perf_counter() - started
+    removed = len(stored) - len(counts.seen_stored)
+    guard.before_publish(staging.target, segment.rows, removed)
     corpus_info = {"sources": describe_sources(corpus.paths), "format": corpus.fmt, "fields": asdict(corpus.names)}
     stats_info = {
         "skipped_empty": stats.skipped_empty,
         "skipped_bad": stats.skipped_bad,
         "truncated": counts.truncated,
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
     }
     manifest = new_manifest(info, segment, corpus_info, stats_info)
+    staging.result = _summary(
+        staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed, since=encode_started
+    )
     publish(staging, manifest)
-    removed = len(stored) - len(counts.seen_stored)
-    return _summary(staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed)
+    return staging.result  # type: ignore[no-any-return]
 
 
 def _checked(lazy: _LazyEncoder, info: ModelInfo) -> Encoder:
@@ -409,8 +607,10 @@ def _summary(
     started: float,
     published: bool = True,
     removed: int = 0,
+    since: float | None = None,
 ) -> BuildSummary:
     seconds = time.perf_counter() - started
+    encoding_seconds = time.perf_counter() - (since if since is not None else started)
     return BuildSummary(
         index=os.fspath(target),
         model=info.name,
@@ -428,5 +628,6 @@ def _summary(
         resumed_at=resumed_at,
         published=published,
         seconds=round(seconds, 3),
-        passages_per_second=round(counts.encoded / seconds, 2) if seconds > 0 else 0.0,
+        # This run's encoding only: a resumed run's checkpointed passages are not its work.
+        passages_per_second=round(counts.encoded / encoding_seconds, 2) if encoding_seconds > 0 else 0.0,
     )

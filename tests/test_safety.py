@@ -124,7 +124,8 @@ def big_index(tmp_path, cli) -> Path:
 
 
 def _refused(result, removed: str, left: str) -> None:
-    one_error_line(result, 9, f"would remove {removed} of the index's 3,000 passages, leaving {left}", "--max-remove")
+    expected = f"refusing to remove {removed} of the index's 3,000 passages, leaving {left}"
+    one_error_line(result, 9, expected, "nothing was published", "--max-remove")
 
 
 @pytest.mark.parametrize("update", [False, True])

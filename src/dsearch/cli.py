@@ -534,7 +534,10 @@ def status(
     corpus: Annotated[
         list[str] | None,
         typer.Option(
-            "--corpus", help="Corpus path(s) to compare with the ones the index was built from [default: those]."
+            "--corpus",
+            metavar="PATH",
+            help="Corpus path to compare with the ones the index was built from; repeat for several "
+            "(--corpus a.jsonl --corpus notes/) [default: those].",
         ),
     ] = None,
     max_age: Annotated[str | None, typer.Option(help="Fail when the index is older than this (e.g. 1d, 12h).")] = None,

@@ -104,7 +104,7 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
             {
                 "kind": "incomplete",
                 "detail": f"{directory}: {len(orphans)} segment folder(s) that no manifest names ({orphans[0].name}), "
-                "left by a crashed run; the next 'dsearch index' run removes them",
+                "left by an interrupted or crashed run; the next 'dsearch index' run removes them",
             }
         )
     report.passages = manifest.rows

@@ -335,17 +335,19 @@ class RemovalLimit:
         """Refuse (exit 9) before anything is published when ``removed`` is over the limit."""
         if removed <= self.allowed(existing):
             return
-        limit = "the default limit of half" if self.count is None and self.percent is None else "--max-remove"
+        allowed = self.allowed(existing)
+        chosen = self.count is not None or self.percent is not None
+        limit = f"--max-remove allows {allowed:,}" if chosen else f"the default limit is {allowed:,} (half)"
         raise TooManyRemovedError(
-            f"{target}: this run would remove {removed:,} of the index's {existing:,} passages, leaving "
-            f"{remaining:,}{why}, more than {limit} allows; nothing was published (if that is intended, rerun "
-            f"with --max-remove {removed} or --max-remove 100%)"
+            f"{target}: refusing to remove {removed:,} of the index's {existing:,} passages, leaving {remaining:,}"
+            f"{why}; {limit}; nothing was published (if that is intended, rerun with --max-remove {removed} "
+            "or --max-remove 100%)"
         )
 
 
 def _no_passages(corpus: CorpusSpec, stats: CorpusStats) -> str:
     where = ", ".join(corpus.paths)
-    return f"{where} gave no passages ({stats.skipped_empty} empty and {stats.skipped_bad} bad skipped)"
+    return f"{where} gave no passages: {stats.skipped_empty} empty and {stats.skipped_bad} bad skipped"
 
 
 _DISK_FIXES = {
@@ -536,7 +538,6 @@ def _build(
             counts.seen_stored.add(passage.id)
     if resumed_at:
         (on_resume or progress or (lambda n: None))(resumed_at)
-    encode_started = time.perf_counter()
     last_checkpoint = time.monotonic()
     for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
         texts = [p.encoder_text for p in chunk]
@@ -579,7 +580,7 @@ def _build(
     }
     manifest = new_manifest(info, segment, corpus_info, stats_info)
     staging.result = _summary(
-        staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed, since=encode_started
+        staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed
     )
     publish(staging, manifest)
     return staging.result  # type: ignore[no-any-return]
@@ -607,10 +608,8 @@ def _summary(
     started: float,
     published: bool = True,
     removed: int = 0,
-    since: float | None = None,
 ) -> BuildSummary:
     seconds = time.perf_counter() - started
-    encoding_seconds = time.perf_counter() - (since if since is not None else started)
     return BuildSummary(
         index=os.fspath(target),
         model=info.name,
@@ -629,5 +628,5 @@ def _summary(
         published=published,
         seconds=round(seconds, 3),
         # This run's encoding only: a resumed run's checkpointed passages are not its work.
-        passages_per_second=round(counts.encoded / encoding_seconds, 2) if encoding_seconds > 0 else 0.0,
+        passages_per_second=round(counts.encoded / seconds, 2) if seconds > 0 else 0.0,
     )

@@ -454,6 +454,8 @@ def tidy(target: Path) -> None:
             collect_leftovers(target, {s.path for s in read_manifest(target).segments})
     else:
         collect_leftovers(target, set())
+    if (target / MANIFEST_TMP).is_file():
+        (target / MANIFEST_TMP).unlink()
     for old in staging_dirs(target):
         progress = read_progress(old)
         if progress is None or _resumable(old, progress) is None:
@@ -542,6 +544,7 @@ def publish(staging: Staging, manifest: Manifest) -> None:
         with _signals_deferred():
             os.replace(target / MANIFEST_TMP, target / MANIFEST_FILE)  # the moment of publication
             staging.published = True
+            (staging.root / PROGRESS_FILE).unlink(missing_ok=True)  # nothing left to resume, whatever happens next
         _fsync_dir(target)
         fault_point("manifest-swapped")
         shutil.rmtree(staging.root, ignore_errors=True)

@@ -177,6 +177,11 @@ def test_max_remove_100_percent_allows_an_empty_index(tmp_path, cli, big_index):
     assert result.exit_code == 0 and json.loads(result.stdout)["indexed"] == 0
     assert OpenIndex(big_index).rows == 0
     assert cli("query", big_index, "anything").stdout == ""
+    # An index deliberately emptied stays a valid index: the nightly run with the same empty corpus is fine.
+    again = cli("index", empty, "-o", big_index, "--update", "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["published"] is False
+    assert cli("index", empty, "-o", big_index, "-q").exit_code == 0
+    assert cli("status", big_index).stdout.startswith(f"ok: {big_index}: 0 passages")
 
 
 def test_a_new_index_of_nothing_is_an_error(tmp_path, cli):

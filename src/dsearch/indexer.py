@@ -432,7 +432,7 @@ def _locked_build(
         # Everything that can refuse the run is checked here, before any passage is encoded.
         replacing = check_target(target)
         base = None
-        existing = 0
+        existing: int | None = None  # passages of the valid index this run replaces; None: there is none
         if update and replacing:
             try:
                 base = OpenIndex(target)
@@ -448,7 +448,7 @@ def _locked_build(
         elif replacing:
             try:
                 existing = read_manifest(target).rows
-            except IndexDirError as exc:
+            except IndexDirError as exc:  # existing stays None: a corrupt index has nothing to protect
                 log.warning("replacing a corrupt index: %s", exc)  # a rebuild is the repair
         stored = _stored_rows(base) if base else {}
         counts = _Counts()
@@ -461,9 +461,7 @@ def _locked_build(
             removed = len(stored) - len(counts.seen_stored)
             remaining = len(counts.seen_stored) + counts.added
             why = f" ({_no_passages(corpus, stats)})" if remaining == 0 else ""
-            limit.check(target, existing, remaining, removed, why)
-            if remaining == 0 and existing == 0:
-                raise IndexDirError(f"{_no_passages(corpus, stats)}; nothing to index")
+            limit.check(target, base.rows, remaining, removed, why)
             if counts.changes(len(stored)) == 0:
                 tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
                 return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
@@ -486,17 +484,19 @@ class _Guard:
     """The removal limit of a run, checked when the corpus turns out empty and again before publishing."""
 
     limit: RemovalLimit
-    existing: int  # passages in the index being replaced or updated (0 for a new or corrupt one)
+    existing: int | None  # passages in the index being replaced or updated (None for a new or corrupt one)
     update: bool
 
     def empty_corpus(self, target: Path, corpus: CorpusSpec, stats: CorpusStats) -> None:
-        if self.existing == 0:
+        if self.existing is None:
             raise IndexDirError(f"{_no_passages(corpus, stats)}; nothing to index, nothing was written")
         self.limit.check(target, self.existing, 0, self.existing, f" ({_no_passages(corpus, stats)})")
 
     def before_publish(self, target: Path, rows: int, removed: int) -> None:
         # A rebuild does not track ids: what it removes is what the index shrinks by.
-        self.limit.check(target, self.existing, rows, removed if self.update else max(0, self.existing - rows))
+        if self.existing is not None:
+            shrink = removed if self.update else max(0, self.existing - rows)
+            self.limit.check(target, self.existing, rows, shrink)
 
 
 def _build(

@@ -317,7 +317,7 @@ def collect_leftovers(target: Path, keep: set[str]) -> int:
 def index_lock(target: Path) -> Iterator[Path]:
     """Hold the write lock on ``target`` or fail at once (exit 4) if another run holds it; yields the real DIR.
 
-    The lock is an OS file lock (flock) on ``DIR/.dsearch.lock``. Inside DIR, not beside it: the same directory
+    The lock is an OS file lock (flock, POSIX) on ``DIR/.dsearch.lock``. Inside DIR, not beside it: the same directory
     reached through a symlink or as ``-o .`` is the same file, so the lock follows the directory, not how its
     path is spelled; and no lock files pile up next to indexes. The lock dies with its process, so a crash never
     leaves a stale lock; a clean release also removes the file. Removing a lock file is only safe because every
@@ -334,7 +334,10 @@ def index_lock(target: Path) -> Iterator[Path]:
         target.mkdir(parents=True, exist_ok=True)
         real = target.resolve()
         path = real / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            continue  # a failed first build removed the directory it had made, just now: make it again
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -151,8 +151,10 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | Non
     """The first corpus path whose files, size or modification time differ from the build's record.
 
     Paths come from the manifest, which may be damaged or hostile: a folder is walked no further than the
-    number of files the build recorded there (plus one, which is enough to see a change), so a manifest that
-    names ``/usr`` costs as much as the build's own walk and no more.
+    number of files and folders the build recorded there (plus one, which is enough to see a change), so a
+    manifest that names ``/usr`` costs as much as the build's own walk and no more. (A cap in seconds or a
+    fixed count would either cut real corpora short or still let a hostile record walk far; the record's own
+    size is the bound that is right for each index.)
     """
     by_path = {s["path"]: s for s in recorded if isinstance(s, dict) and isinstance(s.get("path"), str)}
     by_path.pop("-", None)
@@ -164,9 +166,12 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | Non
             then, inside = _recorded_part(by_path, resolved)
             if then is None:
                 return f"{path} ({inside or 'not part of the build'})"
-        limit = then.get("files") if isinstance(then.get("files"), int) else 0
-        now = describe_source(path, limit=max(limit, 0) + 1)
-        if any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
+        # Files and folders the build saw, plus one: enough to see a change, and no more than the build walked.
+        # (Records from before "folders" was kept: the files count stands in for both.)
+        files = then.get("files") if isinstance(then.get("files"), int) else 0
+        folders = then.get("folders") if isinstance(then.get("folders"), int) else files
+        now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1)
+        if now.get("cut_short") or any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
             return path
     return None
 
@@ -180,10 +185,13 @@ def _recorded_part(by_path: dict[str, dict[str, Any]], resolved: str) -> tuple[d
         if not isinstance(listing, dict):
             return None, f"inside {root}, whose files were too many to record one by one; give {root} itself"
         prefix = resolved[len(root.rstrip("/")) + 1 :]
-        files = [v for k, v in listing.items() if k == prefix or k.startswith(prefix + "/")]
-        if not files:
+        names = [k for k in listing if k == prefix or k.startswith(prefix + "/")]
+        if not names:
             return None, "not part of the build"
+        files = [listing[k] for k in names]
+        folders = {str(Path(k).parent) for k in names if k != prefix} - {prefix, "."}
         return {
+            "folders": len(folders),
             "files": len(files),
             "bytes": sum(v[0] for v in files),
             "mtime": max(v[1] for v in files),

@@ -98,30 +98,51 @@ def library_versions() -> dict[str, str]:
 LISTED_FILES = 1000
 
 
-def corpus_files(root: Path, limit: int | None = None) -> Iterator[Path]:
-    """The files under a folder in a stable order, stopping after ``limit`` (never following symlinked folders)."""
-    found = 0
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif entry.is_file():
-                if limit is not None and found >= limit:
+class _Walk:
+    """The files under a folder in a stable order; with a budget, it stops after that many entries (files and
+    folders alike, so that a tree of empty folders is bounded too) and says it did."""
+
+    def __init__(self, root: Path, budget: int | None = None) -> None:
+        self.root = root
+        self.budget = budget
+        self.folders = 0
+        self.cut_short = False
+
+    def __iter__(self) -> Iterator[Path]:
+        seen = 0
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+            except OSError:
+                continue
+            for entry in entries:
+                is_dir = entry.is_dir(follow_symlinks=False)  # never follow a link out of the tree
+                if not is_dir and not entry.is_file():
+                    continue
+                seen += 1
+                if self.budget is not None and seen > self.budget:
+                    self.cut_short = True
                     return
-                found += 1
-                yield Path(entry.path)
+                if is_dir:
+                    self.folders += 1
+                    stack.append(Path(entry.path))
+                else:
+                    yield Path(entry.path)
 
 
-def describe_source(path: str, limit: int | None = None) -> dict[str, Any]:
-    """Size and times of one corpus path; with ``limit``, a folder is walked no further than that many files."""
+def corpus_files(root: Path) -> Iterator[Path]:
+    """Every file under a folder, in a stable order (symlinked folders are not followed)."""
+    return iter(_Walk(root))
+
+
+def describe_source(path: str, budget: int | None = None) -> dict[str, Any]:
+    """Size and times of one corpus path. With ``budget``, a folder is walked no further than that many entries,
+    and ``cut_short`` says when the walk stopped early (so the folder differs from the record)."""
     p = Path(path)
-    files = list(corpus_files(p, limit)) if p.is_dir() else [p]
+    walk = _Walk(p, budget) if p.is_dir() else None
+    files = list(walk) if walk is not None else [p]
     stats = {}
     for f in files:
         with suppress(OSError):
@@ -132,8 +153,12 @@ def describe_source(path: str, limit: int | None = None) -> dict[str, Any]:
         "bytes": sum(s.st_size for s in stats.values()),
         "mtime": max((s.st_mtime for s in stats.values()), default=0.0),
     }
-    if p.is_dir() and len(stats) <= LISTED_FILES:
-        source["listing"] = {str(f.relative_to(p)): [s.st_size, s.st_mtime] for f, s in stats.items()}
+    if walk is not None:
+        source["folders"] = walk.folders
+        if walk.cut_short:
+            source["cut_short"] = True
+        elif len(stats) <= LISTED_FILES:
+            source["listing"] = {str(f.relative_to(p)): [s.st_size, s.st_mtime] for f, s in stats.items()}
     return source
 
 

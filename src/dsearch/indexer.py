@@ -430,8 +430,17 @@ def build_index(
         if fix is None:
             raise
         # Disk full, no permission, read-only: the user's to fix, so one line naming the path, not a bug report.
-        where = exc.filename or target
+        where = Path(exc.filename) if exc.filename else target
+        if exc.errno in (errno.EACCES, errno.EPERM) and not _within(where, target):
+            fix = "check its permissions"  # a corpus file, not the index: another -o would not help
         raise IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})") from exc
+
+
+def _within(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve()) or directory.resolve().is_relative_to(path.resolve())
+    except OSError:
+        return True
 
 
 def _locked_build(

@@ -97,7 +97,7 @@ def test_directory_without_corpus_files_is_an_error(cli, tmp_path):
     docs = tmp_path / "docs"
     write(docs / "data.bin", b"\x00")
     result = cli("index", docs, "-o", tmp_path / "idx")
-    one_error_line(result, 1, f"{docs}: no corpus files", ".jsonl")
+    one_error_line(result, 1, f"no corpus files in {docs}", ".jsonl", "nothing was written")
     assert not (tmp_path / "idx").exists()
 
 
@@ -226,7 +226,7 @@ def test_directory_with_explicit_format_reads_that_formats_files(cli, tmp_path):
     assert stored_ids(tmp_path / "idx") == ["a", "b"]
     empty = tmp_path / "only-text"
     write(empty / "x.txt", "words\n")
-    one_error_line(cli("index", empty, "-f", "jsonl", "-o", tmp_path / "idx2"), 1, f"{empty}: no corpus files")
+    one_error_line(cli("index", empty, "-f", "jsonl", "-o", tmp_path / "idx2"), 1, f"no corpus files in {empty}")
 
 
 # --- 6. the index inside its own corpus -----------------------------------------------------------------

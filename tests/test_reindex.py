@@ -166,7 +166,7 @@ def test_a_second_run_exits_4_while_the_lock_is_held(tmp_path, cli):
     try:
         result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx")
         one_error_line(result, 4, "another dsearch run", f"(pid {holder.pid})")
-        assert not (tmp_path / "idx").exists()
+        assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [".dsearch.lock"]  # the holder's, only
     finally:
         holder.kill()
         holder.wait()
@@ -252,7 +252,7 @@ def test_kill_9_mid_run_keeps_the_old_index_and_the_rerun_resumes(tmp_path, tiny
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_at"] >= saved and summary["indexed"] == 3000
-    assert summary["encoded"] == 3000  # encoded before and after the kill, counted from the checkpoint
+    assert summary["encoded"] == 3000 - summary["resumed_at"]  # this run's work only, not the checkpoint's
     clean = tmp_path / "clean"
     assert (
         subprocess.run(
@@ -282,7 +282,7 @@ def test_restart_discards_the_checkpoint(tmp_path, capsys, monkeypatch):
     interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
     result = interrupted("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4")
     one_error_line(result, 3, "interrupted; nothing was published")
-    assert list(tmp_path.glob(".idx.staging-*/progress.json"))  # kept for the next run
+    assert list(tmp_path.glob("idx/.staging-*/progress.json"))  # kept for the next run
     cli = Runner(capsys)
     resumed = cli("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4", "--json")
     assert json.loads(resumed.stdout)["resumed_at"] == 96  # three chunks of 8 batches of 4
@@ -291,7 +291,7 @@ def test_restart_discards_the_checkpoint(tmp_path, capsys, monkeypatch):
     restarted = cli("index", corpus, "-o", tmp_path / "again", "--batch-size", "4", "--restart", "--json")
     assert json.loads(restarted.stdout)["resumed_at"] == 0
     assert answers(tmp_path / "idx") == answers(tmp_path / "again")
-    assert not list(tmp_path.glob(".*staging*"))
+    assert not list(tmp_path.glob("*/.staging*"))
 
 
 # --- readers during a publish ----------------------------------------------------------------------------
@@ -362,7 +362,8 @@ def test_status_codes(tmp_path, cli):
     one_error_line(cli("status", tmp_path / "idx", "--max-age", "soon"), 2, "--max-age 'soon'")
 
 
-def test_lock_file_is_beside_the_index(tmp_path):
-    with index_lock(tmp_path / "idx"):
-        assert (tmp_path / ".idx.lock").exists()
-        assert (tmp_path / ".idx.pid").read_text() == str(os.getpid())
+def test_lock_file_is_inside_the_index_and_goes_with_the_run(tmp_path):
+    with index_lock(tmp_path / "idx") as real:
+        assert real == (tmp_path / "idx").resolve()
+        assert (tmp_path / "idx" / ".dsearch.lock").read_text() == f"{os.getpid()}\n"
+    assert list(tmp_path.iterdir()) == []  # the directory it made for the lock, and the lock file, are gone

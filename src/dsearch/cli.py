@@ -294,7 +294,8 @@ class _Progress:
     """
 
     def __init__(self, total: int | None) -> None:
-        self.done = 0
+        self.done = 0  # passages this run processed
+        self.skipped = 0  # passages an interrupted run had done
         # The rate counts from the first encoded chunk: loading and exporting the model before it is not encoding.
         self.rate_from: tuple[float, int] | None = None
         self.last_log = time.perf_counter()
@@ -341,6 +342,12 @@ class _Progress:
             log.handle(record)  # under -v, a log line like the others
         else:  # while the bar runs, sys.stderr is its proxy, which prints the line above the bar
             print(f"dsearch: {record.getMessage()}", file=sys.stderr)
+
+    def resumed(self, n: int) -> None:
+        """Passages an interrupted run already did: they move the bar but are not this run's speed."""
+        self.skipped += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -442,6 +449,14 @@ def index(
         int | None,
         typer.Option("--overlap", min=0, metavar="TOKENS", help="Tokens shared by neighbouring windows [default: 32]."),
     ] = None,
+    max_remove: Annotated[
+        str | None,
+        typer.Option(
+            "--max-remove",
+            metavar="N|P%",
+            help="Refuse (exit 9) to remove more than N passages or P% of the index [default: half of it].",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
@@ -452,8 +467,9 @@ def index(
     of the one there, or with --update only what changed."""
     _setup(verbose, quiet, debug)
     from dsearch.corpus import FORMATS, FieldNames
-    from dsearch.indexer import SplitSpec, build_index, count_records
+    from dsearch.indexer import RemovalLimit, SplitSpec, build_index, count_records
 
+    limit = RemovalLimit.parse(max_remove)
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_precision(precision)
@@ -495,9 +511,18 @@ def index(
             precision=precision,
             split=None if split is False else SplitSpec() if overlap is None else SplitSpec(overlap),
             keep_split=split is None and overlap is None,
+            max_remove=limit,
+            on_resume=progress.resumed,
         )
     finally:
         progress.close()
+    try:
+        _print_summary(summary, output, update, as_json)
+    except KeyboardInterrupt:
+        pass  # the index is published (or was already up to date): that is the outcome, exit 0
+
+
+def _print_summary(summary: Any, output: Path, update: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.as_dict()))
     s = summary
@@ -835,7 +860,8 @@ def status(
         typer.Option(
             "--corpus",
             metavar="PATH",
-            help="A corpus path to compare with the index (repeat for several) [default: the paths it was built from]",
+            help="Corpus path to compare with the ones the index was built from; repeat for several "
+            "(--corpus a.jsonl --corpus notes/) [default: those].",
         ),
     ] = None,
     max_age: Annotated[

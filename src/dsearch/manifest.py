@@ -6,7 +6,9 @@ It names the segment directories that hold the data, which leaves room for sever
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,13 @@ from dsearch.errors import IndexDirError
 FORMAT_NAME = "dsearch-index"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# A segment is a plain child directory of DIR with this form: never "..", ".", an absolute path or a nested path,
+# because cleanup deletes segments by these names and must never reach outside DIR.
+SEGMENT_NAME = re.compile(r"seg-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# A file inside a segment: one plain name (no separators, no leading dot).
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Files every segment of this format version holds (the manifest must list both with their checksums).
+SEGMENT_FILES = ("index.faiss", "passages.parquet")
 
 
 @dataclass
@@ -80,26 +89,73 @@ class Manifest:
                 "upgrade dsearch or rebuild the index"
             )
         try:
-            model = ModelInfo(**data["model"])
-            segments = [
-                Segment(s["path"], s["rows"], {n: FileInfo(**f) for n, f in s["files"].items()})
-                for s in data["segments"]
-            ]
-            return cls(
-                model=model,
-                index_type=data["index_type"],
-                rows=data["rows"],
-                segments=segments,
-                created_at=data["created_at"],
-                versions=data["versions"],
-                corpus=data.get("corpus", {}),
-                stats=data.get("stats", {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError) as exc:
+            return cls._from_dict(data, version)
+        except (KeyError, TypeError, ValueError) as exc:
             raise IndexDirError(
                 f"{where}: manifest is missing or has a malformed field ({exc}); rebuild the index"
             ) from exc
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], version: int) -> Manifest:
+        """Build from parsed JSON, checking every type and name: a manifest is input like any other."""
+        model = ModelInfo(**_typed(data, "model", dict))
+        for key, kind in (("name", str), ("fingerprint", str), ("dim", int), ("similarity", str)):
+            _typed(asdict(model), key, kind)
+        if model.dim <= 0:
+            raise ValueError(f"model.dim {model.dim} is not positive")
+        segments = [_segment(s) for s in _typed(data, "segments", list)]
+        if len({s.path for s in segments}) != len(segments):
+            raise ValueError("a segment is listed twice")
+        rows = _typed(data, "rows", int)
+        if rows < 0 or rows != sum(s.rows for s in segments):
+            raise ValueError(f"rows {rows} is not the sum of the segments' rows")
+        created_at = _typed(data, "created_at", str)
+        dt.datetime.fromisoformat(created_at)  # ValueError: not an ISO 8601 time
+        corpus = data.get("corpus", {})
+        stats = data.get("stats", {})
+        if not isinstance(corpus, dict) or not isinstance(stats, dict):
+            raise TypeError("corpus and stats must be objects")
+        return cls(
+            model=model,
+            index_type=_typed(data, "index_type", str),
+            rows=rows,
+            segments=segments,
+            created_at=created_at,
+            versions=_typed(data, "versions", dict),
+            corpus=corpus,
+            stats=stats,
+            format_version=version,
+        )
+
+
+def _typed(data: dict[str, Any], key: str, kind: type) -> Any:
+    value = data[key]
+    # bool is an int to Python, never to a manifest.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _segment(data: Any) -> Segment:
+    if not isinstance(data, dict):
+        raise TypeError("a segment must be an object")
+    path = _typed(data, "path", str)
+    if not SEGMENT_NAME.fullmatch(path):
+        raise ValueError(f"segment path {path!r} is not a seg-<id> directory inside the index")
+    rows = _typed(data, "rows", int)
+    if rows < 0:
+        raise ValueError(f"segment {path} has {rows} rows")
+    files = {}
+    for name, info in _typed(data, "files", dict).items():
+        if not FILE_NAME.fullmatch(name):
+            raise ValueError(f"segment {path} lists a file {name!r} that is not a plain file name")
+        if not isinstance(info, dict):
+            raise TypeError(f"segment {path}: file {name} must be an object")
+        files[name] = FileInfo(bytes=_typed(info, "bytes", int), xxh3_128=_typed(info, "xxh3_128", str))
+    missing = [name for name in SEGMENT_FILES if name not in files]
+    if missing:
+        raise ValueError(f"segment {path} does not list {', '.join(missing)}")
+    return Segment(path, rows, files)
 
 
 def read_manifest(directory: Path) -> Manifest:

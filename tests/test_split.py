@@ -123,3 +123,17 @@ def test_split_windows_fit_the_encoder(tmp_path):
     for row in OpenIndex(tmp_path / "idx").iter_rows():
         window = row["text"][row["window_start"] : row["window_end"]]
         assert encoder.count_truncated([f"{row['title']} {window}"]) == 0
+
+
+def test_the_removal_limit_counts_passages_not_windows(cli, tmp_path):
+    corpus = long_corpus(tmp_path / "long.jsonl")
+    assert cli("index", corpus, "-o", tmp_path / "idx").exit_code == 0
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))  # 4 of 10 passages gone: within half
+    result = cli("index", corpus, "-o", tmp_path / "idx", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["indexed"] == 6
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # 4 of 6 gone: more than half
+    result = cli("index", corpus, "-o", tmp_path / "idx")
+    assert result.exit_code == 9 and result.stdout == ""
+    assert "refusing to remove 4 of the index's 6 passages" in result.stderr

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import struct
 import time
 import uuid
@@ -339,9 +340,15 @@ def index_lock(target: Path) -> Iterator[Path]:
         real = target.resolve()
         path = real / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Never through a symlink (it would truncate a file outside DIR), never a FIFO (open would block).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except FileNotFoundError:
             continue  # a failed first build removed the directory it had made, just now: make it again
+        except OSError as exc:
+            raise _not_our_lock(path) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_our_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -373,6 +380,13 @@ def index_lock(target: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def _not_our_lock(path: Path) -> IndexDirError:
+    return IndexDirError(
+        f"{path}: a symlink, folder or special file where dsearch keeps its lock; nothing was changed "
+        "(remove it if it is not yours, or choose another -o)"
+    )
+
+
 def _lock_holder(fd: int) -> str:
     try:
         return f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
@@ -385,7 +399,7 @@ def lock_is_held(target: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(target / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(target / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:

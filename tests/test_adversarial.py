@@ -1,0 +1,62 @@
+"""Adversarial cases found after issues 9 and 10 landed: hostile files inside DIR, damaged manifests, odd inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE
+from test_cli import one_error_line
+
+from dsearch.store import OpenIndex
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- DIR/.dsearch.lock that dsearch did not write ------------------------------------------------------
+
+
+def plant_lock(index: Path, kind: str, victim: Path) -> None:
+    lock = index / ".dsearch.lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(victim.parent / "nowhere")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder"])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path, cli, kind):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    plant_lock(index, kind, victim)
+    before = listing(index)
+
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", index), 1, ".dsearch.lock", "nothing was changed")
+
+    assert victim.read_text() == "precious\n"  # never truncated through the symlink
+    assert listing(index) == before  # the planted entry is still there, nothing else was added
+    assert not (tmp_path / "nowhere").exists()
+    assert OpenIndex(index, verify=True).rows == 200
+
+
+def test_status_does_not_hang_on_a_fifo_where_the_lock_goes(tmp_path, cli):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    os.mkfifo(index / ".dsearch.lock")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsearch", "status", str(index)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"ok: {index}: 200 passages")

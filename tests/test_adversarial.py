@@ -60,3 +60,35 @@ def test_status_does_not_hang_on_a_fifo_where_the_lock_goes(tmp_path, cli):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"ok: {index}: 200 passages")
+
+
+# --- DIR/.manifest.json.tmp that dsearch did not write -------------------------------------------------
+
+
+@pytest.mark.parametrize("dangling", [True, False])
+def test_a_symlink_at_the_manifest_temp_name_never_sends_the_manifest_outside_dir(tmp_path, cli, dangling):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_text("precious\n")
+    (index / ".manifest.json.tmp").symlink_to(victim)
+
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", index)
+
+    assert result.exit_code == 0, result.stderr
+    assert victim.read_text() == "precious\n" if not dangling else not victim.exists()
+    manifest = index / "manifest.json"
+    assert manifest.is_file() and not manifest.is_symlink()
+    assert listing(index) == ["manifest.json", *[n for n in listing(index) if n.startswith("seg-")]]
+    assert OpenIndex(index, verify=True).rows == 200
+
+
+def test_a_folder_at_the_manifest_temp_name_is_refused_before_encoding(tmp_path, cli):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    (index / ".manifest.json.tmp").mkdir()
+    before = listing(index)
+    cli.loaded.clear()
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", index), 1, ".manifest.json.tmp", "nothing was changed")
+    assert cli.loaded == [] and listing(index) == before

@@ -475,8 +475,14 @@ def tidy(target: Path) -> None:
             collect_leftovers(target, {s.path for s in read_manifest(target).segments})
     else:
         collect_leftovers(target, set())
-    if (target / MANIFEST_TMP).is_file():
-        (target / MANIFEST_TMP).unlink()
+    temp = target / MANIFEST_TMP
+    if temp.is_symlink() or temp.is_file():
+        temp.unlink()  # a crash's half-written manifest; a symlink by our name would send the next one outside DIR
+    elif temp.exists():
+        raise IndexDirError(
+            f"{temp}: a folder or special file where dsearch writes its new manifest; nothing was changed "
+            "(remove it if it is not yours, or choose another -o)"
+        )
     for old in staging_dirs(target):
         progress = read_progress(old)
         if progress is None or _resumable(old, progress) is None:
@@ -583,7 +589,9 @@ def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
     destination = path
     if atomic:
         path = path.with_name(f".{path.name}.tmp")
-    with open(path, "wb") as fh:
+    # O_NOFOLLOW: a symlink planted at one of our names must not make us write outside DIR.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

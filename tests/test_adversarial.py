@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SAMPLE
 from test_cli import one_error_line
+from test_split import long_corpus
 
 from dsearch.store import OpenIndex
 
@@ -92,3 +94,30 @@ def test_a_folder_at_the_manifest_temp_name_is_refused_before_encoding(tmp_path,
     cli.loaded.clear()
     one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", index), 1, ".manifest.json.tmp", "nothing was changed")
     assert cli.loaded == [] and listing(index) == before
+
+
+# --- passages, not windows ------------------------------------------------------------------------------
+
+
+def test_status_counts_passages_of_a_split_index_as_info_does(tmp_path, cli):
+    index = tmp_path / "idx"
+    assert cli("index", long_corpus(tmp_path / "long.jsonl"), "-o", index).exit_code == 0
+    info = json.loads(cli("info", index, "--json").stdout)
+    assert info["passages"] == 10 and info["rows"] > 10  # the premise: split into windows
+    status = cli("status", index)
+    assert status.exit_code == 0 and status.stdout.startswith(f"ok: {index}: 10 passages, built ")
+    assert json.loads(cli("status", index, "--json").stdout)["passages"] == 10
+
+
+@pytest.mark.parametrize("value", ["ten", [10], True, -3, 0, 10**9])
+def test_a_damaged_passage_count_in_the_manifest_is_corruption_not_a_crash(tmp_path, cli, value):
+    index = tmp_path / "idx"
+    assert cli("index", long_corpus(tmp_path / "long.jsonl"), "-o", index).exit_code == 0
+    manifest = index / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["stats"]["passages"] = value
+    manifest.write_text(json.dumps(data))
+    one_error_line(cli("info", index), 1, "manifest", "passages", "rebuild the index")
+    one_error_line(cli("query", index, "zanzibar"), 1, "manifest", "rebuild the index")
+    status = cli("status", index)
+    assert status.exit_code == 6 and status.stdout.startswith("corrupt: ") and status.stderr == ""

@@ -789,7 +789,7 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "max_seq_length": m.model.max_seq_length,
         "precision": m.model.precision,
         "prompts": m.model.prompts,
-        "passages": int(m.stats.get("passages", m.rows)),
+        "passages": m.passages,
         "rows": m.rows,
         "split": m.corpus.get("split"),
         "index_type": m.index_type,

@@ -107,7 +107,7 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
                 "left by an interrupted or crashed run; the next 'dsearch index' run removes them",
             }
         )
-    report.passages = manifest.rows
+    report.passages = manifest.passages  # not rows: a split passage has several
     report.created_at = manifest.created_at
     created = dt.datetime.fromisoformat(manifest.created_at)
     if created.tzinfo is None:

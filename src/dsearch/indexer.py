@@ -578,7 +578,7 @@ def _locked_build(
 
 def _passages_of(manifest: Manifest) -> int:
     """Passages in an index: its rows, unless long passages were split into several rows each."""
-    return int(manifest.stats.get("passages", manifest.rows))
+    return manifest.passages
 
 
 @dataclass

@@ -68,6 +68,11 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
+    @property
+    def passages(self) -> int:
+        """Passages in the index: its rows, unless long passages were split into several rows (windows) each."""
+        return int(self.stats.get("passages", self.rows))
+
     def to_json(self) -> str:
         data = asdict(self)
         # Format first, so `head manifest.json` says what the file is.
@@ -115,6 +120,10 @@ class Manifest:
         stats = data.get("stats", {})
         if not isinstance(corpus, dict) or not isinstance(stats, dict):
             raise TypeError("corpus and stats must be objects")
+        if "passages" in stats:
+            passages = _typed(stats, "passages", int)
+            if not (0 < passages <= rows or passages == rows == 0):
+                raise ValueError(f"stats.passages {passages} does not fit the index's {rows} rows")
         return cls(
             model=model,
             index_type=_typed(data, "index_type", str),

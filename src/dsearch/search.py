@@ -217,7 +217,7 @@ def _rank(
     A split passage has a row per window: it is ranked by its best window ("MaxP") and its other windows are
     skipped, so more rows than ``k`` may be needed; the search is repeated with more until each query has ``k``.
     """
-    passages = int(index.manifest.stats.get("passages", index.rows))
+    passages = index.manifest.passages
     fetch = k + 1 if exclude_self or exclude_id is not None else k  # room for the dropped hit
     if passages < index.rows:
         fetch *= 2  # some rows are further windows of passages already found

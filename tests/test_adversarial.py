@@ -121,3 +121,37 @@ def test_a_damaged_passage_count_in_the_manifest_is_corruption_not_a_crash(tmp_p
     one_error_line(cli("query", index, "zanzibar"), 1, "manifest", "rebuild the index")
     status = cli("status", index)
     assert status.exit_code == 6 and status.stdout.startswith("corrupt: ") and status.stderr == ""
+
+
+# --- manifest fields that lead into the model cache or switch checks off ---------------------------------
+
+MODEL_MANGLES = {
+    "fingerprint out of the cache": ("model", "fingerprint", "../../evil"),
+    "absolute fingerprint": ("model", "fingerprint", "/tmp/evil"),
+    "unknown similarity": ("model", "similarity", "euclid"),  # would switch off the impossible-score check
+    "precision not text": ("model", "precision", 5),
+    "prompts not an object": ("model", "prompts", "query: "),
+    "prompt not text": ("model", "prompts", {"query": 5}),
+    "max_seq_length not a number": ("model", "max_seq_length", "256"),
+    "sources not a list": ("corpus", "sources", "corpus.jsonl"),
+    "source without a path": ("corpus", "sources", [{"files": 1}]),
+}
+
+
+@pytest.mark.parametrize("mangle", list(MODEL_MANGLES))
+def test_a_manifest_model_or_corpus_field_of_the_wrong_shape_is_corruption(tmp_path, cli, mangle):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    section, key, value = MODEL_MANGLES[mangle]
+    manifest = index / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data[section][key] = value
+    manifest.write_text(json.dumps(data))
+    cli.loaded.clear()
+    one_error_line(cli("query", index, "volcano"), 1, "manifest", key, "rebuild the index")
+    assert cli.loaded == []  # refused before any model is looked for
+    one_error_line(cli("info", index), 1, "manifest", key)
+    status = cli("status", index, "--json")
+    assert status.exit_code == 6 and json.loads(status.stdout)["status"] == "corrupt"  # never "ok"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0  # a rebuild repairs it
+    assert cli("status", index).exit_code == 0

@@ -23,6 +23,9 @@ MANIFEST_FILE = "manifest.json"
 SEGMENT_NAME = re.compile(r"seg-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A file inside a segment: one plain name (no separators, no leading dot).
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A model fingerprint names the model's folder in the ONNX cache: one plain name, never a path out of it.
+FINGERPRINT = FILE_NAME
+SIMILARITIES = ("cosine", "dot")
 # Files every segment of this format version holds (the manifest must list both with their checksums).
 SEGMENT_FILES = ("index.faiss", "passages.parquet")
 
@@ -108,6 +111,16 @@ class Manifest:
             _typed(asdict(model), key, kind)
         if model.dim <= 0:
             raise ValueError(f"model.dim {model.dim} is not positive")
+        if not FINGERPRINT.fullmatch(model.fingerprint):
+            raise ValueError(f"model.fingerprint {model.fingerprint!r} is not a plain name")
+        if model.similarity not in SIMILARITIES:  # query-time score checks depend on it
+            raise ValueError(f"model.similarity {model.similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        if _typed(asdict(model), "max_seq_length", int) <= 0:
+            raise ValueError(f"model.max_seq_length {model.max_seq_length} is not positive")
+        _typed(asdict(model), "precision", str)
+        prompts = _typed(asdict(model), "prompts", dict)
+        if not all(isinstance(v, str) for v in prompts.values()):
+            raise TypeError("model.prompts must map names to strings")
         segments = [_segment(s) for s in _typed(data, "segments", list)]
         if len({s.path for s in segments}) != len(segments):
             raise ValueError("a segment is listed twice")
@@ -120,6 +133,9 @@ class Manifest:
         stats = data.get("stats", {})
         if not isinstance(corpus, dict) or not isinstance(stats, dict):
             raise TypeError("corpus and stats must be objects")
+        sources = corpus.get("sources", [])
+        if not isinstance(sources, list) or not all(_is_source(s) for s in sources):
+            raise TypeError("corpus.sources must be a list of objects with a path")  # what status compares
         if "passages" in stats:
             passages = _typed(stats, "passages", int)
             if not (0 < passages <= rows or passages == rows == 0):
@@ -143,6 +159,10 @@ def _typed(data: dict[str, Any], key: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TypeError(f"{key} must be {kind.__name__}, not {type(value).__name__}")
     return value
+
+
+def _is_source(source: Any) -> bool:
+    return isinstance(source, dict) and isinstance(source.get("path"), str)
 
 
 def _segment(data: Any) -> Segment:

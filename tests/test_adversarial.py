@@ -135,6 +135,8 @@ MODEL_MANGLES = {
     "max_seq_length not a number": ("model", "max_seq_length", "256"),
     "sources not a list": ("corpus", "sources", "corpus.jsonl"),
     "source without a path": ("corpus", "sources", [{"files": 1}]),
+    "split not an object": ("corpus", "split", "yes"),  # --update made a SplitSpec of it: unexpected TypeError
+    "split overlap negative": ("corpus", "split", {"overlap": -5}),
 }
 
 

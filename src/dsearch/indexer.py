@@ -288,10 +288,10 @@ def _check_compatible(
     wanted_split = split.as_dict() if split else None
     if stored_split != wanted_split:
         def describe(value: dict[str, Any] | None) -> str:
-            return f"split with an overlap of {value['overlap']} tokens" if value else "not split (--no-split)"
+            return f"--split --overlap {value['overlap']}" if value else "--no-split"
 
         raise IndexDirError(
-            f"the index's long passages were {describe(stored_split)}, not {describe(wanted_split)}{hint}"
+            f"the index's long passages were cut with {describe(stored_split)}, not {describe(wanted_split)}{hint}"
         )
     if manifest.format_version != FORMAT_VERSION:
         raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")

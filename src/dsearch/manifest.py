@@ -136,6 +136,11 @@ class Manifest:
         sources = corpus.get("sources", [])
         if not isinstance(sources, list) or not all(_is_source(s) for s in sources):
             raise TypeError("corpus.sources must be a list of objects with a path")  # what status compares
+        split = corpus.get("split")
+        if split is not None and not (
+            isinstance(split, dict) and list(split) == ["overlap"] and _typed(split, "overlap", int) >= 0
+        ):
+            raise ValueError(f"corpus.split {split!r} is neither null nor {{'overlap': TOKENS}}")  # update reuses it
         if "passages" in stats:
             passages = _typed(stats, "passages", int)
             if not (0 < passages <= rows or passages == rows == 0):

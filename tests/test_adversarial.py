@@ -157,3 +157,19 @@ def test_a_manifest_model_or_corpus_field_of_the_wrong_shape_is_corruption(tmp_p
     assert status.exit_code == 6 and json.loads(status.stdout)["status"] == "corrupt"  # never "ok"
     assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0  # a rebuild repairs it
     assert cli("status", index).exit_code == 0
+
+
+# --- terminal width -----------------------------------------------------------------------------------
+
+
+def test_a_table_with_columns_0_still_shows_the_hits(cli, sample_index, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "0")  # also what some containers' terminals report
+    result = cli("query", sample_index, "volcano", "-k", "2", "-f", "table")
+    assert result.exit_code == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[1] volcano" and len(lines) >= 5
+    assert all(len(line) <= 80 for line in lines)  # laid out for 80 columns, the documented fallback
+    ids = cli("query", sample_index, "volcano", "-k", "2", "-f", "ids").stdout.split()
+    assert all(any(i in line for line in lines) for i in ids)
+    shown = cli("get", sample_index, ids[0], "-f", "table")
+    assert shown.exit_code == 0 and ids[0] in shown.stdout

@@ -173,3 +173,25 @@ def test_a_table_with_columns_0_still_shows_the_hits(cli, sample_index, monkeypa
     assert all(any(i in line for line in lines) for i in ids)
     shown = cli("get", sample_index, ids[0], "-f", "table")
     assert shown.exit_code == 0 and ids[0] in shown.stdout
+
+
+# --- eval --run must not replace its own inputs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["--qrels", "--queries", "symlink to --qrels"])
+def test_eval_run_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, cli, sample_index, which):
+    queries, qrels = tmp_path / "queries.tsv", tmp_path / "qrels.txt"
+    queries.write_bytes((SAMPLE / "queries.tsv").read_bytes())
+    qrels.write_bytes((SAMPLE / "qrels.txt").read_bytes())
+    run = {"--qrels": qrels, "--queries": queries}.get(which)
+    if run is None:
+        run = tmp_path / "link"
+        run.symlink_to(qrels)
+    flag = "--queries" if which == "--queries" else "--qrels"
+    cli.loaded.clear()
+    one_error_line(
+        cli("eval", sample_index, "--queries", queries, "--qrels", qrels, "--run", run), 2, f"the {flag} file"
+    )
+    assert cli.loaded == []  # refused before any query ran
+    assert queries.read_bytes() == (SAMPLE / "queries.tsv").read_bytes()
+    assert qrels.read_bytes() == (SAMPLE / "qrels.txt").read_bytes()

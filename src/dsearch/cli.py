@@ -930,6 +930,10 @@ def eval_command(
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
     run_target = RunTarget.check(run_file) if run_file is not None else None  # before any query runs
+    if run_file is not None:
+        for flag, given in (("--queries", queries_file), ("--qrels", qrels_file)):
+            if _same_file(run_file, given):  # replacing it would lose the judgements or topics
+                raise UsageError(f"--run {run_file} is the {flag} file; give --run another path")
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
@@ -958,6 +962,13 @@ def eval_command(
         for qid, values in report.per_query.items():
             for name, value in values.items():
                 print(f"{name}\t{escape_field(qid)}\t{value:.4f}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist (yet): not the same file
 
 
 # --- entry point -------------------------------------------------------------------------------------

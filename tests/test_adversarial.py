@@ -195,3 +195,17 @@ def test_eval_run_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, c
     assert cli.loaded == []  # refused before any query ran
     assert queries.read_bytes() == (SAMPLE / "queries.tsv").read_bytes()
     assert qrels.read_bytes() == (SAMPLE / "qrels.txt").read_bytes()
+
+
+# --- -o paths that cannot be a directory ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("below", ["idx", "a/b/idx"])
+def test_o_below_a_file_is_one_line_not_an_unexpected_error(tmp_path, cli, below):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder\n")
+    target = a_file / below
+    one_error_line(
+        cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, str(target), "is a file, not a folder", "another -o"
+    )
+    assert a_file.read_text() == "not a folder\n" and listing(tmp_path) == ["notes.txt"]

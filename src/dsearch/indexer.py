@@ -430,6 +430,7 @@ _DISK_FIXES = {
     errno.EACCES: "check its permissions or choose another -o",
     errno.EPERM: "check its permissions or choose another -o",
     errno.EROFS: "the file system is read-only: choose another -o",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another -o",
 }
 
 
@@ -486,8 +487,10 @@ def build_index(
             raise
         # Disk full, no permission, read-only: the user's to fix, so one line naming the path, not a bug report.
         where = Path(exc.filename) if exc.filename else target
-        if exc.errno in (errno.EACCES, errno.EPERM) and not _within(where, target):
-            fix = "check its permissions"  # a corpus file, not the index: another -o would not help
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) and not _within(where, target):
+            # A corpus file, not the index: another -o would not help.
+            not_dir = exc.errno == errno.ENOTDIR
+            fix = "a part of the path is a file, not a folder" if not_dir else "check its permissions"
         raise IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})") from exc
 
 

@@ -209,3 +209,36 @@ def test_o_below_a_file_is_one_line_not_an_unexpected_error(tmp_path, cli, below
         cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, str(target), "is a file, not a folder", "another -o"
     )
     assert a_file.read_text() == "not a folder\n" and listing(tmp_path) == ["notes.txt"]
+
+
+# --- empty paths: an unset shell variable in a cron line --------------------------------------------------
+
+
+def test_an_empty_o_is_a_usage_error_not_the_current_folder(tmp_path, cli, monkeypatch):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)  # empty, so before the fix the index was built right here
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", ""), 2, "'-o' / '--output'", "empty path")
+    assert listing(here) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("query", "", "volcano"),
+        ("get", "", "x"),
+        ("info", ""),
+        ("status", ""),
+        ("status", "IDX", "--corpus", ""),
+        ("index", "", "-o", "OUT"),
+        ("eval", "IDX", "--queries", "", "--qrels", "QRELS"),
+        ("eval", "IDX", "--queries", "QUERIES", "--qrels", "QRELS", "--run", ""),
+    ],
+)
+def test_every_empty_path_argument_is_a_usage_error(tmp_path, cli, sample_index, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    names = {"IDX": str(sample_index), "OUT": str(tmp_path / "out"), "QRELS": str(SAMPLE / "qrels.txt")}
+    names["QUERIES"] = str(SAMPLE / "queries.tsv")
+    result = cli(*(names.get(a, a) for a in args))
+    one_error_line(result, 2, "empty path")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "manifest.json").exists()

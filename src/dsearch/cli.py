@@ -92,6 +92,17 @@ class _PipeClosed(Exception):
     """stdout's reader went away; not an OSError, so that Typer leaves it to ``run``."""
 
 
+def _text(value: str) -> str:
+    """A path as typed; an empty one (an unset shell variable in a cron line) is refused, never taken as '.'."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path (is a shell variable unset?)")
+    return value
+
+
+def _path(value: str) -> Path:
+    return Path(_text(value))
+
+
 def _guard(command: Callable[..., None]) -> Callable[..., None]:
     """Turn Ctrl-C/SIGTERM and a closed stdout into our exceptions before Typer maps them to other codes."""
 
@@ -394,12 +405,16 @@ def index(
         list[str],
         typer.Argument(
             metavar="CORPUS...",
+            parser=_text,
             help="Corpus files or directories: JSONL, TSV, CSV, Parquet, text or Markdown, optionally .gz; "
             "'-' reads stdin.",
         ),
     ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", metavar="DIR", help="Index directory to create, replace or update.")
+        Path,
+        typer.Option(
+            "-o", "--output", metavar="DIR", parser=_path, help="Index directory to create, replace or update."
+        ),
     ],
     fmt: Annotated[
         str | None,
@@ -614,7 +629,7 @@ def open_index_and_encoder(
 @_guard
 def query(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     queries: Annotated[
         list[str] | None,
         typer.Argument(metavar="[QUERY]...", help="Query texts; none or '-' reads one query a line from stdin."),
@@ -735,7 +750,7 @@ def _log_search(stats: Any, written: int) -> None:
 @_guard
 def get(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     ids: Annotated[
         list[str], typer.Argument(metavar="ID...", help="Passage ids; '-' reads one id a line from stdin.")
     ],
@@ -806,7 +821,7 @@ def describe_index(opened: Any) -> dict[str, Any]:
 @app.command(cls=_HelpCommand, short_help="Describe an index: model, dimension, passages, size.")
 @_guard
 def info(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Also check every file's checksum.")] = False,
     verbose: Verbose = 0,
@@ -854,12 +869,13 @@ def _parse_age(text: str) -> float:
 @app.command(cls=_HelpCommand, short_help="Check that an index is healthy (for monitoring and cron).")
 @_guard
 def status(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     corpus: Annotated[
         list[str] | None,
         typer.Option(
             "--corpus",
             metavar="PATH",
+            parser=_text,
             help="Corpus path to compare with the ones the index was built from; repeat for several "
             "(--corpus a.jsonl --corpus notes/) [default: those].",
         ),
@@ -894,12 +910,18 @@ def status(
 @_guard
 def eval_command(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     queries_file: Annotated[
-        Path, typer.Option("--queries", metavar="FILE", help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'.")
+        Path,
+        typer.Option(
+            "--queries", metavar="FILE", parser=_path, help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'."
+        ),
     ],
     qrels_file: Annotated[
-        Path, typer.Option("--qrels", metavar="FILE", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")
+        Path,
+        typer.Option(
+            "--qrels", metavar="FILE", parser=_path, help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'."
+        ),
     ],
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits retrieved per query.")] = 100,
     metrics: Annotated[
@@ -909,7 +931,7 @@ def eval_command(
         ),
     ] = None,
     run_file: Annotated[
-        Path | None, typer.Option("--run", metavar="FILE", help="Also save the TREC run to this file.")
+        Path | None, typer.Option("--run", metavar="FILE", parser=_path, help="Also save the TREC run to this file.")
     ] = None,
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,

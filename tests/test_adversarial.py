@@ -242,3 +242,9 @@ def test_every_empty_path_argument_is_a_usage_error(tmp_path, cli, sample_index,
     result = cli(*(names.get(a, a) for a in args))
     one_error_line(result, 2, "empty path")
     assert not (tmp_path / "out").exists() and not (tmp_path / "manifest.json").exists()
+
+
+def test_get_ids_on_stdin_that_are_not_utf8_are_called_ids(cli, sample_index):
+    result = cli("get", sample_index, "-", "-f", "ids", stdin=b"astronomy-17\n\xff\n")
+    one_error_line(result, 1, "<stdin>:2", "not valid UTF-8", "send the ids in UTF-8")
+    assert "queries" not in result.stderr

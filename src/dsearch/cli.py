@@ -777,7 +777,7 @@ def get(
         raise UsageError("--format trec is for rankings; get prints table, jsonl, tsv or ids")
     if ids == ["-"]:
         # What 'query -f ids' prints: one escaped id a line.
-        ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>")]
+        ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>", "ids")]
         ids = [i for i in ids if i]
     check_query_arguments(ids, "id argument")
     opened = _open_index(directory)

@@ -66,14 +66,14 @@ def check_query_arguments(texts: list[str], what: str = "query argument") -> Non
             raise UsageError(f"{what} {number} is not valid UTF-8; pass it in UTF-8") from None
 
 
-def decode_lines(lines: Iterable[bytes], where: str) -> Iterator[str]:
+def decode_lines(lines: Iterable[bytes], where: str, what: str = "queries") -> Iterator[str]:
     """Decode lines strictly as UTF-8, as the queries-file reader does: a leading BOM is dropped, bad bytes
     are an error naming ``where:line`` rather than a query silently made of U+FFFD."""
     for lineno, raw in enumerate(lines, 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError(f"{where}:{lineno}", "not valid UTF-8", "send the queries in UTF-8") from None
+            raise InputError(f"{where}:{lineno}", "not valid UTF-8", f"send the {what} in UTF-8") from None
         yield line.lstrip("\ufeff") if lineno == 1 else line
 
 

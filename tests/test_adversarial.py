@@ -248,3 +248,15 @@ def test_get_ids_on_stdin_that_are_not_utf8_are_called_ids(cli, sample_index):
     result = cli("get", sample_index, "-", "-f", "ids", stdin=b"astronomy-17\n\xff\n")
     one_error_line(result, 1, "<stdin>:2", "not valid UTF-8", "send the ids in UTF-8")
     assert "queries" not in result.stderr
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_o_through_a_dangling_symlink_creates_nothing_and_says_so(tmp_path, cli, below):
+    mount = tmp_path / "mnt" / "disk"  # say, a disk that is not mounted
+    link = tmp_path / "idx"
+    link.symlink_to(mount)
+    target = link / below if below else link
+    one_error_line(
+        cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, "a symlink to", "nothing was changed", "another -o"
+    )
+    assert not (tmp_path / "mnt").exists() and link.is_symlink()

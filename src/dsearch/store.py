@@ -334,9 +334,21 @@ def index_lock(target: Path) -> Iterator[Path]:
 
     if target.exists() and not target.is_dir():
         raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
+    if target.is_symlink() and not target.exists():
+        # Never create what a dangling link points to: it may be a disk that is not mounted.
+        raise IndexDirError(
+            f"{target}: a symlink to {os.readlink(target)}, which does not exist (a disk not mounted?); "
+            "nothing was changed (create that folder, or choose another -o)"
+        )
     created = not target.exists()
     for _attempt in range(10):
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a folder above DIR is a dangling symlink
+            raise IndexDirError(
+                f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
+                "nothing was changed (create that folder, or choose another -o)"
+            ) from None
         real = target.resolve()
         path = real / LOCK_FILE
         try:

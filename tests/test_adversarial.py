@@ -260,3 +260,23 @@ def test_o_through_a_dangling_symlink_creates_nothing_and_says_so(tmp_path, cli,
         cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, "a symlink to", "nothing was changed", "another -o"
     )
     assert not (tmp_path / "mnt").exists() and link.is_symlink()
+
+
+# --- a manifest.json that is not a regular file ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_a_manifest_that_is_a_fifo_or_device_is_corrupt_not_a_hang(tmp_path, kind):
+    index = tmp_path / "idx"
+    index.mkdir()
+    if kind == "fifo":
+        os.mkfifo(index / "manifest.json")
+    else:
+        (index / "manifest.json").symlink_to(kind)  # reading it would never end
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for command, code in (("status", 6), ("query", 1), ("info", 1)):
+        args = [sys.executable, "-m", "dsearch", command, str(index)] + (["volcano"] if command == "query" else [])
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == code, (command, done.stderr)
+        out = done.stdout if command == "status" else done.stderr
+        assert "manifest.json: not a regular file" in out and out.count("\n") == 1

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,10 +194,28 @@ def _segment(data: Any) -> Segment:
     return Segment(path, rows, files)
 
 
+# Far more than any manifest dsearch writes (a folder's listing is kept for at most 1,000 files).
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _read_regular(path: Path, limit: int) -> str:
+    """A regular file's text; a FIFO or device (which would block or never end) or a huge file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IndexDirError(
+                f"{path}: not a regular file (a FIFO, device or folder); remove it, then rebuild the index"
+            )
+        if info.st_size > limit:
+            raise IndexDirError(f"{path}: {info.st_size:,} bytes, too large for a manifest; rebuild the index")
+        return fh.read(limit + 1).decode("utf-8")
+
+
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise IndexDirError(
             f"{directory}: not a dsearch index (no {MANIFEST_FILE}); build one with 'dsearch index'"

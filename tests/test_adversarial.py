@@ -280,3 +280,9 @@ def test_a_manifest_that_is_a_fifo_or_device_is_corrupt_not_a_hang(tmp_path, kin
         assert done.returncode == code, (command, done.stderr)
         out = done.stdout if command == "status" else done.stderr
         assert "manifest.json: not a regular file" in out and out.count("\n") == 1
+
+
+@pytest.mark.parametrize("age", ["", "-1d", "nan", "nanh"])
+def test_a_max_age_that_would_switch_the_check_off_is_a_usage_error(cli, sample_index, age):
+    # An unset variable gave '' and NaN compared false: both said "ok" for an index of any age.
+    one_error_line(cli("status", sample_index, "--max-age", age), 2, "--max-age", "not a duration")

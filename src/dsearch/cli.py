@@ -861,9 +861,13 @@ def _parse_age(text: str) -> float:
     """``90s``, ``30m``, ``12h``, ``1d``, ``2w`` → seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w") from None
+        seconds = math.nan
+    # Empty (an unset variable), negative or NaN would silently turn the check off or make it always fail.
+    if not seconds >= 0:
+        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w")
+    return seconds
 
 
 @app.command(cls=_HelpCommand, short_help="Check that an index is healthy (for monitoring and cron).")
@@ -894,7 +898,7 @@ def status(
     _setup(verbose, quiet, debug)
     from dsearch.health import check_index
 
-    report = check_index(directory, corpus, _parse_age(max_age) if max_age else None)
+    report = check_index(directory, corpus, _parse_age(max_age) if max_age is not None else None)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:

@@ -286,3 +286,20 @@ def test_a_manifest_that_is_a_fifo_or_device_is_corrupt_not_a_hang(tmp_path, kin
 def test_a_max_age_that_would_switch_the_check_off_is_a_usage_error(cli, sample_index, age):
     # An unset variable gave '' and NaN compared false: both said "ok" for an index of any age.
     one_error_line(cli("status", sample_index, "--max-age", age), 2, "--max-age", "not a duration")
+
+
+# --- query ids in a BEIR queries.jsonl -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qid", ["", "  ", {"a": 1}, [1], True])
+def test_a_queries_jsonl_id_that_cannot_be_a_qid_is_an_error_naming_the_line(tmp_path, cli, sample_index, qid):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"_id": "q1", "text": "volcano"}) + "\n" + json.dumps({"_id": qid, "text": "lava"}))
+    one_error_line(cli("query", sample_index, "--queries", queries, "-f", "trec"), 1, "queries.jsonl:2", "query id")
+
+
+def test_a_queries_jsonl_id_may_be_a_number(tmp_path, cli, sample_index):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"_id": 7, "text": "volcano"}) + "\n")
+    result = cli("query", sample_index, "--queries", queries, "-f", "trec", "-k", "1")
+    assert result.exit_code == 0 and result.stdout.startswith("7 Q0 ") and result.stderr == ""

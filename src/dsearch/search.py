@@ -106,6 +106,10 @@ def read_query_file(path: str) -> list[Query]:
             text = record.get("text", record.get("query"))
             if qid is None or not isinstance(text, str):
                 raise InputError(where, "a query needs '_id' and 'text' fields")
+            # As for corpus ids: text or a number. An empty id broke TREC lines; {} or true printed as Python.
+            if isinstance(qid, bool) or not isinstance(qid, str | int | float) or not str(qid).strip():
+                problem = f"query id {json.dumps(qid)} is not a non-empty string or number"
+                raise InputError(where, problem, "fix the line")
             query = Query(str(qid), text.strip())
         elif p.suffix.lower() == ".txt":
             query = Query(str(len(queries) + 1), line.strip())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +304,19 @@ def test_a_queries_jsonl_id_may_be_a_number(tmp_path, cli, sample_index):
     queries.write_text(json.dumps({"_id": 7, "text": "volcano"}) + "\n")
     result = cli("query", sample_index, "--queries", queries, "-f", "trec", "-k", "1")
     assert result.exit_code == 0 and result.stdout.startswith("7 Q0 ") and result.stderr == ""
+
+
+# --- status's command for an index built from stdin --------------------------------------------------------
+
+
+def test_status_of_an_index_built_from_stdin_gives_an_update_command_with_a_corpus(tmp_path, cli):
+    index = tmp_path / "idx"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes((SAMPLE / "passages.jsonl").read_bytes())
+    assert cli("index", "-", "-o", index, stdin=corpus.read_bytes()).exit_code == 0
+    status = cli("status", index, "--corpus", corpus)
+    assert status.exit_code == 8 and status.stderr == ""
+    command = status.stdout.split("; run '", 1)[1].rstrip("'\n")
+    assert command == shlex.join(["dsearch", "index", str(corpus), "-o", str(index), "--update"])
+    result = cli(*shlex.split(command)[1:])  # the command it prints works as printed
+    assert result.exit_code == 0, result.stderr

@@ -99,7 +99,8 @@ def test_update_keeps_the_index_windows_and_refuses_another_choice(cli, tmp_path
 
     result = cli("index", corpus, "-o", tmp_path / "idx", "--update", "--no-split")
     assert result.exit_code == 1 and result.stdout == ""
-    assert "not split (--no-split)" in result.stderr and "without --update" in result.stderr
+    assert "cut with --split --overlap 8, not --no-split;" in result.stderr and "without --update" in result.stderr
+    assert "not not" not in result.stderr
 
 
 def test_overlap_needs_split(cli, tmp_path):

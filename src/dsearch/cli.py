@@ -92,6 +92,17 @@ class _PipeClosed(Exception):
     """stdout's reader went away; not an OSError, so that Typer leaves it to ``run``."""
 
 
+def _text(value: str) -> str:
+    """A path as typed; an empty one (an unset shell variable in a cron line) is refused, never taken as '.'."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path (is a shell variable unset?)")
+    return value
+
+
+def _path(value: str) -> Path:
+    return Path(_text(value))
+
+
 def _guard(command: Callable[..., None]) -> Callable[..., None]:
     """Turn Ctrl-C/SIGTERM and a closed stdout into our exceptions before Typer maps them to other codes."""
 
@@ -394,12 +405,16 @@ def index(
         list[str],
         typer.Argument(
             metavar="CORPUS...",
+            parser=_text,
             help="Corpus files or directories: JSONL, TSV, CSV, Parquet, text or Markdown, optionally .gz; "
             "'-' reads stdin.",
         ),
     ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", metavar="DIR", help="Index directory to create, replace or update.")
+        Path,
+        typer.Option(
+            "-o", "--output", metavar="DIR", parser=_path, help="Index directory to create, replace or update."
+        ),
     ],
     fmt: Annotated[
         str | None,
@@ -614,7 +629,7 @@ def open_index_and_encoder(
 @_guard
 def query(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     queries: Annotated[
         list[str] | None,
         typer.Argument(metavar="[QUERY]...", help="Query texts; none or '-' reads one query a line from stdin."),
@@ -735,7 +750,7 @@ def _log_search(stats: Any, written: int) -> None:
 @_guard
 def get(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     ids: Annotated[
         list[str], typer.Argument(metavar="ID...", help="Passage ids; '-' reads one id a line from stdin.")
     ],
@@ -762,7 +777,7 @@ def get(
         raise UsageError("--format trec is for rankings; get prints table, jsonl, tsv or ids")
     if ids == ["-"]:
         # What 'query -f ids' prints: one escaped id a line.
-        ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>")]
+        ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>", "ids")]
         ids = [i for i in ids if i]
     check_query_arguments(ids, "id argument")
     opened = _open_index(directory)
@@ -789,7 +804,7 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "max_seq_length": m.model.max_seq_length,
         "precision": m.model.precision,
         "prompts": m.model.prompts,
-        "passages": int(m.stats.get("passages", m.rows)),
+        "passages": m.passages,
         "rows": m.rows,
         "split": m.corpus.get("split"),
         "index_type": m.index_type,
@@ -806,7 +821,7 @@ def describe_index(opened: Any) -> dict[str, Any]:
 @app.command(cls=_HelpCommand, short_help="Describe an index: model, dimension, passages, size.")
 @_guard
 def info(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Also check every file's checksum.")] = False,
     verbose: Verbose = 0,
@@ -846,20 +861,25 @@ def _parse_age(text: str) -> float:
     """``90s``, ``30m``, ``12h``, ``1d``, ``2w`` → seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w") from None
+        seconds = math.nan
+    # Empty (an unset variable), negative or NaN would silently turn the check off or make it always fail.
+    if not seconds >= 0:
+        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w")
+    return seconds
 
 
 @app.command(cls=_HelpCommand, short_help="Check that an index is healthy (for monitoring and cron).")
 @_guard
 def status(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     corpus: Annotated[
         list[str] | None,
         typer.Option(
             "--corpus",
             metavar="PATH",
+            parser=_text,
             help="Corpus path to compare with the ones the index was built from; repeat for several "
             "(--corpus a.jsonl --corpus notes/) [default: those].",
         ),
@@ -878,7 +898,7 @@ def status(
     _setup(verbose, quiet, debug)
     from dsearch.health import check_index
 
-    report = check_index(directory, corpus, _parse_age(max_age) if max_age else None)
+    report = check_index(directory, corpus, _parse_age(max_age) if max_age is not None else None)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
@@ -894,12 +914,18 @@ def status(
 @_guard
 def eval_command(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     queries_file: Annotated[
-        Path, typer.Option("--queries", metavar="FILE", help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'.")
+        Path,
+        typer.Option(
+            "--queries", metavar="FILE", parser=_path, help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'."
+        ),
     ],
     qrels_file: Annotated[
-        Path, typer.Option("--qrels", metavar="FILE", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")
+        Path,
+        typer.Option(
+            "--qrels", metavar="FILE", parser=_path, help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'."
+        ),
     ],
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits retrieved per query.")] = 100,
     metrics: Annotated[
@@ -909,7 +935,7 @@ def eval_command(
         ),
     ] = None,
     run_file: Annotated[
-        Path | None, typer.Option("--run", metavar="FILE", help="Also save the TREC run to this file.")
+        Path | None, typer.Option("--run", metavar="FILE", parser=_path, help="Also save the TREC run to this file.")
     ] = None,
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
@@ -930,6 +956,10 @@ def eval_command(
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
     run_target = RunTarget.check(run_file) if run_file is not None else None  # before any query runs
+    if run_file is not None:
+        for flag, given in (("--queries", queries_file), ("--qrels", qrels_file)):
+            if _same_file(run_file, given):  # replacing it would lose the judgements or topics
+                raise UsageError(f"--run {run_file} is the {flag} file; give --run another path")
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
@@ -958,6 +988,13 @@ def eval_command(
         for qid, values in report.per_query.items():
             for name, value in values.items():
                 print(f"{name}\t{escape_field(qid)}\t{value:.4f}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist (yet): not the same file
 
 
 # --- entry point -------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
                 "left by an interrupted or crashed run; the next 'dsearch index' run removes them",
             }
         )
-    report.passages = manifest.rows
+    report.passages = manifest.passages  # not rows: a split passage has several
     report.created_at = manifest.created_at
     created = dt.datetime.fromisoformat(manifest.created_at)
     if created.tzinfo is None:
@@ -126,18 +126,23 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
         report.problems.append(
             {
                 "kind": "corpus-changed",
-                "detail": f"{changed} changed since the index was built; run '{update_command(directory, manifest)}'",
+                "detail": f"{changed} changed since the index was built; "
+                f"run '{update_command(directory, manifest, corpus)}'",
             }
         )
     report.problems.sort(key=lambda p: list(_ORDER).index(p["kind"]))  # the first problem sets the exit code
     return report
 
 
-def update_command(directory: Path, manifest: Manifest) -> str:
-    """The command that brings this index up to date, from what its manifest recorded, quoted for a shell."""
+def update_command(directory: Path, manifest: Manifest, given: list[str] | None = None) -> str:
+    """The command that brings this index up to date, from what its manifest recorded, quoted for a shell.
+
+    An index built from stdin recorded no files, and --update cannot read stdin: the corpus paths given to
+    ``status --corpus`` stand in, else a CORPUS placeholder (never a command without a corpus).
+    """
     corpus = manifest.corpus
-    words = ["dsearch", "index"]
-    words += [str(s.get("path")) for s in corpus.get("sources", []) if isinstance(s, dict) and s.get("path") != "-"]
+    paths = [str(s.get("path")) for s in corpus.get("sources", []) if isinstance(s, dict) and s.get("path") != "-"]
+    words = ["dsearch", "index", *(paths or given or ["CORPUS"])]
     words += ["-o", str(directory), "--update"]
     if corpus.get("format"):
         words += ["--format", str(corpus["format"])]

@@ -288,10 +288,10 @@ def _check_compatible(
     wanted_split = split.as_dict() if split else None
     if stored_split != wanted_split:
         def describe(value: dict[str, Any] | None) -> str:
-            return f"split with an overlap of {value['overlap']} tokens" if value else "not split (--no-split)"
+            return f"--split --overlap {value['overlap']}" if value else "--no-split"
 
         raise IndexDirError(
-            f"the index's long passages were {describe(stored_split)}, not {describe(wanted_split)}{hint}"
+            f"the index's long passages were cut with {describe(stored_split)}, not {describe(wanted_split)}{hint}"
         )
     if manifest.format_version != FORMAT_VERSION:
         raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")
@@ -430,6 +430,7 @@ _DISK_FIXES = {
     errno.EACCES: "check its permissions or choose another -o",
     errno.EPERM: "check its permissions or choose another -o",
     errno.EROFS: "the file system is read-only: choose another -o",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another -o",
 }
 
 
@@ -486,8 +487,10 @@ def build_index(
             raise
         # Disk full, no permission, read-only: the user's to fix, so one line naming the path, not a bug report.
         where = Path(exc.filename) if exc.filename else target
-        if exc.errno in (errno.EACCES, errno.EPERM) and not _within(where, target):
-            fix = "check its permissions"  # a corpus file, not the index: another -o would not help
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) and not _within(where, target):
+            # A corpus file, not the index: another -o would not help.
+            not_dir = exc.errno == errno.ENOTDIR
+            fix = "a part of the path is a file, not a folder" if not_dir else "check its permissions"
         raise IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})") from exc
 
 
@@ -578,7 +581,7 @@ def _locked_build(
 
 def _passages_of(manifest: Manifest) -> int:
     """Passages in an index: its rows, unless long passages were split into several rows each."""
-    return int(manifest.stats.get("passages", manifest.rows))
+    return manifest.passages
 
 
 @dataclass

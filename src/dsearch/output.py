@@ -136,7 +136,10 @@ def console(stream: IO[str], color: bool, width: int | None = None) -> Any:
             self.quiet = True
             raise BrokenPipeError()
 
-    return _PipeConsole(file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width)
+    out = _PipeConsole(file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width)
+    if out.width < 1:  # COLUMNS=0, or a terminal that reports no size (some containers): Rich would print nothing
+        out.width = 80
+    return out
 
 
 @dataclass

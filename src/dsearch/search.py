@@ -66,14 +66,14 @@ def check_query_arguments(texts: list[str], what: str = "query argument") -> Non
             raise UsageError(f"{what} {number} is not valid UTF-8; pass it in UTF-8") from None
 
 
-def decode_lines(lines: Iterable[bytes], where: str) -> Iterator[str]:
+def decode_lines(lines: Iterable[bytes], where: str, what: str = "queries") -> Iterator[str]:
     """Decode lines strictly as UTF-8, as the queries-file reader does: a leading BOM is dropped, bad bytes
     are an error naming ``where:line`` rather than a query silently made of U+FFFD."""
     for lineno, raw in enumerate(lines, 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError(f"{where}:{lineno}", "not valid UTF-8", "send the queries in UTF-8") from None
+            raise InputError(f"{where}:{lineno}", "not valid UTF-8", f"send the {what} in UTF-8") from None
         yield line.lstrip("\ufeff") if lineno == 1 else line
 
 
@@ -106,6 +106,10 @@ def read_query_file(path: str) -> list[Query]:
             text = record.get("text", record.get("query"))
             if qid is None or not isinstance(text, str):
                 raise InputError(where, "a query needs '_id' and 'text' fields")
+            # As for corpus ids: text or a number. An empty id broke TREC lines; {} or true printed as Python.
+            if isinstance(qid, bool) or not isinstance(qid, str | int | float) or not str(qid).strip():
+                problem = f"query id {json.dumps(qid)} is not a non-empty string or number"
+                raise InputError(where, problem, "fix the line")
             query = Query(str(qid), text.strip())
         elif p.suffix.lower() == ".txt":
             query = Query(str(len(queries) + 1), line.strip())
@@ -217,7 +221,7 @@ def _rank(
     A split passage has a row per window: it is ranked by its best window ("MaxP") and its other windows are
     skipped, so more rows than ``k`` may be needed; the search is repeated with more until each query has ``k``.
     """
-    passages = int(index.manifest.stats.get("passages", index.rows))
+    passages = index.manifest.passages
     fetch = k + 1 if exclude_self or exclude_id is not None else k  # room for the dropped hit
     if passages < index.rows:
         fetch *= 2  # some rows are further windows of passages already found

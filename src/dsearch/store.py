@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import struct
 import time
 import uuid
@@ -333,15 +334,33 @@ def index_lock(target: Path) -> Iterator[Path]:
 
     if target.exists() and not target.is_dir():
         raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
+    if target.is_symlink() and not target.exists():
+        # Never create what a dangling link points to: it may be a disk that is not mounted.
+        raise IndexDirError(
+            f"{target}: a symlink to {os.readlink(target)}, which does not exist (a disk not mounted?); "
+            "nothing was changed (create that folder, or choose another -o)"
+        )
     created = not target.exists()
     for _attempt in range(10):
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a folder above DIR is a dangling symlink
+            raise IndexDirError(
+                f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
+                "nothing was changed (create that folder, or choose another -o)"
+            ) from None
         real = target.resolve()
         path = real / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Never through a symlink (it would truncate a file outside DIR), never a FIFO (open would block).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except FileNotFoundError:
             continue  # a failed first build removed the directory it had made, just now: make it again
+        except OSError as exc:
+            raise _not_our_lock(path) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_our_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -373,6 +392,13 @@ def index_lock(target: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def _not_our_lock(path: Path) -> IndexDirError:
+    return IndexDirError(
+        f"{path}: a symlink, folder or special file where dsearch keeps its lock; nothing was changed "
+        "(remove it if it is not yours, or choose another -o)"
+    )
+
+
 def _lock_holder(fd: int) -> str:
     try:
         return f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
@@ -385,7 +411,7 @@ def lock_is_held(target: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(target / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(target / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
@@ -461,8 +487,14 @@ def tidy(target: Path) -> None:
             collect_leftovers(target, {s.path for s in read_manifest(target).segments})
     else:
         collect_leftovers(target, set())
-    if (target / MANIFEST_TMP).is_file():
-        (target / MANIFEST_TMP).unlink()
+    temp = target / MANIFEST_TMP
+    if temp.is_symlink() or temp.is_file():
+        temp.unlink()  # a crash's half-written manifest; a symlink by our name would send the next one outside DIR
+    elif temp.exists():
+        raise IndexDirError(
+            f"{temp}: a folder or special file where dsearch writes its new manifest; nothing was changed "
+            "(remove it if it is not yours, or choose another -o)"
+        )
     for old in staging_dirs(target):
         progress = read_progress(old)
         if progress is None or _resumable(old, progress) is None:
@@ -569,7 +601,9 @@ def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
     destination = path
     if atomic:
         path = path.with_name(f".{path.name}.tmp")
-    with open(path, "wb") as fh:
+    # O_NOFOLLOW: a symlink planted at one of our names must not make us write outside DIR.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

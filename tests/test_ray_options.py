@@ -1,0 +1,46 @@
+"""``--ray`` options that need no cluster: usage errors, the missing extra, and the choice of GPU path."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from conftest import SAMPLE
+
+from dsearch.distributed import RAY_MISSING, choose_device
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--workers", "2"), ("--ray-address", "127.0.0.1:6379"), ("--gpus-per-worker", "1"), ("--cpus-per-worker", "2")],
+)
+def test_ray_options_without_ray_are_a_usage_error(cli, tmp_path, flags):
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", *flags)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == f"dsearch: error: {flags[0]} sets up encoding on a Ray cluster: add --ray\n"
+    assert not (tmp_path / "idx").exists()
+
+
+def test_ray_without_the_extra_names_the_install_command(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the extra looks like to import
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == f"dsearch: error: {RAY_MISSING}\n"
+    assert 'pip install "dsearch[ray]"' in result.stderr
+    assert not (tmp_path / "idx").exists() and cli.loaded == []  # refused before any model was loaded
+
+
+def test_gpu_workers_encode_in_fp16_only_when_auto_and_cuda(caplog):
+    assert choose_device(None, 1, cuda_available=True) == ("cuda", "fp16")
+    assert choose_device("auto", 0.5, cuda_available=True) == ("cuda", "fp16")
+    # An explicit precision is the user's: it stays on the CPU path that gives it.
+    assert choose_device("fp32", 1, cuda_available=True) == ("cpu", None)
+    assert choose_device("int8", 1, cuda_available=True) == ("cpu", None)
+    # No GPUs asked for: the driver's CPU choice, even where CUDA exists.
+    assert choose_device(None, 0, cuda_available=True) == ("cpu", None)
+    with caplog.at_level(logging.WARNING, logger="dsearch"):
+        assert choose_device("auto", 1, cuda_available=False) == ("cpu", None)
+    assert "torch sees no CUDA device" in caplog.text

@@ -1,9 +1,8 @@
 """``dsearch index --ray`` against a real local Ray cluster: the same index as a local build, a killed worker
 retried, a killed driver resumed, ``--update`` sending only what changed.
 
-The cluster is started once per session (``ray start --head`` on 127.0.0.1 with two CPUs, in a temp dir of its
-own) and its processes, all in one session of ours, are killed afterwards: never ``ray stop``, which would stop
-every Ray on the machine.
+The cluster is started once per session (``ray start --head`` on 127.0.0.1 with two CPUs: benchmarks/ray_cluster.py)
+and exactly its processes are killed afterwards.
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,62 +22,21 @@ from conftest import SAMPLE
 
 pytest.importorskip("ray", reason='the ray extra is not installed (pip install "dsearch[ray]")')
 
+from ray_cluster import free_port, local_cluster  # noqa: E402 (benchmarks/, on sys.path through conftest)
+
 from dsearch.store import OpenIndex  # noqa: E402
 
 pytestmark = pytest.mark.slow
 DSEARCH = [sys.executable, "-m", "dsearch"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes of the session the cluster was started in: gcs_server, raylet, and workers with their own
-    process group (so killing the group alone would leave them)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="dsr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    command = [
-        ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", temp, "--disable-usage-stats",
-    ]  # fmt: skip
-    head = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the local Ray cluster did not start (exit {head.poll()})")
-                time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for pid in _session_pids(head.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        head.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
+        with local_cluster(cpus=2) as address:
+            yield address
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def _corpus(n: int, long_every: int = 10) -> str:
@@ -197,7 +153,7 @@ def test_update_with_ray_sends_only_new_and_changed_passages(ray_cluster, ray_se
 
 
 def test_an_unreachable_address_fails_in_seconds(tmp_path):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     started = time.monotonic()
     result = _index(SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray", "--ray-address", f"127.0.0.1:{port}")
     assert time.monotonic() - started < 20  # ray.init alone would retry for minutes

@@ -44,3 +44,26 @@ def test_gpu_workers_encode_in_fp16_only_when_auto_and_cuda(caplog):
     with caplog.at_level(logging.WARNING, logger="dsearch"):
         assert choose_device("auto", 1, cuda_available=False) == ("cpu", None)
     assert "torch sees no CUDA device" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_worker_with_other_model_files_refuses_in_one_line(tiny_seed_model):
+    """A worker whose copy of the model differs from the driver's (another version at the same path) must not
+    mix its vectors into the index: its first chunk fails with one line naming the model and what to do."""
+    from dsearch.distributed import EncoderSpec, _Worker
+    from dsearch.encoder import load_encoder
+    from dsearch.errors import ModelError
+
+    driver = load_encoder(str(tiny_seed_model), "fp32")
+    spec = EncoderSpec.of(driver, batch_size=16, trust_remote_code=False, threads=1, device="cpu")
+    good = _Worker(spec)
+    assert good.error is None
+    assert good.encode(["a passage"]).tolist() == driver.encode_documents(["a passage"]).tolist()
+
+    other = _Worker(EncoderSpec(**{**spec.__dict__, "fingerprint": "0" * 32}))
+    with pytest.raises(ModelError) as caught:
+        other.encode(["a passage"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"model {str(tiny_seed_model)!r} on worker ")
+    assert message.endswith("install the same model files on every node")

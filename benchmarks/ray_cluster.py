@@ -40,7 +40,8 @@ def session_pids(sid: int) -> list[int]:
 
 @contextmanager
 def local_cluster(cpus: int = 2, timeout: float = 60) -> Iterator[str]:
-    """Start a head node with ``cpus`` CPUs; yield its address (``127.0.0.1:PORT``); kill it afterwards."""
+    """Start a head node with ``cpus`` CPUs and no token authentication; yield its address (``127.0.0.1:PORT``);
+    kill it afterwards."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="dsr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
@@ -48,6 +49,11 @@ def local_cluster(cpus: int = 2, timeout: float = 60) -> Iterator[str]:
         ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(cpus), "--include-dashboard", "false", "--temp-dir", temp, "--disable-usage-stats",
     ]  # fmt: skip
+    # Without token authentication, whatever ~/.ray/auth_token holds: a token there turns it on for `ray start`
+    # but not for a driver that joins with RAY_AUTH_MODE unset, so the tests would depend on the home folder.
+    # Set for this process too while the cluster runs, so that the dsearch processes it starts inherit it.
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     head = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
@@ -68,3 +74,7 @@ def local_cluster(cpus: int = 2, timeout: float = 60) -> Iterator[str]:
                 pass
         head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode

@@ -268,7 +268,13 @@ class RayEncoder:
         try:
             ray.init(address=None if self.address == "local" else self.address, **options)
         except ConnectionError as exc:
-            raise DsearchError(f"cannot connect to the Ray cluster at {self.address}: {exc}".splitlines()[0]) from None
+            # The port answered (checked above), so the likeliest cause is Ray's token authentication.
+            auth = "" if os.environ.get("RAY_AUTH_MODE") else (
+                "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token "
+                "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            )
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DsearchError(f"cannot connect to the Ray cluster at {self.address}: {first}{auth}") from None
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         if self.workers is None:

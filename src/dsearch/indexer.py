@@ -338,6 +338,10 @@ class _Counts:
     def changes(self, stored_total: int) -> int:
         return self.added + self.updated + self.metadata_only + (stored_total - len(self.seen_stored))
 
+    def saved(self) -> dict[str, int]:
+        """What a checkpoint keeps (``encoded`` is this run's; ``seen_stored`` is rebuilt on resume)."""
+        return {k: getattr(self, k) for k in ("added", "updated", "metadata_only", "unchanged", "truncated")}
+
 
 def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[str, StoredRow], counts: _Counts) -> bool:
     """Count one passage against the stored index; True when it must be (re-)encoded."""
@@ -666,9 +670,9 @@ def _build(
             progress(item.passages)
         if time.monotonic() - last_checkpoint >= checkpoint_seconds:
             parts = writer.checkpoint()
-            saved = {k: v for k, v in asdict(counts).items() if k not in ("seen_stored", "encoded")}
+            # The counts as they were when this chunk was read: chunks still in flight are not in the checkpoint.
             progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-            staging.save_progress({**progress_record, "dim": info.dim, "counts": saved})
+            staging.save_progress({**progress_record, "dim": info.dim, "counts": item.counts})
             fault_point("checkpointed")
             last_checkpoint = time.monotonic()
 
@@ -700,7 +704,7 @@ def _build(
             if split is None:
                 counts.truncated += encoder.count_truncated(to_encode)
             handle = chunk_encoder.submit(encoder, to_encode)
-        pending.append(_Pending(len(chunk), rows, vectors, [new for new, _ in encode], handle))
+        pending.append(_Pending(len(chunk), rows, vectors, [new for new, _ in encode], handle, counts.saved()))
         while len(pending) > chunk_encoder.depth:
             write_oldest()
     while pending:
@@ -743,6 +747,7 @@ class _Pending(NamedTuple):
     vectors: Any  # np.ndarray: reused vectors filled in, encoded rows still empty
     encode_rows: list[int]
     handle: Any  # what chunk_encoder.submit returned; None when nothing in the chunk is encoded
+    counts: dict[str, int]  # the run's counts up to and including this chunk, for its checkpoint
 
 
 def _windows_of(

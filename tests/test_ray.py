@@ -142,13 +142,15 @@ def test_update_with_ray_sends_only_new_and_changed_passages(ray_cluster, ray_se
     new_corpus = root / "changed.jsonl"
     new_corpus.write_text("".join(json.dumps(row) + "\n" for row in changed))
 
-    args = (new_corpus, "-o", target, *common, "--update", "--ray", "--ray-address", ray_cluster, "--workers", "2")
-    result = _index(*args, "--json", "-v")
+    # The cluster from RAY_ADDRESS, as on a node of an existing cluster, where Ray sets it.
+    args = (new_corpus, "-o", target, *common, "--update", "--ray", "--workers", "2")
+    result = _index(*args, "--json", "-v", env={**os.environ, "RAY_ADDRESS": ray_cluster})
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["added"], summary["updated"], summary["encoded"]) == (1, 3, 4)
     # The driver counts the texts it shipped: the windows of the 4 passages, nothing else.
     windows = sum(1 for row in OpenIndex(target).iter_rows(("id",)) if row["id"] in {"p3", "p10", "p500", "new-1"})
+    assert f"ray: connected to {ray_cluster} " in result.stderr
     assert f"ray: sent {windows} texts to 2 workers" in result.stderr
     rebuilt = root / "update-local.idx"
     assert _index(new_corpus, "-o", rebuilt, *common).returncode == 0

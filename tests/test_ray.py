@@ -107,6 +107,22 @@ def test_a_killed_worker_is_retried_and_the_index_is_complete(ray_cluster, ray_s
     _assert_same_index(local, target)
 
 
+def test_a_worker_that_keeps_dying_ends_the_run_with_exit_3(ray_cluster, ray_setup):
+    root, corpus, common, local = ray_setup
+    target = root / "dying.idx"
+    shutil.copytree(local, target)
+    old_manifest = (target / "manifest.json").read_bytes()
+    env = {**os.environ, "DSEARCH_TEST_FAULT": "worker-killed-always"}
+    result = _index(corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "1", env=env)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    error = [line for line in result.stderr.splitlines() if line.startswith("dsearch: error: ")]
+    assert len(error) == 1 and error[0].startswith("dsearch: error: a Ray worker died 4 times (")
+    assert error[0].endswith("nothing was published (rerun the same command to resume from the last checkpoint)")
+    assert result.stderr.splitlines()[-1] == error[0]
+    assert (target / "manifest.json").read_bytes() == old_manifest
+
+
 def test_a_killed_driver_leaves_the_index_and_the_rerun_resumes(ray_cluster, ray_setup):
     root, corpus, common, local = ray_setup
     target = root / "killed-driver.idx"

@@ -168,7 +168,7 @@ class _GpuEncoder:
 
 def _fault(marker: str) -> None:
     """Test hook (``DSEARCH_TEST_FAULT=worker-killed:MARKER``): the first worker to reach it kills itself with
-    SIGKILL, once per MARKER file, as an OOM kill or a lost node would."""
+    SIGKILL, once per MARKER file, as an OOM kill or a lost node would (``worker-killed-always``: every time)."""
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -199,6 +199,8 @@ class _Worker:
         fault = os.environ.get("DSEARCH_TEST_FAULT", "")
         if fault.startswith("worker-killed:") and self.chunks >= 2:
             _fault(fault.split(":", 1)[1])
+        elif fault == "worker-killed-always" and self.chunks >= 2:  # every restart dies too: retries run out
+            os.kill(os.getpid(), signal.SIGKILL)
         return self.encoder.encode_documents(texts)
 
 

@@ -153,7 +153,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
 def test_ci_and_test_scripts_go_through_setup(tmp_path):
     # CI runs `bash .ci/run` in a clean clone: it must reach setup.sh, which creates .venv itself.
     assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
-    assert 'scripts/setup.sh "[test]"' in (ROOT / "scripts" / "test.sh").read_text()
+    assert 'scripts/setup.sh "[test,ray]"' in (ROOT / "scripts" / "test.sh").read_text()
     assert "scripts/setup.sh" in (ROOT / "scripts" / "demo.sh").read_text()
     for script in [SETUP, ROOT / "scripts" / "test.sh", ROOT / "scripts" / "demo.sh", ROOT / ".ci" / "run"]:
         syntax = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)

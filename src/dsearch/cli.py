@@ -473,6 +473,34 @@ def index(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Encode on a Ray cluster: --ray-address, else $RAY_ADDRESS, else a new local Ray "
+            '(needs pip install "dsearch[ray]").',
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster's head node (with --ray)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, metavar="N", help="Ray workers, one model each [default: as many as the cluster fits]."
+        ),
+    ] = None,
+    cpus_per_worker: Annotated[
+        int | None,
+        typer.Option("--cpus-per-worker", min=1, metavar="N", help="Encoding threads per Ray worker [default: 1]."),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-worker", min=0, metavar="N", help="GPUs per Ray worker; --precision auto is fp16 there."
+        ),
+    ] = None,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -492,6 +520,11 @@ def index(
         raise UsageError("stdin ('-') can be read only once")
     if split is False and overlap is not None:
         raise UsageError("--overlap sets how --split cuts windows; it cannot go with --no-split")
+    ray_options = {"--ray-address": ray_address, "--workers": workers, "--cpus-per-worker": cpus_per_worker}
+    ray_options["--gpus-per-worker"] = gpus_per_worker
+    if not ray and any(v is not None for v in ray_options.values()):
+        given = ", ".join(k for k, v in ray_options.items() if v is not None)
+        raise UsageError(f"{given} sets up encoding on a Ray cluster: add --ray")
     deps = _deps(ctx)
     from dsearch.encoder import canonical_model_name
 
@@ -508,6 +541,19 @@ def index(
             name, chosen = info.name, precision or info.precision
         return deps.load_encoder(name, precision=chosen, trust_remote_code=trust_remote_code, batch_size=batch_size)
 
+    chunk_encoder = None
+    if ray:  # connect first: an unreachable cluster fails in seconds, before the corpus is read or a model loaded
+        from dsearch.distributed import RayEncoder
+
+        chunk_encoder = RayEncoder(
+            ray_address,
+            workers,
+            cpus_per_worker=1 if cpus_per_worker is None else cpus_per_worker,
+            gpus_per_worker=gpus_per_worker or 0,
+            trust_remote_code=trust_remote_code,
+            batch_size=batch_size,
+            precision=precision,
+        )
     progress = _Progress(count_records(corpus) if sys.stderr.isatty() else None)
     try:
         summary = build_index(
@@ -528,9 +574,12 @@ def index(
             keep_split=split is None and overlap is None,
             max_remove=limit,
             on_resume=progress.resumed,
+            chunk_encoder=chunk_encoder,
         )
     finally:
         progress.close()
+        if chunk_encoder is not None:
+            chunk_encoder.close()
     try:
         _print_summary(summary, output, update, as_json)
     except KeyboardInterrupt:

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from itertools import chain, islice
 from pathlib import Path
@@ -33,6 +34,7 @@ from dsearch.corpus import (
     read_corpus,
     suffixes_of,
 )
+from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
 from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
@@ -336,6 +338,10 @@ class _Counts:
     def changes(self, stored_total: int) -> int:
         return self.added + self.updated + self.metadata_only + (stored_total - len(self.seen_stored))
 
+    def saved(self) -> dict[str, int]:
+        """What a checkpoint keeps (``encoded`` is this run's; ``seen_stored`` is rebuilt on resume)."""
+        return {k: getattr(self, k) for k in ("added", "updated", "metadata_only", "unchanged", "truncated")}
+
 
 def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[str, StoredRow], counts: _Counts) -> bool:
     """Count one passage against the stored index; True when it must be (re-)encoded."""
@@ -454,6 +460,7 @@ def build_index(
     on_resume: ProgressCallback | None = None,
     split: SplitSpec | None = SplitSpec(),
     keep_split: bool = False,
+    chunk_encoder: ChunkEncoder | None = None,
 ) -> BuildSummary:
     """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
 
@@ -463,6 +470,8 @@ def build_index(
     interrupted run's checkpoint already holds (``progress`` then hears only this run's).
     ``split`` cuts passages longer than the model's window into overlapping windows (``None``: truncate);
     ``keep_split`` makes an update use whatever the index was built with.
+    ``chunk_encoder`` encodes each chunk's texts (default: here, with ``encoder``; ``distributed.RayEncoder``: on
+    a Ray cluster); everything else happens here either way, so the index comes out the same.
     """
     try:
         return _locked_build(
@@ -480,6 +489,7 @@ def build_index(
             on_resume=on_resume,
             split=split,
             keep_split=keep_split,
+            chunk_encoder=chunk_encoder or LocalEncoder(),
         )
     except OSError as exc:
         fix = _DISK_FIXES.get(exc.errno or 0)
@@ -517,6 +527,7 @@ def _locked_build(
     on_resume: ProgressCallback | None,
     split: SplitSpec | None,
     keep_split: bool,
+    chunk_encoder: ChunkEncoder,
 ) -> BuildSummary:
     started = time.perf_counter()
     if update and "-" in corpus.paths:
@@ -571,7 +582,7 @@ def _locked_build(
             try:
                 return _build(
                     corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
-                    started, guard, on_resume, split,
+                    started, guard, on_resume, split, chunk_encoder,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 if staging.published:  # past the point of no return: the new index is live
@@ -618,6 +629,7 @@ def _build(
     guard: _Guard,
     on_resume: ProgressCallback | None,
     split: SplitSpec | None,
+    chunk_encoder: ChunkEncoder,
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
@@ -646,6 +658,27 @@ def _build(
         (on_resume or progress or (lambda n: None))(resumed_at)
     last_checkpoint = time.monotonic()
     done = resumed_at  # passages written so far; rows can be more (windows)
+    # Chunks whose texts are being encoded (elsewhere, with --ray), written back in corpus order. A checkpoint
+    # covers written chunks only, so a resumed run re-sends whatever was in flight.
+    pending: deque[_Pending] = deque()
+
+    def write_oldest() -> None:
+        nonlocal done, last_checkpoint
+        item = pending.popleft()
+        if item.handle is not None:
+            item.vectors[item.encode_rows] = chunk_encoder.result(item.handle)
+        writer.add(item.rows, item.vectors)
+        done += item.passages
+        if progress:
+            progress(item.passages)
+        if time.monotonic() - last_checkpoint >= checkpoint_seconds:
+            parts = writer.checkpoint()
+            # The counts as they were when this chunk was read: chunks still in flight are not in the checkpoint.
+            progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
+            staging.save_progress({**progress_record, "dim": info.dim, "counts": item.counts})
+            fault_point("checkpointed")
+            last_checkpoint = time.monotonic()
+
     for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
         rows: list[dict[str, Any]] = []
         reuse: list[tuple[int, int]] = []  # (new row, stored row) whose vector is copied
@@ -667,23 +700,18 @@ def _build(
         if reuse:
             assert base is not None
             vectors[[new for new, _ in reuse]] = base.vectors_at([old for _, old in reuse])
+        handle = None
         if encode:
             encoder = _checked(lazy, info)
             to_encode = [text for _, text in encode]
             if split is None:
                 counts.truncated += encoder.count_truncated(to_encode)
-            vectors[[new for new, _ in encode]] = encoder.encode_documents(to_encode)
-        writer.add(rows, vectors)
-        done += len(chunk)
-        if progress:
-            progress(len(chunk))
-        if time.monotonic() - last_checkpoint >= checkpoint_seconds:
-            parts = writer.checkpoint()
-            saved = {k: v for k, v in asdict(counts).items() if k not in ("seen_stored", "encoded")}
-            progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-            staging.save_progress({**progress_record, "dim": info.dim, "counts": saved})
-            fault_point("checkpointed")
-            last_checkpoint = time.monotonic()
+            handle = chunk_encoder.submit(encoder, to_encode)
+        pending.append(_Pending(len(chunk), rows, vectors, [new for new, _ in encode], handle, counts.saved()))
+        while len(pending) > chunk_encoder.depth:
+            write_oldest()
+    while pending:
+        write_oldest()
     segment = writer.close()
     removed = len(stored) - len(counts.seen_stored)
     guard.before_publish(staging.target, done, removed)
@@ -700,6 +728,11 @@ def _build(
         "truncated": counts.truncated,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if chunk_encoder.workers is not None:  # a Ray build: how many workers encoded it
+        stats_info["workers"] = chunk_encoder.workers
+    worker_precision = getattr(chunk_encoder, "precision_used", None)
+    if worker_precision is not None and worker_precision != info.precision:  # fp16 on GPU workers
+        info = replace(info, precision=worker_precision)
     manifest = new_manifest(info, segment, corpus_info, stats_info)
     staging.result = _summary(
         staging.target, info, done, counts, stats, resumed_at, started, removed=removed, windows=segment.rows,
@@ -707,6 +740,17 @@ def _build(
     )  # fmt: skip
     publish(staging, manifest)
     return staging.result  # type: ignore[no-any-return]
+
+
+class _Pending(NamedTuple):
+    """A chunk read and classified, waiting for its encoded vectors before it is written."""
+
+    passages: int
+    rows: list[dict[str, Any]]
+    vectors: Any  # np.ndarray: reused vectors filled in, encoded rows still empty
+    encode_rows: list[int]
+    handle: Any  # what chunk_encoder.submit returned; None when nothing in the chunk is encoded
+    counts: dict[str, int]  # the run's counts up to and including this chunk, for its checkpoint
 
 
 def _windows_of(

@@ -11,7 +11,7 @@ from fakes import HashingEncoder
 
 from dsearch.output import TSV_COLUMNS
 
-JSONL_KEYS = {"qid", "query", "rank", "score", "id", "title", "text", "source", "fields"}
+JSONL_KEYS = {"qid", "query", "rank", "score", "id", "title", "text", "source", "fields", "window"}
 
 
 def one_error_line(result, code: int, *fragments: str) -> None:
@@ -57,8 +57,8 @@ def test_bad_corpus_stops_and_publishes_nothing(cli, tmp_path):
     result = cli("index", bad, "-o", target)
     one_error_line(result, 1, f"{bad}:2:", "not valid JSON", "--skip-bad")
     assert not target.exists()
-    # No staging debris either; only the lock file (an OS lock, harmless when no one holds it) remains.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.lock", "bad.jsonl"]
+    # No staging debris and no lock file either.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
 def test_bad_corpus_keeps_previous_index(cli, tmp_path, sample_index):

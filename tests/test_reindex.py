@@ -73,15 +73,19 @@ def test_update_encodes_only_what_changed_and_equals_a_rebuild(tmp_path, capsys)
         "indexed": 200,
     }
     assert summary["published"] is True and summary["encoded"] == 2
-    assert encoders[0].encoded_documents == 2  # nothing else went through the encoder
     assert "1 added, 1 updated, 1 metadata-only, 197 unchanged, 1 removed" in result.stderr
+    # Nothing else went through the encoder: only the windows of the two passages that changed.
+    changed = {changed_rows()[0]["_id"], "new-1"}
+    windows = [r["id"] for r in OpenIndex(tmp_path / "idx").iter_rows(("id",)) if r["id"] in changed]
+    assert encoders[0].encoded_documents == len(windows) >= 2
 
     rebuilt = tmp_path / "rebuilt"
     assert cli("index", corpus, "-o", rebuilt).exit_code == 0
     assert answers(tmp_path / "idx") == answers(rebuilt)
     updated, fresh = OpenIndex(tmp_path / "idx"), OpenIndex(rebuilt)
     assert [r["id"] for r in updated.iter_rows(("id",))] == [r["id"] for r in fresh.iter_rows(("id",))]
-    assert list(updated.iter_rows(("fields",)))[1]["fields"] == '{"topic": "planets"}'
+    retagged = changed_rows()[1]["_id"]
+    assert {r["fields"] for r in updated.iter_rows(("id", "fields")) if r["id"] == retagged} == {'{"topic": "planets"}'}
 
 
 def test_update_with_nothing_changed_loads_no_model_and_writes_nothing(tmp_path, capsys):
@@ -163,7 +167,7 @@ def test_a_second_run_exits_4_while_the_lock_is_held(tmp_path, cli):
     try:
         result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx")
         one_error_line(result, 4, "another dsearch run", f"(pid {holder.pid})")
-        assert not (tmp_path / "idx").exists()
+        assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [".dsearch.lock"]  # the holder's, only
     finally:
         holder.kill()
         holder.wait()
@@ -180,14 +184,14 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, cli):
 
 
 def _run_and_kill(args: list[str], target: Path, env: dict) -> int:
-    """Start a real `dsearch index`, kill -9 it once a checkpoint exists beyond the first; return rows saved."""
+    """Start a real `dsearch index`, kill -9 it once a checkpoint exists beyond the first; return passages saved."""
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     rows = 0
     while time.monotonic() < deadline and process.poll() is None:
         for progress in target.glob(".staging-*/progress.json"):
             try:
-                rows = json.loads(progress.read_text())["rows"]
+                rows = json.loads(progress.read_text())["passages"]  # passages, not rows: long ones are windows
             except (OSError, ValueError, KeyError):
                 continue
         if rows >= 600:
@@ -199,13 +203,20 @@ def _run_and_kill(args: list[str], target: Path, env: dict) -> int:
     return rows
 
 
+def _abstract_length_corpus(n: int) -> str:
+    """``n`` JSONL passages about as long as SciFact abstracts (~200 words), made from the sample corpus, so that
+    a run lasts long enough to be killed mid-way on any machine."""
+    texts = [json.loads(line)["text"] for line in (SAMPLE / "passages.jsonl").read_text().splitlines()]
+    rows = (
+        {"_id": f"p{i}", "text": " ".join(texts[(i * 7 + j * 13) % len(texts)] for j in range(6))} for i in range(n)
+    )
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_keeps_the_old_index_and_the_rerun_resumes(tmp_path, tiny_seed_model):
-    scifact = Path(__file__).resolve().parents[2] / "shared" / "eval" / "scifact" / "corpus.jsonl"
-    if not scifact.exists():
-        pytest.skip("../shared/eval/scifact is not there")
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(scifact.read_text().splitlines(keepends=True)[:3000]))
+    corpus.write_text(_abstract_length_corpus(3000))
     dsearch = str(Path(sys.executable).with_name("dsearch"))
     env = {**os.environ, "DSEARCH_CHECKPOINT_SECONDS": "0"}
     target = tmp_path / "idx"
@@ -242,7 +253,7 @@ def test_kill_9_mid_run_keeps_the_old_index_and_the_rerun_resumes(tmp_path, tiny
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_at"] >= saved and summary["indexed"] == 3000
-    assert summary["encoded"] == 3000  # encoded before and after the kill, counted from the checkpoint
+    assert summary["encoded"] == 3000 - summary["resumed_at"]  # this run's work only, not the checkpoint's
     clean = tmp_path / "clean"
     assert (
         subprocess.run(
@@ -272,7 +283,7 @@ def test_restart_discards_the_checkpoint(tmp_path, capsys, monkeypatch):
     interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
     result = interrupted("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4")
     one_error_line(result, 3, "interrupted; nothing was published")
-    assert list(tmp_path.glob(".idx.staging-*/progress.json"))  # kept for the next run
+    assert list(tmp_path.glob("idx/.staging-*/progress.json"))  # kept for the next run
     cli = Runner(capsys)
     resumed = cli("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4", "--json")
     assert json.loads(resumed.stdout)["resumed_at"] == 96  # three chunks of 8 batches of 4
@@ -281,7 +292,7 @@ def test_restart_discards_the_checkpoint(tmp_path, capsys, monkeypatch):
     restarted = cli("index", corpus, "-o", tmp_path / "again", "--batch-size", "4", "--restart", "--json")
     assert json.loads(restarted.stdout)["resumed_at"] == 0
     assert answers(tmp_path / "idx") == answers(tmp_path / "again")
-    assert not list(tmp_path.glob(".*staging*"))
+    assert not list(tmp_path.glob("*/.staging*"))
 
 
 # --- readers during a publish ----------------------------------------------------------------------------
@@ -352,7 +363,8 @@ def test_status_codes(tmp_path, cli):
     one_error_line(cli("status", tmp_path / "idx", "--max-age", "soon"), 2, "--max-age 'soon'")
 
 
-def test_lock_file_is_beside_the_index(tmp_path):
-    with index_lock(tmp_path / "idx"):
-        assert (tmp_path / ".idx.lock").exists()
-        assert (tmp_path / ".idx.pid").read_text() == str(os.getpid())
+def test_lock_file_is_inside_the_index_and_goes_with_the_run(tmp_path):
+    with index_lock(tmp_path / "idx") as real:
+        assert real == (tmp_path / "idx").resolve()
+        assert (tmp_path / "idx" / ".dsearch.lock").read_text() == f"{os.getpid()}\n"
+    assert list(tmp_path.iterdir()) == []  # the directory it made for the lock, and the lock file, are gone

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from dsearch.errors import (
     EXIT_USAGE,
     DsearchError,
     IncompleteError,
+    IndexDirError,
     ModelError,
     UsageError,
 )
@@ -90,6 +92,17 @@ class _PipeClosed(Exception):
     """stdout's reader went away; not an OSError, so that Typer leaves it to ``run``."""
 
 
+def _text(value: str) -> str:
+    """A path as typed; an empty one (an unset shell variable in a cron line) is refused, never taken as '.'."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path (is a shell variable unset?)")
+    return value
+
+
+def _path(value: str) -> Path:
+    return Path(_text(value))
+
+
 def _guard(command: Callable[..., None]) -> Callable[..., None]:
     """Turn Ctrl-C/SIGTERM and a closed stdout into our exceptions before Typer maps them to other codes."""
 
@@ -109,6 +122,72 @@ def _guard(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+class _HelpCommand(typer.core.TyperCommand):
+    """Help as a person writes it: metavars (CORPUS..., DIR, N) instead of Python types, required options in the
+    usage line, no ``[default: 0]`` on counters or ``x>=1`` on numbers. Only the help text changes; parsing does not.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        params = self.get_params(ctx)
+        pieces = [self.options_metavar] if self.options_metavar else []
+        pieces += [_argument_name(p) for p in params if p.param_type_name == "argument"]
+        pieces += [f"{_short_first(p.opts)[0]} {_metavar(p)}" for p in params if _is_option(p) and p.required]
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        params = [p for p in self.get_params(ctx) if not getattr(p, "hidden", False)]
+        arguments = [(_argument_name(p), _with_extras(p.help, p)) for p in params if p.param_type_name == "argument"]
+        options = [(_option_name(p), _with_extras(p.help, p)) for p in params if _is_option(p)]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _is_option(param: Any) -> bool:
+    return param.param_type_name == "option"
+
+
+def _short_first(opts: list[str]) -> list[str]:
+    return sorted(opts, key=lambda opt: len(opt) - len(opt.lstrip("-")))
+
+
+def _metavar(param: Any) -> str:
+    """The metavar given, else a word for the value's type (never the Python type itself)."""
+    if param.metavar:
+        return str(param.metavar)
+    kind = getattr(getattr(param, "type_descriptor", None), "annotation", str)
+    args = getattr(kind, "__args__", None)
+    if args:  # list[int], int | None …: the element type
+        kind = next((a for a in args if a is not type(None)), str)
+    return {int: "N", float: "NUMBER", Path: "PATH"}.get(kind, "TEXT")
+
+
+def _argument_name(param: Any) -> str:
+    if param.metavar:
+        return str(param.metavar)
+    name = param.name.upper() + ("..." if param.nargs != 1 else "")
+    return name if param.required else f"[{name}]"
+
+
+def _option_name(param: Any) -> str:
+    names = ", ".join(_short_first(list(param.opts) + list(param.secondary_opts)))
+    return names if param.is_flag or param.count else f"{names} {_metavar(param)}"
+
+
+def _with_extras(text: str | None, param: Any) -> str:
+    """The help text plus ``[default: …]`` for a real default value, and ``[required]``."""
+    extras = []
+    default = param.default
+    flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
+    if param.show_default and not flag and default not in (None, ()):
+        extras.append(f"default: {default}")
+    if param.required:
+        extras.append("required")
+    suffix = f" [{'; '.join(extras)}]" if extras else ""
+    return (text or "") + suffix
+
+
 app = typer.Typer(
     name="dsearch",
     help="Dense retrieval from the command line: index passages with a sentence-transformers model, query them.",
@@ -120,7 +199,9 @@ app = typer.Typer(
 )
 
 # Options shared by every command: where they sit on the command line is the user's choice.
-Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="Log progress lines to stderr (-vv: more).")]
+Verbose = Annotated[
+    int, typer.Option("-v", "--verbose", count=True, help="Log lines with timestamps on stderr (-vv: more).")
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing on stderr but errors.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
 ModelOpt = Annotated[
@@ -128,34 +209,67 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="sentence-transformers model: hub name or local folder [default: bundled all-MiniLM-L6-v2]",
+        metavar="NAME|PATH",
+        help="sentence-transformers model: a hub name or a local folder [default: the bundled all-MiniLM-L6-v2]",
+    ),
+]
+QueryModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="NAME|PATH",
+        help="Encode the queries with this model instead of the index's own; it must make vectors of the index's "
+        "dimension [default: the model that built the index]",
     ),
 ]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder batch.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Texts per encoder batch.")]
+SNIPPET_DEFAULT = 2
+Snippet = Annotated[
+    int, typer.Option("--snippet", min=1, metavar="LINES", help="Lines of passage text per hit in the table.")
+]
+Full = Annotated[bool, typer.Option("--full", help="Whole passages in the table, not snippets.")]
 IndexTypeOpt = Annotated[
     str | None,
     typer.Option(
         "--index-type",
+        metavar="TYPE",
         help="auto|flat|hnsw|ivf|ivfpq or a FAISS factory string such as IVF4096,PQ64 [default: auto; on --update "
         "the index's]",
     ),
 ]
 MemoryOpt = Annotated[
     str | None,
-    typer.Option("--memory", help="Memory budget of the index, e.g. 2G; auto fits it [default: half the RAM]"),
+    typer.Option(
+        "--memory", metavar="SIZE", help="Memory budget of the index, e.g. 2G; auto fits it [default: half the RAM]"
+    ),
 ]
 NProbeOpt = Annotated[
-    int | None, typer.Option("--nprobe", min=1, help="IVF lists probed [default: chosen at build time]")
+    int | None, typer.Option("--nprobe", min=1, metavar="N", help="IVF lists probed [default: chosen at build time]")
 ]
-EfOpt = Annotated[int | None, typer.Option("--ef", min=1, help="HNSW efSearch [default: chosen at build time]")]
+EfOpt = Annotated[
+    int | None, typer.Option("--ef", min=1, metavar="N", help="HNSW efSearch [default: chosen at build time]")
+]
 EffortOpt = Annotated[
     float | None,
-    typer.Option("--effort", min=0.01, help="Multiply the build-time nprobe/ef (2 = more recall, slower)"),
+    typer.Option("--effort", min=0.01, metavar="X", help="Multiply the build-time nprobe/ef (2 = more recall, slower)"),
 ]
 Precision = Annotated[
     str | None,
-    typer.Option("--precision", help="auto|fp32|bf16|int8 [index default: auto; query default: the index's]"),
+    typer.Option(
+        "--precision",
+        metavar="PRECISION",
+        help="How the model runs: auto, fp32, bf16 or int8 (README: Speed) [default: auto]",
+    ),
+]
+QueryPrecision = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        metavar="PRECISION",
+        help="Encode the queries at this precision: auto, fp32, bf16 or int8 [default: the index's]",
+    ),
 ]
 
 
@@ -209,12 +323,18 @@ def _root(
 
 
 class _Progress:
-    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing."""
+    """Progress on stderr: a Rich bar on a terminal, periodic log lines under -v, else nothing.
+
+    While it is open it also shows the ``dsearch.notice`` lines (the first run's model export): a log line under
+    -v, else a plain ``dsearch: …`` line (above the bar on a terminal); under -q, nothing.
+    """
 
     def __init__(self, total: int | None) -> None:
-        self.done = 0
-        self.started = time.perf_counter()
-        self.last_log = self.started
+        self.done = 0  # passages this run processed
+        self.skipped = 0  # passages an interrupted run had done
+        # The rate counts from the first encoded chunk: loading and exporting the model before it is not encoding.
+        self.rate_from: tuple[float, int] | None = None
+        self.last_log = time.perf_counter()
         self.bar: Any = None
         if sys.stderr.isatty() and not SETTINGS.quiet:
             from rich.console import Console
@@ -239,40 +359,112 @@ class _Progress:
                 console=Console(stderr=True),  # stdout carries results only
                 transient=True,
             )
-            self.task = self.bar.add_task("index", total=total, rate="0")
+            self.task = self.bar.add_task("indexing", total=total, rate="-")
             self.bar.start()
+            # -v log lines go through the bar's stderr proxy, which prints them above the bar instead of over it.
+            self.streams = [(h, h.stream) for h in log.handlers if isinstance(h, logging.StreamHandler)]
+            for handler, _ in self.streams:
+                handler.setStream(sys.stderr)
+        self.notices = logging.getLogger("dsearch.notice")
+        self.handler = _NoticeHandler(self.notice)
+        self.notices.addHandler(self.handler)
+        self.notices.setLevel(logging.ERROR if SETTINGS.quiet else logging.INFO)
+        self.notices.propagate = False
+
+    def notice(self, record: logging.LogRecord) -> None:
+        if SETTINGS.quiet:
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.handle(record)  # under -v, a log line like the others
+        else:  # while the bar runs, sys.stderr is its proxy, which prints the line above the bar
+            print(f"dsearch: {record.getMessage()}", file=sys.stderr)
+
+    def resumed(self, n: int) -> None:
+        """Passages an interrupted run already did: they move the bar but are not this run's speed."""
+        self.skipped += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
-        rate = self.done / max(now - self.started, 1e-9)
+        if self.rate_from is None:
+            self.rate_from = (now, self.done)
+            rate = None
+        else:
+            since, base = self.rate_from
+            rate = (self.done - base) / max(now - since, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+            self.bar.update(self.task, advance=n, rate="-" if rate is None else f"{rate:.1f}")
         elif now - self.last_log >= 10:
             self.last_log = now
-            log.info("encoded %d passages (%.1f passages/s)", self.done, rate)
+            per_second = "" if rate is None else f" ({rate:.1f} passages/s)"
+            log.info("encoded %d passages%s", self.done, per_second)
 
     def close(self) -> None:
+        self.notices.removeHandler(self.handler)
+        self.notices.setLevel(logging.NOTSET)
+        self.notices.propagate = True
         if self.bar is not None:
             self.bar.stop()
+            for handler, stream in self.streams:
+                handler.setStream(stream)
 
 
-@app.command()
+class _NoticeHandler(logging.Handler):
+    """Hands ``dsearch.notice`` records to the progress display."""
+
+    def __init__(self, show: Callable[[logging.LogRecord], None]) -> None:
+        super().__init__(logging.INFO)
+        self.show = show
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.show(record)
+
+
+@app.command(cls=_HelpCommand, short_help="Encode a corpus into an index directory (-o DIR).")
 @_guard
 def index(
     ctx: typer.Context,
     corpus: Annotated[
         list[str],
-        typer.Argument(help="Corpus files or directories (JSONL, TSV, CSV, Parquet, text/Markdown); '-' reads stdin."),
+        typer.Argument(
+            metavar="CORPUS...",
+            parser=_text,
+            help="Corpus files or directories: JSONL, TSV, CSV, Parquet, text or Markdown, optionally .gz; "
+            "'-' reads stdin.",
+        ),
     ],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Index directory to create or replace.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--output", metavar="DIR", parser=_path, help="Index directory to create, replace or update."
+        ),
+    ],
     fmt: Annotated[
         str | None,
-        typer.Option("--format", "-f", help="Input format: jsonl|tsv|csv|parquet|text [default: by extension]"),
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Input format: jsonl, tsv, csv, parquet or text [default: from each file's extension; stdin: jsonl]",
+        ),
     ] = None,
-    id_field: Annotated[str | None, typer.Option(help="Field holding the passage id [default: _id or id]")] = None,
-    text_field: Annotated[str | None, typer.Option(help="Field holding the text [default: text]")] = None,
-    title_field: Annotated[str | None, typer.Option(help="Field holding the title [default: title]")] = None,
+    id_field: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FIELD", help="Field holding the passage id [default: the first of _id, id, docid, doc_id, pid]"
+        ),
+    ] = None,
+    text_field: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FIELD", help="Field holding the text [default: the first of text, contents, passage, body]"
+        ),
+    ] = None,
+    title_field: Annotated[
+        str | None, typer.Option(metavar="FIELD", help="Field holding the title, if any [default: title]")
+    ] = None,
     model: ModelOpt = None,
     precision: Precision = None,
     batch_size: BatchSize = 32,
@@ -285,7 +477,55 @@ def index(
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an interrupted run's checkpoint and start over.")
     ] = False,
+    split: Annotated[
+        bool | None,
+        typer.Option(
+            "--split/--no-split",
+            help="Cut passages longer than the model's window into overlapping windows, each searched, a hit "
+            "showing its best one (default); --no-split truncates them. --update keeps the index's choice.",
+        ),
+    ] = None,
+    overlap: Annotated[
+        int | None,
+        typer.Option("--overlap", min=0, metavar="TOKENS", help="Tokens shared by neighbouring windows [default: 32]."),
+    ] = None,
+    max_remove: Annotated[
+        str | None,
+        typer.Option(
+            "--max-remove",
+            metavar="N|P%",
+            help="Refuse (exit 9) to remove more than N passages or P% of the index [default: half of it].",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Encode on a Ray cluster: --ray-address, else $RAY_ADDRESS, else a new local Ray "
+            '(needs pip install "dsearch[ray]").',
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster's head node (with --ray)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, metavar="N", help="Ray workers, one model each [default: as many as the cluster fits]."
+        ),
+    ] = None,
+    cpus_per_worker: Annotated[
+        int | None,
+        typer.Option("--cpus-per-worker", min=1, metavar="N", help="Encoding threads per Ray worker [default: 1]."),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-worker", min=0, metavar="N", help="GPUs per Ray worker; --precision auto is fp16 there."
+        ),
+    ] = None,
     trust_remote_code: TrustRemote = False,
     index_type: IndexTypeOpt = None,
     memory: MemoryOpt = None,
@@ -293,17 +533,26 @@ def index(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Encode a corpus and write (or atomically replace, or --update) the index at DIR."""
+    """Encode the passages of CORPUS and publish them as the index at -o DIR: a new index, an atomic replacement
+    of the one there, or with --update only what changed."""
     _setup(verbose, quiet, debug)
     from dsearch.corpus import FORMATS, FieldNames
-    from dsearch.indexer import build_index, count_records
+    from dsearch.indexer import RemovalLimit, SplitSpec, build_index, count_records
 
+    limit = RemovalLimit.parse(max_remove)
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_precision(precision)
     budget = _check_index_type(index_type, memory, count_records(corpus) if memory else None)
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
+    if split is False and overlap is not None:
+        raise UsageError("--overlap sets how --split cuts windows; it cannot go with --no-split")
+    ray_options = {"--ray-address": ray_address, "--workers": workers, "--cpus-per-worker": cpus_per_worker}
+    ray_options["--gpus-per-worker"] = gpus_per_worker
+    if not ray and any(v is not None for v in ray_options.values()):
+        given = ", ".join(k for k, v in ray_options.items() if v is not None)
+        raise UsageError(f"{given} sets up encoding on a Ray cluster: add --ray")
     deps = _deps(ctx)
     from dsearch.encoder import canonical_model_name
 
@@ -320,6 +569,19 @@ def index(
             name, chosen = info.name, precision or info.precision
         return deps.load_encoder(name, precision=chosen, trust_remote_code=trust_remote_code, batch_size=batch_size)
 
+    chunk_encoder = None
+    if ray:  # connect first: an unreachable cluster fails in seconds, before the corpus is read or a model loaded
+        from dsearch.distributed import RayEncoder
+
+        chunk_encoder = RayEncoder(
+            ray_address,
+            workers,
+            cpus_per_worker=1 if cpus_per_worker is None else cpus_per_worker,
+            gpus_per_worker=gpus_per_worker or 0,
+            trust_remote_code=trust_remote_code,
+            batch_size=batch_size,
+            precision=precision,
+        )
     progress = _Progress(count_records(corpus) if sys.stderr.isatty() else None)
     try:
         summary = build_index(
@@ -336,28 +598,49 @@ def index(
             restart=restart,
             model_name=model_name,
             precision=precision,
+            split=None if split is False else SplitSpec() if overlap is None else SplitSpec(overlap),
+            keep_split=split is None and overlap is None,
+            max_remove=limit,
+            on_resume=progress.resumed,
+            chunk_encoder=chunk_encoder,
             index_type=index_type,
             memory=budget,
         )
     finally:
         progress.close()
+        if chunk_encoder is not None:
+            chunk_encoder.close()
+    try:
+        _print_summary(summary, output, update, as_json)
+    except KeyboardInterrupt:
+        pass  # the index is published (or was already up to date): that is the outcome, exit 0
+
+
+def _print_summary(summary: Any, output: Path, update: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.as_dict()))
     s = summary
     resumed = f"; resumed at passage {s.resumed_at}" if s.resumed_at else ""
+    windows = f" in {s.windows} windows" if s.windows > s.indexed else ""
     if update:
         verb = "updated" if s.published else "unchanged:"
         _info(
             f"{verb} {output}: {s.added} added, {s.updated} updated, {s.metadata_only} metadata-only, "
-            f"{s.unchanged} unchanged, {s.removed} removed; {s.indexed} passages; encoded {s.encoded} in "
+            f"{s.unchanged} unchanged, {s.removed} removed; {_passages(s.indexed)}{windows}; encoded {s.encoded} in "
             f"{s.seconds:.1f} s; skipped {s.skipped_empty} empty, {s.skipped_bad} bad{resumed}"
         )
     else:
+        truncated = f"; {s.truncated} truncated at the model's max_seq_length (--split keeps them whole)"
         _info(
-            f"indexed {s.indexed} passages into {output} in {s.seconds:.1f} s "
+            f"indexed {_passages(s.indexed)}{windows} into {output} in {s.seconds:.1f} s "
             f"({s.passages_per_second:.1f} passages/s, {s.precision}); skipped {s.skipped_empty} empty, "
-            f"{s.skipped_bad} bad; {s.truncated} truncated at the model's max_seq_length{resumed}"
+            f"{s.skipped_bad} bad{truncated if s.truncated else ''}{resumed}"
         )
+
+
+def _passages(n: int) -> str:
+    """``1 passage``, ``2 passages``: the summary is read by people."""
+    return f"{n} passage" if n == 1 else f"{n} passages"
 
 
 # --- query -------------------------------------------------------------------------------------------
@@ -393,6 +676,16 @@ def _check_index_type(index_type: str | None, memory: str | None, passages: int 
     return budget
 
 
+def _output_format(out_format: str | None) -> str:
+    """The --format asked for (an empty one is a usage error, not the default), else by where stdout goes."""
+    from dsearch.output import OUTPUT_FORMATS
+
+    fmt = ("table" if _stdout_is_terminal() else "jsonl") if out_format is None else out_format
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
 def open_index_and_encoder(
     deps: Deps, directory: Path, model: str | None, precision: str | None, trust_remote_code: bool, batch_size: int
 ) -> tuple[Any, Encoder]:
@@ -400,13 +693,22 @@ def open_index_and_encoder(
     from dsearch.store import OpenIndex
 
     _check_precision(precision)
+    started = time.perf_counter()
     opened = OpenIndex(directory)
+    log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
     info = opened.manifest.model
     options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": batch_size}
+    started = time.perf_counter()
     if model:
         encoder = deps.load_encoder(model, **{**options, "precision": precision or info.precision})
     else:
         encoder = deps.query_encoder(info, **options)
+    log.info(
+        "load model: %s, precision %s (%.3f s)",
+        encoder.name,
+        getattr(encoder, "precision", precision or info.precision),
+        time.perf_counter() - started,
+    )
     if encoder.dim != info.dim:
         raise ModelError(
             f"model {encoder.name!r} makes {encoder.dim}-d vectors but the index holds {info.dim}-d ones "
@@ -425,26 +727,44 @@ def open_index_and_encoder(
     return opened, encoder
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Search an index and print ranked passages.")
 @_guard
 def query(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     queries: Annotated[
         list[str] | None,
         typer.Argument(metavar="[QUERY]...", help="Query texts; none or '-' reads one query a line from stdin."),
     ] = None,
     queries_file: Annotated[
         Path | None,
-        typer.Option("--queries", help="Query file: TSV qid<TAB>text, BEIR queries.jsonl, or .txt one a line."),
+        typer.Option(
+            "--queries",
+            metavar="FILE",
+            help="Query file: TSV 'qid TAB text', BEIR queries.jsonl, or .txt with one query a line.",
+        ),
     ] = None,
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per query.")] = 10,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits per query.")] = 10,
     out_format: Annotated[
         str | None,
-        typer.Option("--format", "-f", help="table|jsonl|tsv|trec|ids [default: table on a terminal, jsonl in a pipe]"),
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Output format: table, jsonl, tsv, trec or ids [default: table on a terminal, jsonl in a pipe]",
+        ),
     ] = None,
-    model: ModelOpt = None,
-    precision: Precision = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Drop hits scoring below this (a query may get fewer than k).")
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--like", metavar="ID", help="More like this: rank passages by similarity to a stored passage."),
+    ] = None,
+    snippet: Snippet = SNIPPET_DEFAULT,
+    full: Full = False,
+    model: QueryModelOpt = None,
+    precision: QueryPrecision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
     nprobe: NProbeOpt = None,
@@ -454,16 +774,40 @@ def query(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Search the index at DIR and print ranked passages on stdout."""
+    """Search the index at DIR for each QUERY and print the ranked passages on stdout. Queries are encoded with
+    the model that built the index."""
     _setup(verbose, quiet, debug)
-    from dsearch.output import OUTPUT_FORMATS, render
-    from dsearch.search import queries_from_texts, read_query_file, run_search
+    from dsearch.output import TableOptions, render
+    from dsearch.search import (
+        SearchStats,
+        check_query_arguments,
+        decode_lines,
+        like_search,
+        queries_from_texts,
+        read_query_file,
+        run_search,
+    )
 
-    fmt = out_format or ("table" if _stdout_is_terminal() else "jsonl")
-    if fmt not in OUTPUT_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    fmt = _output_format(out_format)
+    if min_score is not None and not math.isfinite(min_score):
+        raise UsageError(f"--min-score {min_score} is not a finite number")
+    table = TableOptions(snippet_lines=snippet, full=full)
     deps = _deps(ctx)
     texts = [q for q in (queries or []) if q != "-"]
+    check_query_arguments(texts)
+    stats = SearchStats()
+    if like is not None:
+        if texts or queries_file is not None or queries:
+            raise UsageError("--like ranks by a stored passage: give no QUERY and no --queries with it")
+        if model or precision:
+            raise UsageError("--like uses the stored vectors and loads no model: drop --model/--precision")
+        started = time.perf_counter()
+        opened = _open_index(directory)
+        log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
+        results = like_search(opened, like, top_k, min_score, stats)
+        written = render(results, fmt, sys.stdout, color=_color(), table=table)
+        _log_search(stats, written)
+        return
     if queries_file is not None and texts:
         raise UsageError("give queries as arguments or with --queries, not both")
     if queries_file is not None:
@@ -474,11 +818,81 @@ def query(
         stdin = deps.stdin_bytes()
         if deps.stdin is None and sys.stdin.isatty():
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
-        query_list = queries_from_texts(line.decode("utf-8", errors="replace") for line in stdin)
+        # Read lazily, so that a pipeline gets each answer as its query arrives.
+        query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
     opened, encoder = open_index_and_encoder(deps, directory, model, precision, trust_remote_code, batch_size)
     opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
-    written = render(run_search(opened, encoder, query_list, top_k), fmt, sys.stdout, color=_color())
-    log.info("wrote %d hits", written)
+    results = run_search(opened, encoder, query_list, top_k, min_score=min_score, stats=stats)
+    written = render(results, fmt, sys.stdout, color=_color(), table=table)
+    _log_search(stats, written)
+
+
+def _open_index(directory: Path) -> Any:
+    from dsearch.store import OpenIndex
+
+    return OpenIndex(directory)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _log_search(stats: Any, written: int) -> None:
+    """-v: where the time went after the index and model were loaded, and what was written."""
+    log.info(
+        "searched %s: encode %.3f s, search %.3f s, metadata lookup %.3f s",
+        f"{stats.queries} {'query' if stats.queries == 1 else 'queries'}",
+        stats.encode,
+        stats.search,
+        stats.lookup,
+    )
+    log.info("wrote %s", _plural(written, "hit"))
+
+
+# --- get ---------------------------------------------------------------------------------------------
+
+
+@app.command(cls=_HelpCommand, short_help="Print stored passages by id.")
+@_guard
+def get(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
+    ids: Annotated[
+        list[str], typer.Argument(metavar="ID...", help="Passage ids; '-' reads one id a line from stdin.")
+    ],
+    out_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Output format: table, jsonl, tsv or ids [default: table on a terminal, jsonl in a pipe]",
+        ),
+    ] = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Print stored passages by id; ids not in the index are an error after the others are printed."""
+    _setup(verbose, quiet, debug)
+    from dsearch.output import render_passages, unescape_field
+    from dsearch.search import check_query_arguments, decode_lines, get_passages
+
+    fmt = _output_format(out_format)
+    if fmt == "trec":
+        raise UsageError("--format trec is for rankings; get prints table, jsonl, tsv or ids")
+    if ids == ["-"]:
+        # What 'query -f ids' prints: one escaped id a line.
+        ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>", "ids")]
+        ids = [i for i in ids if i]
+    check_query_arguments(ids, "id argument")
+    opened = _open_index(directory)
+    passages, missing = get_passages(opened, ids)
+    render_passages(passages, fmt, sys.stdout, color=_color())
+    if missing:
+        others = f" (and {_plural(len(missing) - 1, 'other id')})" if len(missing) > 1 else ""
+        sys.stdout.flush()
+        raise IndexDirError(f"{directory}: no passage with id {missing[0]!r}{others}; check the ids")
 
 
 # --- info --------------------------------------------------------------------------------------------
@@ -496,7 +910,9 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "max_seq_length": m.model.max_seq_length,
         "precision": m.model.precision,
         "prompts": m.model.prompts,
-        "passages": m.rows,
+        "passages": m.passages,
+        "rows": m.rows,
+        "split": m.corpus.get("split"),
         "index_type": m.index_type,
         "index_params": m.index_params,
         "recall_at_10": m.index_params.get("recall_at_10", 1.0 if m.index_type == "IndexFlatIP" else None),
@@ -510,10 +926,10 @@ def describe_index(opened: Any) -> dict[str, Any]:
     }
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Describe an index: model, dimension, passages, size.")
 @_guard
 def info(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Also check every file's checksum.")] = False,
     verbose: Verbose = 0,
@@ -533,7 +949,9 @@ def info(
         "model": data["model"],
         "dimension": str(data["dim"]),
         "similarity": f"{data['similarity']} ({'L2-normalised' if data['normalized'] else 'raw vectors'})",
-        "passages": f"{data['passages']:,}",
+        "passages": f"{data['passages']:,}"
+        + (f" in {data['rows']:,} windows" if data["rows"] > data["passages"] else ""),
+        "long passages": f"split, overlap {data['split']['overlap']} tokens" if data["split"] else "truncated",
         "index type": " ".join([data["index_type"], *[f"({f})" for f in [data["index_params"].get("factory")] if f]]),
         "recall@10": _describe_recall(data),
         "precision": data["precision"],
@@ -555,10 +973,10 @@ def _describe_recall(data: dict[str, Any]) -> str:
     )
 
 
-@app.command("reindex")
+@app.command("reindex", cls=_HelpCommand, short_help="Rebuild an index's ANN structure from its stored vectors.")
 @_guard
 def reindex_command(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     index_type: IndexTypeOpt = None,
     memory: MemoryOpt = None,
     verbose: Verbose = 0,
@@ -588,32 +1006,44 @@ def _parse_age(text: str) -> float:
     """``90s``, ``30m``, ``12h``, ``1d``, ``2w`` → seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w") from None
+        seconds = math.nan
+    # Empty (an unset variable), negative or NaN would silently turn the check off or make it always fail.
+    if not seconds >= 0:
+        raise UsageError(f"--max-age {text!r} is not a duration such as 90s, 30m, 12h, 1d or 2w")
+    return seconds
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Check that an index is healthy (for monitoring and cron).")
 @_guard
 def status(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
     corpus: Annotated[
         list[str] | None,
         typer.Option(
-            "--corpus", help="Corpus path(s) to compare with the ones the index was built from [default: those]."
+            "--corpus",
+            metavar="PATH",
+            parser=_text,
+            help="Corpus path to compare with the ones the index was built from; repeat for several "
+            "(--corpus a.jsonl --corpus notes/) [default: those].",
         ),
     ] = None,
-    max_age: Annotated[str | None, typer.Option(help="Fail when the index is older than this (e.g. 1d, 12h).")] = None,
+    max_age: Annotated[
+        str | None,
+        typer.Option(metavar="AGE", help="Fail (exit 7) when the index is older than this: 90s, 30m, 12h, 1d, 2w."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Check that the index at DIR is healthy: present, complete, intact, fresh, built from the current corpus."""
+    """Check that the index at DIR is healthy: present, complete, intact, fresh, and built from the corpus as it is
+    now. Prints one line (or --json) and exits with the code of the first problem (README: Exit codes)."""
     _setup(verbose, quiet, debug)
     from dsearch.health import check_index
 
-    report = check_index(directory, corpus, _parse_age(max_age) if max_age else None)
+    report = check_index(directory, corpus, _parse_age(max_age) if max_age is not None else None)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
@@ -625,43 +1055,64 @@ def status(
 # --- eval --------------------------------------------------------------------------------------------
 
 
-@app.command("eval")
+@app.command("eval", cls=_HelpCommand, short_help="Score judged queries against an index (nDCG, recall, MRR).")
 @_guard
 def eval_command(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Index directory.")],
-    queries_file: Annotated[Path, typer.Option("--queries", help="Queries: BEIR queries.jsonl or TSV qid<TAB>text.")],
-    qrels_file: Annotated[Path, typer.Option("--qrels", help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'.")],
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits retrieved per query.")] = 100,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
+    queries_file: Annotated[
+        Path,
+        typer.Option(
+            "--queries", metavar="FILE", parser=_path, help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'."
+        ),
+    ],
+    qrels_file: Annotated[
+        Path,
+        typer.Option(
+            "--qrels", metavar="FILE", parser=_path, help="Judgements: BEIR qrels TSV or TREC 'qid 0 docid rel'."
+        ),
+    ],
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits retrieved per query.")] = 100,
     metrics: Annotated[
-        str | None, typer.Option(help="Comma-separated ir-measures names [default: nDCG@10,R@100,RR@10].")
+        str | None,
+        typer.Option(
+            metavar="NAMES", help="Comma-separated ir-measures names [default: nDCG@10,R@100,RR@10; RR@10 is MRR@10]"
+        ),
     ] = None,
-    run_file: Annotated[Path | None, typer.Option("--run", help="Also save the TREC run to this file.")] = None,
+    run_file: Annotated[
+        Path | None, typer.Option("--run", metavar="FILE", parser=_path, help="Also save the TREC run to this file.")
+    ] = None,
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     nprobe: NProbeOpt = None,
     ef: EfOpt = None,
     effort: EffortOpt = None,
-    model: ModelOpt = None,
-    precision: Precision = None,
+    model: QueryModelOpt = None,
+    precision: QueryPrecision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Run judged queries against DIR and score them (nDCG, recall, MRR…) with ir-measures."""
+    """Run the judged queries against the index at DIR and score the ranking with ir-measures (trec_eval's
+    definitions of nDCG, recall, MRR and the rest)."""
     _setup(verbose, quiet, debug)
-    from dsearch.evaluate import DEFAULT_METRICS, evaluate, parse_metrics, read_qrels
+    from dsearch.evaluate import DEFAULT_METRICS, RunTarget, evaluate, parse_metrics, read_qrels
     from dsearch.search import read_query_file
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
+    run_target = RunTarget.check(run_file) if run_file is not None else None  # before any query runs
+    if run_file is not None:
+        for flag, given in (("--queries", queries_file), ("--qrels", qrels_file)):
+            if _same_file(run_file, given):  # replacing it would lose the judgements or topics
+                raise UsageError(f"--run {run_file} is the {flag} file; give --run another path")
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
     opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
-    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_file)
+    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target)
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)
     if report.judged_queries_missing:
@@ -681,9 +1132,18 @@ def eval_command(
         for name, value in report.metrics.items():
             print(f"{name}\tall\t{value:.4f}")
     if per_query:
+        from dsearch.output import escape_field
+
         for qid, values in report.per_query.items():
             for name, value in values.items():
-                print(f"{name}\t{qid}\t{value:.4f}")
+                print(f"{name}\t{escape_field(qid)}\t{value:.4f}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist (yet): not the same file
 
 
 # --- entry point -------------------------------------------------------------------------------------

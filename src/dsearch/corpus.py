@@ -7,22 +7,34 @@ Bad input raises :class:`InputError` naming ``file:line``; with ``skip_bad`` it 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import gzip
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import xxhash
+
 from dsearch.errors import InputError, UsageError
+from dsearch.manifest import FORMAT_NAME, MANIFEST_FILE
+from dsearch.windows import window_spans
+
+log = logging.getLogger("dsearch")
 
 FORMATS = ("jsonl", "tsv", "csv", "parquet", "text")
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -39,6 +51,12 @@ DEFAULT_ID_FIELDS = ("_id", "id", "docid", "doc_id", "pid")
 DEFAULT_TEXT_FIELDS = ("text", "contents", "passage", "body")
 DEFAULT_TITLE_FIELDS = ("title",)
 SKIP_HINT = "fix it, or pass --skip-bad to skip such records"
+# Deeper JSON is refused: real corpora nest a few levels, and the stored fields are re-serialised recursively.
+MAX_JSON_DEPTH = 100
+# Skipped records logged one by one under -v; the rest are only counted, so one bad file cannot flood the log.
+MAX_LOGGED_BAD = 100
+# Hex digits of a text passage's content hash in its id: 48 bits, and a clash only adds a counter.
+TEXT_ID_HASH_CHARS = 12
 
 
 @dataclass(slots=True)
@@ -81,19 +99,88 @@ class CorpusStats:
 TokenSpans = Callable[[str], list[tuple[int, int]]]
 
 
-def detect_format(path: str) -> str:
-    """The format a path's name implies (``-`` is JSON Lines)."""
-    if path == "-":
-        return "jsonl"
-    p = Path(path)
-    if p.is_dir():
-        return "text"
-    suffixes = [s.lower() for s in p.suffixes]
+def format_of_name(name: str) -> str | None:
+    """The format a file name implies (``x.jsonl.gz`` is JSON Lines), or None for an unknown extension."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
-    if suffixes and suffixes[-1] in _SUFFIX_FORMATS:
-        return _SUFFIX_FORMATS[suffixes[-1]]
-    raise UsageError(f"{path}: cannot tell the format from the name; pass --format ({'|'.join(FORMATS)})")
+    return _SUFFIX_FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def detect_format(path: str) -> str:
+    """The format a file's name implies (``-`` is JSON Lines)."""
+    if path == "-":
+        return "jsonl"
+    fmt = format_of_name(path)
+    if fmt is None:
+        raise UsageError(f"{path}: cannot tell the format from the name; pass --format ({'|'.join(FORMATS)})")
+    return fmt
+
+
+def suffixes_of(fmt: str | None) -> list[str]:
+    """The extensions a directory walk reads for ``fmt`` (every supported one for None); each also as ``.gz``."""
+    return sorted(s for s, f in _SUFFIX_FORMATS.items() if fmt is None or f == fmt)
+
+
+def is_index_dir(path: str | os.PathLike[str]) -> bool:
+    """True for a dsearch index directory: never part of a corpus, even when it sits inside one."""
+    manifest = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest, "rb") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+
+
+def corpus_files(
+    root: str | os.PathLike[str], fmt: str | None = None, exclude: Iterable[str | os.PathLike[str]] = ()
+) -> list[Path]:
+    """The files of a corpus directory that are read, in sorted order.
+
+    A file is read when its extension names ``fmt`` (any supported format when None). Hidden files and
+    directories, dsearch index directories and the ``exclude`` paths (the index being built) are skipped, so an
+    index written inside its own corpus is never read back as corpus.
+    """
+    root = Path(root)
+    excluded = {os.path.realpath(p) for p in exclude}
+    found: list[tuple[tuple[str, ...], Path]] = []
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if not d.startswith(".")
+            and os.path.realpath(os.path.join(directory, d)) not in excluded
+            and not is_index_dir(os.path.join(directory, d))
+        ]
+        if os.path.realpath(directory) in excluded:
+            dirnames[:] = []
+            continue
+        for name in filenames:
+            file_fmt = format_of_name(name)
+            if name.startswith(".") or file_fmt is None or (fmt is not None and file_fmt != fmt):
+                continue
+            path = Path(directory, name)
+            if path.is_file():
+                found.append((path.relative_to(root).parts, path))
+    return [path for _, path in sorted(found)]
+
+
+def needs_tokenizer(paths: Iterable[str], fmt: str | None = None, exclude: Iterable[str] = ()) -> bool:
+    """True when some input is plain text / Markdown, whose paragraphs are cut into windows by token count."""
+    if fmt is not None:
+        return fmt == "text"
+    for path in paths:
+        if path == "-":
+            continue
+        if os.path.isdir(path):
+            if any(format_of_name(f.name) == "text" for f in corpus_files(path, None, exclude)):
+                return True
+        elif format_of_name(path) == "text":
+            return True
+    return False
 
 
 def read_corpus(
@@ -105,19 +192,25 @@ def read_corpus(
     token_spans: TokenSpans | None = None,
     max_tokens: int = 256,
     stdin: IO[bytes] | None = None,
+    exclude: Iterable[str | os.PathLike[str]] = (),
+    log_skipped: bool = True,
 ) -> Iterator[Passage]:
-    """Yield the passages of every path in order, checking ids for duplicates and skipping empty text."""
+    """Yield the passages of every path in order, checking ids for duplicates and skipping empty text.
+
+    A directory is read for every file of a supported format (or of ``fmt`` when given), see
+    :func:`corpus_files`; ``exclude`` names directories to leave out (the index being written). Skipped bad
+    records are logged (INFO) unless ``log_skipped`` is False (a second pass over the same corpus).
+    """
     names = names or FieldNames()
     stats = stats if stats is not None else CorpusStats()
+    exclude = tuple(exclude)
     seen: set[str] = set()
     for path in paths:
-        path_fmt = fmt or detect_format(path)
-        for item in _read_one(path, path_fmt, names, token_spans, max_tokens, stdin):
+        for item in _read_path(path, fmt, names, token_spans, max_tokens, stdin, exclude):
             if isinstance(item, InputError):
                 if not skip_bad:
                     raise item
-                stats.skipped_bad += 1
-                stats.first_bad = stats.first_bad or str(item)
+                _count_bad(item, stats, log_skipped)
                 continue
             if not item.text.strip():
                 stats.skipped_empty += 1
@@ -126,44 +219,106 @@ def read_corpus(
                 err = InputError(item.where, f"duplicate id {item.id!r}", "ids must be unique; " + SKIP_HINT)
                 if not skip_bad:
                     raise err
-                stats.skipped_bad += 1
-                stats.first_bad = stats.first_bad or str(err)
+                _count_bad(err, stats, log_skipped)
                 continue
             seen.add(item.id)
             stats.read += 1
             yield item
+    if log_skipped and stats.skipped_bad > MAX_LOGGED_BAD:
+        log.info("%d more bad records skipped, not listed", stats.skipped_bad - MAX_LOGGED_BAD)
 
 
-def _read_one(
+def _count_bad(err: InputError, stats: CorpusStats, log_skipped: bool) -> None:
+    stats.skipped_bad += 1
+    stats.first_bad = stats.first_bad or str(err)
+    if log_skipped and stats.skipped_bad <= MAX_LOGGED_BAD:
+        log.info("%s: %s (skipped)", err.where, err.problem)
+
+
+def _read_path(
+    path: str,
+    fmt: str | None,
+    names: FieldNames,
+    token_spans: TokenSpans | None,
+    max_tokens: int,
+    stdin: IO[bytes] | None,
+    exclude: tuple[str | os.PathLike[str], ...],
+) -> Iterator[Passage | InputError]:
+    """One command-line path: stdin, a file, or a directory read file by file."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if path == "-":
+        yield from _read_file("-", fmt or "jsonl", "<stdin>", names, token_spans, max_tokens, stdin)
+        return
+    if os.path.isdir(path):
+        files = corpus_files(path, fmt, exclude)
+        if not files:
+            # Not an error here: an empty (or unmounted) folder is what the build's removal limit guards against,
+            # so it refuses to wipe an index (exit 9) and a new index of nothing fails (exit 1) with one line.
+            # The error names the folder and what it is read for (indexer._no_passages).
+            return
+        for file in files:
+            rel = file.relative_to(path).as_posix()
+            yield from _read_file(
+                str(file), fmt or detect_format(file.name), rel, names, token_spans, max_tokens, stdin
+            )
+        return
+    if not os.path.exists(path):
+        raise InputError(path, "no such file or directory")
+    yield from _read_file(path, fmt or detect_format(path), Path(path).name, names, token_spans, max_tokens, stdin)
+
+
+def _read_file(
     path: str,
     fmt: str,
+    rel: str,
     names: FieldNames,
     token_spans: TokenSpans | None,
     max_tokens: int,
     stdin: IO[bytes] | None,
 ) -> Iterator[Passage | InputError]:
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if path != "-" and not os.path.exists(path):
-        raise InputError(path, "no such file or directory")
-    if fmt == "parquet":
-        yield from _read_parquet(path, names)
-    elif fmt == "text":
-        yield from _read_text_tree(path, token_spans, max_tokens, stdin)
-    else:
-        with _open_binary(path, stdin) as fh:
-            label = "<stdin>" if path == "-" else path
-            if fmt == "jsonl":
-                yield from _read_jsonl(fh, label, names)
-            else:
-                yield from _read_delimited(fh, label, names, "\t" if fmt == "tsv" else ",")
+    """One file in one format. ``rel`` is its name relative to the corpus root, used in text passages' ids."""
+    label = "<stdin>" if path == "-" else path
+    try:
+        if fmt == "parquet":
+            yield from _read_parquet(path, names)
+        elif fmt == "text":
+            with _open_binary(path, stdin) as fh:
+                data = fh.read()  # one document at a time: text files are documents, not corpora
+            markdown = _base_suffix(path) in MARKDOWN_SUFFIXES
+            yield from _split_text_file(data, label, rel, token_spans, max_tokens, markdown)
+        else:
+            with _open_binary(path, stdin) as fh:
+                if fmt == "jsonl":
+                    yield from _read_jsonl(fh, label, names)
+                else:
+                    yield from _read_delimited(fh, label, names, "\t" if fmt == "tsv" else ",")
+    # A bad .gz fails the whole file, even with --skip-bad: nothing after the damage can be read.
+    except gzip.BadGzipFile as exc:
+        if str(exc).startswith("Not a gzipped file"):
+            raise InputError(label, "not a gzip file, though its name ends in .gz", "rename it or gzip it") from exc
+        raise InputError(label, f"corrupt gzip file ({exc})", "re-download it") from exc
+    except EOFError as exc:
+        raise InputError(label, "truncated gzip file (the compressed data ends early)", "re-download it") from exc
+    except zlib.error as exc:
+        raise InputError(label, f"corrupt gzip data ({exc})", "re-download it") from exc
+    except OSError as exc:  # unreadable: permissions, a vanished file, a device error
+        raise InputError(label, f"cannot read ({exc.strerror or exc})") from exc
+
+
+def _base_suffix(path: str) -> str:
+    """The extension that names the format: ``.md`` for ``notes.md.gz``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def _open_binary(path: str, stdin: IO[bytes] | None) -> IO[bytes]:
     if path == "-":
         raw = stdin if stdin is not None else sys.stdin.buffer
         return _NoClose(raw)
-    if path.endswith(".gz"):
+    if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb")
 
@@ -176,6 +331,9 @@ class _NoClose(io.BufferedIOBase):
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._raw)
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._raw.read(size)
 
     def close(self) -> None:  # leave the caller's stream open
         pass
@@ -195,13 +353,23 @@ def _pick(record: dict[str, Any], wanted: str | None, defaults: tuple[str, ...])
     return next((name for name in defaults if name in record), None)
 
 
+_NOT_ID_TYPES = (dict, list, bool)
+
+
 def _passage_from_record(record: dict[str, Any], where: str, source: str, names: FieldNames) -> Passage | InputError:
     id_key = _pick(record, names.id, DEFAULT_ID_FIELDS)
     text_key = _pick(record, names.text, DEFAULT_TEXT_FIELDS)
     title_key = _pick(record, names.title, DEFAULT_TITLE_FIELDS)
-    if id_key is None or record.get(id_key) is None or str(record[id_key]).strip() == "":
+    if id_key is None or record.get(id_key) is None:
         wanted = names.id or "/".join(DEFAULT_ID_FIELDS)
         return InputError(where, f"missing id field {wanted!r}", "name it with --id-field, or " + SKIP_HINT)
+    raw_id = record[id_key]
+    if type(raw_id) is not str and isinstance(raw_id, _NOT_ID_TYPES):
+        return InputError(where, f"id field {id_key!r} is not a string or a number", SKIP_HINT)
+    # The id is kept exactly as given (spaces, tabs and all): qrels and other tools must find it unchanged.
+    pid = str(raw_id)
+    if not pid.strip():
+        return InputError(where, f"empty id in field {id_key!r}", "every passage needs an id; " + SKIP_HINT)
     if text_key is None or text_key not in record:
         wanted = names.text or "/".join(DEFAULT_TEXT_FIELDS)
         return InputError(where, f"missing text field {wanted!r}", "name it with --text-field, or " + SKIP_HINT)
@@ -214,7 +382,7 @@ def _passage_from_record(record: dict[str, Any], where: str, source: str, names:
     title = str(title) if title not in (None, "") else None
     used = {id_key, text_key, title_key}
     fields = {k: v for k, v in record.items() if k not in used}
-    return Passage(str(record[id_key]).strip(), text, title, source, fields, where)
+    return Passage(pid, text, title, source, fields, where)
 
 
 def _read_jsonl(fh: IO[bytes], label: str, names: FieldNames) -> Iterator[Passage | InputError]:
@@ -233,33 +401,59 @@ def _read_jsonl(fh: IO[bytes], label: str, names: FieldNames) -> Iterator[Passag
         except json.JSONDecodeError as exc:
             yield InputError(where, f"not valid JSON ({exc.msg} at column {exc.colno})", SKIP_HINT)
             continue
+        except RecursionError:
+            yield InputError(where, f"JSON nested more than {MAX_JSON_DEPTH} levels deep", SKIP_HINT)
+            continue
         if not isinstance(record, dict):
             yield InputError(where, "a JSON line must be an object", SKIP_HINT)
             continue
+        # Only a line that could hold a lone surrogate or deep nesting is walked: the rest cost two scans.
+        if "\\u" in line or line.count("[") + line.count("{") > MAX_JSON_DEPTH:
+            problem = _json_problem(record)
+            if problem:
+                yield InputError(where, problem, SKIP_HINT)
+                continue
         yield _passage_from_record(record, where, label, names)
+
+
+def _json_problem(record: dict[str, Any]) -> str | None:
+    """What parsed but cannot be stored: a lone surrogate escape (not text), or nesting too deep to re-serialise."""
+    stack: list[tuple[Any, int]] = [(record, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON nested more than {MAX_JSON_DEPTH} levels deep"
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(value[exc.start])
+                return f"lone surrogate \\u{code:04x} in a string (not valid Unicode)"
+    return None
 
 
 def _read_delimited(fh: IO[bytes], label: str, names: FieldNames, delimiter: str) -> Iterator[Passage | InputError]:
     """TSV and CSV. A first row that names the id and text columns is a header; otherwise ``id<TAB>text``."""
     header: list[str] | None = None
-    lines = _decoded_lines(fh, label)
-    # csv needs one logical record at a time; TSV has no quoting, so a line is a record.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    for lineno, text in lines:
+    first = True
+    rows = _tsv_rows(fh, label) if delimiter == "\t" else _csv_rows(fh, label)
+    for lineno, row in rows:
         where = f"{label}:{lineno}"
-        if isinstance(text, InputError):
-            yield text
+        if isinstance(row, InputError):
+            yield row
             continue
-        if not text.strip():
-            continue
-        try:
-            row = next(csv.reader([text], delimiter=delimiter, quoting=quoting, strict=True))
-        except csv.Error as exc:
-            yield InputError(where, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} row ({exc})", SKIP_HINT)
-            continue
-        if header is None and lineno == 1 and _looks_like_header(row, names):
-            header = row
-            continue
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # blank lines are not records
+        if first:
+            first = False
+            if _looks_like_header(row, names):
+                header = row
+                continue
         if header is None:
             if names.id or names.text or names.title:
                 yield InputError(where, "field options need a header row naming the columns", "add a header line")
@@ -280,14 +474,54 @@ def _read_delimited(fh: IO[bytes], label: str, names: FieldNames, delimiter: str
         yield _passage_from_record(record, where, label, names)
 
 
-def _decoded_lines(fh: IO[bytes], label: str) -> Iterator[tuple[int, str | InputError]]:
+def _tsv_rows(fh: IO[bytes], label: str) -> Iterator[tuple[int, list[str] | InputError]]:
+    """TSV has no quoting (MS MARCO's collection has bare quotes in its text): a line is a record."""
     for lineno, raw in enumerate(fh, 1):
         text = _decode(raw, f"{label}:{lineno}")
         if isinstance(text, str):
             text = text.rstrip("\r\n")
             if lineno == 1:
                 text = text.lstrip("\ufeff")
-        yield lineno, text
+            yield lineno, text.split("\t")
+        else:
+            yield lineno, text
+
+
+def _csv_rows(fh: IO[bytes], label: str) -> Iterator[tuple[int, list[str] | InputError]]:
+    """Standard CSV (RFC 4180): a quoted field may hold newlines, so a record can span lines.
+
+    Each record comes with the line it starts on. Lines are decoded one at a time so that bad UTF-8 names its
+    own line; the record holding it is reported instead of read, and the records around it still are.
+    """
+    bad: list[InputError] = []
+
+    def lines() -> Iterator[str]:
+        for lineno, raw in enumerate(fh, 1):
+            text = _decode(raw, f"{label}:{lineno}")
+            if isinstance(text, InputError):
+                bad.append(text)
+                text = raw.decode("utf-8", "replace")
+            yield text.lstrip("\ufeff") if lineno == 1 else text
+
+    # Line endings stay on each line, as with open(newline=''): the csv module needs them inside quoted fields.
+    reader = csv.reader(lines(), strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            bad.clear()
+            yield start, InputError(f"{label}:{start}", f"malformed CSV record ({exc})", SKIP_HINT)
+            start = reader.line_num + 1
+            continue
+        if bad:
+            yield start, bad[0]
+            bad.clear()
+        else:
+            yield start, row
+        start = reader.line_num + 1
 
 
 def _looks_like_header(row: list[str], names: FieldNames) -> bool:
@@ -299,64 +533,118 @@ def _looks_like_header(row: list[str], names: FieldNames) -> bool:
 def _read_parquet(path: str, names: FieldNames) -> Iterator[Passage | InputError]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise InputError(path, f"not a readable Parquet file ({exc})") from exc
-    row_number = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            row_number += 1
-            yield _passage_from_record(record, f"{path}:row {row_number}", path, names)
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if path.lower().endswith(".gz"):
+            # Parquet reads its footer first and then seeks back: a gzip stream would be decompressed over and
+            # over, so it is decompressed once to a temporary file (disk, not memory).
+            source = stack.enter_context(tempfile.TemporaryFile())
+            with gzip.open(path, "rb") as fh:
+                shutil.copyfileobj(fh, source, 1 << 20)
+            source.seek(0)
+        try:
+            pf = pq.ParquetFile(source)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise InputError(path, f"not a readable Parquet file ({exc})") from exc
+        row_number = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row_number += 1
+                yield _passage_from_record(record, f"{path}:row {row_number}", path, names)
 
 
 # --- plain text and Markdown -------------------------------------------------------------------------
 
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")  # Markdown's "# Title"
+# An RST or Markdown (setext) underline, overline or rule: one adornment character, three times or more.
+_UNDERLINE = re.compile(r"^\s{0,3}([=\-~^*+#_])\1{2,}\s*$")
+_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+# A sentence ends with . ! ? or … and maybe closing quotes or brackets; the next one starts with no lowercase.
 
 
-def _read_text_tree(
-    path: str, token_spans: TokenSpans | None, max_tokens: int, stdin: IO[bytes] | None
-) -> Iterator[Passage | InputError]:
-    if path == "-":
-        data = (stdin if stdin is not None else sys.stdin.buffer).read()
-        yield from _split_text_file(data, "<stdin>", token_spans, max_tokens, markdown=False)
-        return
-    root = Path(path)
-    files = (
-        sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-        if root.is_dir()
-        else [root]
-    )
-    for file in files:
-        opener = gzip.open if file.suffix == ".gz" else open
-        with opener(file, "rb") as fh:
-            data = fh.read()  # one document at a time: text files are documents, not corpora
-        markdown = file.suffix.lower() in {".md", ".markdown"}
-        yield from _split_text_file(data, str(file), token_spans, max_tokens, markdown)
+@dataclass
+class _TextState:
+    """What one text file's reading carries from paragraph to paragraph."""
+
+    heading: str | None = None
+    in_fence: bool = False  # inside a Markdown code fence: no headings there
+    ids: dict[str, int] = field(default_factory=dict)  # id -> times used, for duplicate texts
 
 
 def _split_text_file(
-    data: bytes, label: str, token_spans: TokenSpans | None, max_tokens: int, markdown: bool
+    data: bytes, label: str, rel: str, token_spans: TokenSpans | None, max_tokens: int, markdown: bool
 ) -> Iterator[Passage | InputError]:
-    """Paragraphs (blank-line separated), each cut into overlapping windows of at most ``max_tokens``."""
+    """Paragraphs (blank-line separated), each cut into overlapping windows of at most ``max_tokens``.
+
+    A heading (Markdown ``#``, or a line underlined with ``===``/``---`` in any text file) is not a passage: it
+    titles the passages below it. Ids are ``rel#hash`` of the window's text (see :func:`_text_id`).
+    """
     text = _decode(data, label)
     if isinstance(text, InputError):
         yield text
         return
     text = text.lstrip("\ufeff").replace("\r\n", "\n")
-    number = 0
-    heading: str | None = None
+    if markdown:
+        text = _blank_front_matter(text)
+    state = _TextState()
     line_of_offset = _line_index(text)
     for start, paragraph in _paragraphs(text):
-        match = _HEADING.match(paragraph) if markdown and "\n" not in paragraph.strip() else None
-        if match:
-            heading = match.group(1) or None  # a heading titles the paragraphs below it
-            continue
-        for window in _windows(paragraph, token_spans, max_tokens):
-            number += 1
-            where = f"{label}:{line_of_offset(start)}"
-            yield Passage(f"{label}#{number}", window, heading, label, {}, where)
+        first_line = line_of_offset(start)
+        for offset, block in _blocks(paragraph.split("\n"), markdown, state):
+            for window in _windows(block, token_spans, max_tokens):
+                pid = _text_id(rel, window, state.ids)
+                yield Passage(pid, window, state.heading, rel, {}, f"{label}:{first_line + offset}")
+
+
+def _blank_front_matter(text: str) -> str:
+    """Markdown's YAML front matter (``---`` … ``---`` at the top) is metadata, not passages: blank it out,
+    keeping its newlines so that line numbers stay right."""
+    if not text.startswith("---\n"):
+        return text
+    end = text.find("\n---\n", 3)
+    if end < 0:
+        return text
+    end += len("\n---\n")
+    return "\n" * text.count("\n", 0, end) + text[end:]
+
+
+def _blocks(lines: list[str], markdown: bool, state: _TextState) -> Iterator[tuple[int, str]]:
+    """The passages of one paragraph's lines, as (line offset, text); headings found update ``state.heading``."""
+    buf: list[str] = []
+    buf_start = 0
+    for i, line in enumerate(lines):
+        if markdown and _FENCE.match(line):
+            state.in_fence = not state.in_fence
+        elif not state.in_fence:
+            atx = _HEADING.match(line) if markdown else None
+            under = None if atx else _UNDERLINE.match(line)
+            if atx or under:
+                # Markdown underlines a heading with = or - only; its *** or ___ is a rule. RST takes any.
+                underlines = under is not None and bool(buf) and (not markdown or under.group(1) in "=-")
+                title = atx.group(1) if atx else buf.pop().strip() if underlines else None
+                if buf:
+                    yield buf_start, "\n".join(buf).strip()
+                    buf = []
+                if atx or underlines:  # a rule, or an overline with nothing above it, titles nothing
+                    state.heading = title or None
+                continue
+        if not buf:
+            buf_start = i
+        buf.append(line)
+    if buf:
+        yield buf_start, "\n".join(buf).strip()
+
+
+def _text_id(rel: str, text: str, used: dict[str, int]) -> str:
+    """``rel#<hash of the text>``: stable when other paragraphs are inserted, moved or removed.
+
+    ``rel`` is the file's path relative to the corpus root, so the id does not depend on how the corpus path was
+    typed. The same text twice in one file gets ``-2``, ``-3``… in order.
+    """
+    base = f"{rel}#{xxhash.xxh3_64_hexdigest(text.encode('utf-8'))[:TEXT_ID_HASH_CHARS]}"
+    count = used.get(base, 0) + 1
+    used[base] = count
+    return base if count == 1 else f"{base}-{count}"
 
 
 def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
@@ -374,15 +662,8 @@ def _line_index(text: str) -> Callable[[int], int]:
 
 
 def _windows(paragraph: str, token_spans: TokenSpans | None, max_tokens: int) -> Iterator[str]:
-    """Cut a paragraph into windows of ``max_tokens`` tokens that overlap by an eighth."""
-    spans = token_spans(paragraph) if token_spans else [m.span() for m in re.finditer(r"\S+", paragraph)]
-    if len(spans) <= max_tokens:
-        yield paragraph
-        return
-    overlap = max(1, max_tokens // 8)
-    step = max(1, max_tokens - overlap)
-    for first in range(0, len(spans), step):
-        last = min(first + max_tokens, len(spans)) - 1
-        yield paragraph[spans[first][0] : spans[last][1]]
-        if last == len(spans) - 1:
-            break
+    """Cut a paragraph into windows of ``max_tokens`` tokens that overlap by about an eighth, each starting
+    at a sentence when one is near (see :func:`dsearch.windows.window_spans`)."""
+    spans_of = token_spans or (lambda text: [m.span() for m in re.finditer(r"\S+", text)])
+    for start, end in window_spans(paragraph, spans_of, max_tokens, overlap=max(1, max_tokens // 8)):
+        yield paragraph[start:end]

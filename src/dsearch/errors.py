@@ -16,6 +16,8 @@ EXIT_STATUS_MISSING = 5
 EXIT_STATUS_BROKEN = 6  # an interrupted run was never finished, or a file is corrupt
 EXIT_STATUS_TOO_OLD = 7
 EXIT_STATUS_CORPUS_CHANGED = 8
+# `dsearch index`: refused because the run would remove more passages than --max-remove allows.
+EXIT_TOO_MANY_REMOVED = 9
 
 
 class DsearchError(Exception):
@@ -60,3 +62,9 @@ class IncompleteError(DsearchError):
     """The run was interrupted or could not finish; nothing was published."""
 
     exit_code = EXIT_INCOMPLETE
+
+
+class TooManyRemovedError(DsearchError):
+    """A run would remove more of the index's passages than allowed (an empty or unmounted corpus, say)."""
+
+    exit_code = EXIT_TOO_MANY_REMOVED

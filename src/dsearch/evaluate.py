@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dsearch.encoder import Encoder
-from dsearch.errors import InputError, UsageError
+from dsearch.errors import DsearchError, InputError, UsageError
+from dsearch.output import trec_line
 from dsearch.search import Query, run_search
 from dsearch.store import OpenIndex
+
+log = logging.getLogger("dsearch")
 
 DEFAULT_METRICS = "nDCG@10,R@100,RR@10"
 Qrels = dict[str, dict[str, int]]
@@ -19,8 +25,15 @@ Run = dict[str, dict[str, float]]
 
 
 def read_qrels(path: str) -> Qrels:
-    """BEIR ``qrels/*.tsv`` (``query-id<TAB>corpus-id<TAB>score``, header optional) or TREC ``qid 0 docid rel``."""
+    """BEIR ``qrels/*.tsv`` (``query-id<TAB>corpus-id<TAB>score``, header optional) or TREC ``qid 0 docid rel``.
+
+    Relevance must be a whole number (trec_eval's grades). A judgement repeated with the same grade is kept
+    once with a warning; with another grade it is an error, since either grade would silently change the
+    metrics.
+    """
     qrels: Qrels = {}
+    first_line: dict[tuple[str, str], int] = {}
+    repeats: list[str] = []
     try:
         raw_lines = Path(path).read_bytes().splitlines()
     except OSError as exc:
@@ -44,13 +57,37 @@ def read_qrels(path: str) -> Qrels:
             raise InputError(
                 where, f"expected 'qid docid rel' (BEIR) or 'qid 0 docid rel' (TREC), found {len(parts)} columns"
             )
-        try:
-            qrels.setdefault(qid, {})[docid] = int(float(rel))
-        except ValueError:
-            raise InputError(where, f"relevance {rel!r} is not a number") from None
+        grade = _grade(rel, where)
+        judged = qrels.setdefault(qid, {})
+        if docid in judged:
+            first = first_line[(qid, docid)]
+            if judged[docid] != grade:
+                raise InputError(
+                    where,
+                    f"{qid} {docid} is judged {grade} here but {judged[docid]} on line {first}",
+                    "keep one judgement per query and passage",
+                )
+            repeats.append(f"{where} (same as line {first})")
+            continue
+        judged[docid] = grade
+        first_line[(qid, docid)] = lineno
     if not qrels:
         raise InputError(path, "no judgements in the qrels file")
+    if repeats:
+        more = f" and {len(repeats) - 1} more" if len(repeats) > 1 else ""
+        log.warning("%s: repeated judgement kept once%s", repeats[0], more)
     return qrels
+
+
+def _grade(rel: str, where: str) -> int:
+    """A relevance grade: a whole number, such as 0, 1, 2 or -1 (``2.0`` is accepted as 2)."""
+    try:
+        value = float(rel)
+    except ValueError:
+        raise InputError(where, f"relevance {rel!r} is not a number", "use a whole number such as 0, 1 or 2") from None
+    if not math.isfinite(value) or value != int(value):
+        raise InputError(where, f"relevance {rel!r} is not a whole number", "use a whole number such as 0, 1 or 2")
+    return int(value)
 
 
 def parse_metrics(spec: str) -> list[tuple[str, Any]]:
@@ -124,16 +161,23 @@ def evaluate(
     k: int,
     metrics: list[tuple[str, Any]],
     keep_self: bool = False,
-    run_path: Path | None = None,
+    run_target: RunTarget | None = None,
 ) -> EvalReport:
     """Run the judged queries, optionally save the TREC run, and score it."""
     judged = [q for q in queries if q.qid in qrels]
+    if not judged:
+        # Means over no query would print 0.0 for every metric, as if the index found nothing.
+        raise DsearchError(
+            f"no judged query to run: none of the {len(queries)} queries has a judgement in the qrels "
+            f"(query ids such as {queries[0].qid!r}, judged ids such as {next(iter(qrels))!r}); "
+            "check that the queries and the qrels belong together"
+        )
     query_ids = {q.qid for q in queries}
     run: Run = {}
     for query, hits in run_search(index, encoder, judged, k, exclude_self=not keep_self):
         run[query.qid] = {hit.id: float(hit.score) for hit in hits}
-    if run_path is not None:
-        write_trec_run(run, run_path)
+    if run_target is not None:
+        write_trec_run(run, run_target)
     index_ids = {row["id"] for row in index.iter_rows(("id",))}
     judged_ids = {doc for docs in qrels.values() for doc in docs}
     means, per_query = score_run(run, qrels, metrics)
@@ -148,12 +192,71 @@ def evaluate(
     )
 
 
-def write_trec_run(run: Run, path: Path, tag: str = "dsearch") -> None:
-    """Write the run atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for qid, docs in run.items():
-            ranked: Iterable[tuple[str, float]] = sorted(docs.items(), key=lambda d: -d[1])
-            for rank, (doc, score) in enumerate(ranked, 1):
-                fh.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class RunTarget:
+    """Where ``--run`` writes, decided before any query runs.
+
+    A regular file (or a new one) is replaced atomically by a temporary file beside it. Anything else is
+    written through, never replaced: a symlink's target (a regular target atomically, beside the target),
+    a FIFO, ``/dev/stdout`` or another character device. A regular file in a directory we cannot write to
+    (so no temporary file can go beside it) is overwritten in place.
+    """
+
+    path: Path  # what to open or replace: a symlink resolved to its target
+    atomic: bool
+
+    @classmethod
+    def check(cls, path: Path) -> RunTarget:
+        def refuse(problem: str) -> InputError:
+            return InputError(str(path), problem, "give --run a file path")
+
+        try:
+            info = path.stat()  # follows symlinks
+        except FileNotFoundError:
+            if path.is_symlink():
+                raise refuse("a symlink to a missing file") from None
+            parent = path.parent
+            if not parent.is_dir():
+                raise refuse(f"directory {str(parent)!r} does not exist") from None
+            if not os.access(parent, os.W_OK):
+                raise refuse(f"directory {str(parent)!r} is not writable") from None
+            return cls(path, atomic=True)
+        except OSError as exc:
+            raise refuse(f"cannot use it ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse("is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            return cls(path, atomic=False)  # a FIFO or a device: write to it, never replace it
+        real = Path(os.path.realpath(path))
+        if real.parts[:2] == ("/", "proc") or not os.access(real.parent, os.W_OK):
+            # /dev/stdout and friends lead into /proc: the file is someone's open descriptor; write through.
+            if not os.access(path, os.W_OK):
+                raise refuse("is not writable")
+            return cls(path, atomic=False)
+        return cls(real, atomic=True)
+
+
+def write_trec_run(run: Run, target: RunTarget, tag: str = "dsearch") -> None:
+    """Write the run; a regular file atomically, so a crash leaves the old file or the new one."""
+    try:
+        if not target.atomic:
+            with open(target.path, "w", encoding="utf-8") as fh:
+                _write_run(run, fh, tag)
+            return
+        tmp = target.path.with_name(f".{target.path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                _write_run(run, fh, tag)
+            os.replace(tmp, target.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no litter, whatever went wrong
+            raise
+    except OSError as exc:
+        raise InputError(str(target.path), f"cannot write the run ({exc.strerror or exc})") from None
+
+
+def _write_run(run: Run, fh: Any, tag: str) -> None:
+    for qid, docs in run.items():
+        ranked: Iterable[tuple[str, float]] = sorted(docs.items(), key=lambda d: -d[1])
+        for rank, (doc, score) in enumerate(ranked, 1):
+            fh.write(trec_line(qid, doc, rank, score, tag))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ from dsearch.errors import (
     EXIT_STATUS_TOO_OLD,
     DsearchError,
 )
-from dsearch.indexer import describe_sources
-from dsearch.manifest import MANIFEST_FILE
-from dsearch.store import OpenIndex, lock_is_held, read_progress, staging_dirs
+from dsearch.indexer import describe_source
+from dsearch.manifest import MANIFEST_FILE, Manifest
+from dsearch.store import OpenIndex, leftover_segments, lock_is_held, read_progress, staging_dirs
 
 # When several things are wrong, the exit code is the first of these that applies.
 _ORDER = {
@@ -62,7 +63,7 @@ class StatusReport:
         if not self.problems:
             age = f", built {_human_age(self.age_seconds)} ago" if self.age_seconds is not None else ""
             busy = "; a run is updating it now" if self.updating else ""
-            return f"ok: {self.index}: {self.passages} passages{age}{busy}"
+            return f"ok: {self.index}: {self.passages:,} passages{age}{busy}"  # 2,000 as `info` writes it
         return "; ".join(f"{p['kind']}: {p['detail']}" for p in self.problems)
 
 
@@ -97,15 +98,26 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
         report.problems.insert(0, {"kind": "corrupt", "detail": str(exc)})
         return report
     manifest = opened.manifest
-    report.passages = manifest.rows
+    orphans = leftover_segments(directory, {s.path for s in manifest.segments})
+    if orphans and not report.updating:
+        report.problems.append(
+            {
+                "kind": "incomplete",
+                "detail": f"{directory}: {len(orphans)} segment folder(s) that no manifest names ({orphans[0].name}), "
+                "left by an interrupted or crashed run; the next 'dsearch index' run removes them",
+            }
+        )
+    report.passages = manifest.passages  # not rows: a split passage has several
     report.created_at = manifest.created_at
     created = dt.datetime.fromisoformat(manifest.created_at)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=dt.UTC)  # written by dsearch in UTC
     report.age_seconds = round((dt.datetime.now(dt.UTC) - created).total_seconds(), 1)
     if max_age is not None and report.age_seconds > max_age:
         report.problems.append(
             {
                 "kind": "too-old",
-                "detail": f"built {_human_age(report.age_seconds)} ago, "
+                "detail": f"{directory}: built {_human_age(report.age_seconds)} ago, "
                 f"more than the allowed {_human_age(max_age)}; reindex",
             }
         )
@@ -114,20 +126,79 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
         report.problems.append(
             {
                 "kind": "corpus-changed",
-                "detail": f"{changed} changed since the index was built; run 'dsearch index --update'",
+                "detail": f"{changed} changed since the index was built; "
+                f"run '{update_command(directory, manifest, corpus)}'",
             }
         )
+    report.problems.sort(key=lambda p: list(_ORDER).index(p["kind"]))  # the first problem sets the exit code
     return report
 
 
-def _changed_sources(recorded: list[dict[str, Any]], corpus: list[str] | None) -> str | None:
-    """The first corpus path whose files, size or modification time differ from the build's record."""
-    by_path = {s["path"]: s for s in recorded if s.get("path") != "-"}
+def update_command(directory: Path, manifest: Manifest, given: list[str] | None = None) -> str:
+    """The command that brings this index up to date, from what its manifest recorded, quoted for a shell.
+
+    An index built from stdin recorded no files, and --update cannot read stdin: the corpus paths given to
+    ``status --corpus`` stand in, else a CORPUS placeholder (never a command without a corpus).
+    """
+    corpus = manifest.corpus
+    paths = [str(s.get("path")) for s in corpus.get("sources", []) if isinstance(s, dict) and s.get("path") != "-"]
+    words = ["dsearch", "index", *(paths or given or ["CORPUS"])]
+    words += ["-o", str(directory), "--update"]
+    if corpus.get("format"):
+        words += ["--format", str(corpus["format"])]
+    for name, value in (corpus.get("fields") or {}).items():
+        if value is not None and name in ("id", "text", "title"):
+            words += [f"--{name}-field", str(value)]
+    return shlex.join(words)
+
+
+def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | None:
+    """The first corpus path whose files, size or modification time differ from the build's record.
+
+    Paths come from the manifest, which may be damaged or hostile: a folder is walked no further than the
+    number of files and folders the build recorded there (plus one, which is enough to see a change), so a
+    manifest that names ``/usr`` costs as much as the build's own walk and no more. (A cap in seconds or a
+    fixed count would either cut real corpora short or still let a hostile record walk far; the record's own
+    size is the bound that is right for each index.)
+    """
+    by_path = {s["path"]: s for s in recorded if isinstance(s, dict) and isinstance(s.get("path"), str)}
+    by_path.pop("-", None)
     paths = corpus if corpus is not None else list(by_path)
-    for now in describe_sources(paths):
-        then = by_path.get(str(now["path"]))
+    for path in paths:
+        resolved = str(Path(path).resolve())
+        then = by_path.get(resolved)
         if then is None:
-            return f"{now['path']} (not part of the build)"
-        if any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
-            return str(now["path"])
+            then, inside = _recorded_part(by_path, resolved)
+            if then is None:
+                return f"{path} ({inside or 'not part of the build'})"
+        # Files and folders the build saw, plus one: enough to see a change, and no more than the build walked.
+        # (Records from before "folders" was kept: the files count stands in for both.)
+        files = then.get("files") if isinstance(then.get("files"), int) else 0
+        folders = then.get("folders") if isinstance(then.get("folders"), int) else files
+        now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1)
+        if now.get("cut_short") or any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
+            return path
     return None
+
+
+def _recorded_part(by_path: dict[str, dict[str, Any]], resolved: str) -> tuple[dict[str, Any] | None, str]:
+    """What the build recorded for a file or folder inside one of its source folders (from that folder's listing)."""
+    for root, source in by_path.items():
+        if not resolved.startswith(root.rstrip("/") + "/"):
+            continue
+        listing = source.get("listing")
+        if not isinstance(listing, dict):
+            return None, f"inside {root}, whose files were too many to record one by one; give {root} itself"
+        prefix = resolved[len(root.rstrip("/")) + 1 :]
+        names = [k for k in listing if k == prefix or k.startswith(prefix + "/")]
+        if not names:
+            return None, "not part of the build"
+        files = [listing[k] for k in names]
+        folders = {str(Path(k).parent) for k in names if k != prefix} - {prefix, "."}
+        return {
+            "folders": len(folders),
+            "files": len(files),
+            "bytes": sum(v[0] for v in files),
+            "mtime": max(v[1] for v in files),
+        }, ""
+    return None, ""

@@ -7,35 +7,53 @@ and with ``update`` re-encodes only the passages whose encoded text changed, reu
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import xxhash
 
-from dsearch.corpus import CorpusStats, FieldNames, Passage, detect_format, read_corpus
+from dsearch.corpus import (
+    CorpusStats,
+    FieldNames,
+    Passage,
+    corpus_files,
+    format_of_name,
+    is_index_dir,
+    needs_tokenizer,
+    read_corpus,
+    suffixes_of,
+)
+from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError, UsageError
-from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment
+from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
+from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
 from dsearch.store import (
     INDEX_TYPE,
+    WINDOW_COLUMNS,
     OpenIndex,
     SegmentWriter,
     Staging,
     check_target,
     content_hash,
+    fault_point,
     index_lock,
     passage_row,
     publish,
     staging_area,
+    tidy,
 )
+from dsearch.windows import DEFAULT_OVERLAP, budget, window_spans
 
 log = logging.getLogger("dsearch")
 
@@ -61,6 +79,7 @@ class BuildSummary:
     model: str
     precision: str
     indexed: int  # passages in the published index
+    windows: int = 0  # rows (vectors) in the published index: more than passages when long ones were split
     added: int = 0
     updated: int = 0  # encoded text changed: re-encoded
     metadata_only: int = 0  # same encoded text, other fields changed: vector reused
@@ -89,25 +108,80 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def describe_sources(paths: Iterable[str]) -> list[dict[str, object]]:
-    """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed."""
-    sources: list[dict[str, object]] = []
-    for path in paths:
-        if path == "-":
-            sources.append({"path": "-"})
-            continue
-        p = Path(path)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        stats = [f.stat() for f in files if f.exists()]
-        sources.append(
-            {
-                "path": str(p.resolve()),
-                "files": len(stats),
-                "bytes": sum(s.st_size for s in stats),
-                "mtime": max((s.st_mtime for s in stats), default=0.0),
-            }
-        )
-    return sources
+# A folder source records each file's size and time when it has at most this many files, so that `status
+# --corpus FILE` can check one file inside it; beyond that only the totals (the manifest is read by every query).
+LISTED_FILES = 1000
+
+
+class _Walk:
+    """The corpus files under a folder, in a stable order, skipping what a build skips (hidden entries, index
+    directories, ``exclude``, files of no corpus format); with a budget, it stops after that many entries (files
+    and folders alike, so that a tree of empty folders is bounded too) and says it did."""
+
+    def __init__(self, root: Path, budget: int | None = None, exclude: Iterable[str] = ()) -> None:
+        self.root = root
+        self.budget = budget
+        self.excluded = {os.path.realpath(p) for p in exclude}
+        self.folders = 0
+        self.cut_short = False
+
+    def __iter__(self) -> Iterator[Path]:
+        seen = 0
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+            except OSError:
+                continue
+            for entry in entries:
+                is_dir = entry.is_dir(follow_symlinks=False)  # never follow a link out of the tree
+                if not is_dir and not entry.is_file():
+                    continue
+                if entry.name.startswith(".") or (not is_dir and format_of_name(entry.name) is None):
+                    continue
+                if is_dir and (os.path.realpath(entry.path) in self.excluded or is_index_dir(entry.path)):
+                    continue
+                seen += 1
+                if self.budget is not None and seen > self.budget:
+                    self.cut_short = True
+                    return
+                if is_dir:
+                    self.folders += 1
+                    stack.append(Path(entry.path))
+                else:
+                    yield Path(entry.path)
+
+
+def describe_source(path: str, budget: int | None = None, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """Size and times of one corpus path. With ``budget``, a folder is walked no further than that many entries,
+    and ``cut_short`` says when the walk stopped early (so the folder differs from the record)."""
+    p = Path(path)
+    walk = _Walk(p, budget, exclude) if p.is_dir() else None
+    files = list(walk) if walk is not None else [p]
+    stats = {}
+    for f in files:
+        with suppress(OSError):
+            stats[f] = f.stat()
+    source: dict[str, Any] = {
+        "path": str(p.resolve()),
+        "files": len(stats),
+        "bytes": sum(s.st_size for s in stats.values()),
+        "mtime": max((s.st_mtime for s in stats.values()), default=0.0),
+    }
+    if walk is not None:
+        source["folders"] = walk.folders
+        if walk.cut_short:
+            source["cut_short"] = True
+        elif len(stats) <= LISTED_FILES:
+            source["listing"] = {str(f.relative_to(p)): [s.st_size, s.st_mtime] for f, s in stats.items()}
+    return source
+
+
+def describe_sources(paths: Iterable[str], exclude: Iterable[str] = ()) -> list[dict[str, object]]:
+    """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed. A folder counts
+    the files a build reads, never an index inside it (``exclude``: the one being written)."""
+    return [{"path": "-"} if path == "-" else describe_source(path, exclude=exclude) for path in paths]
 
 
 def count_records(paths: list[str]) -> int | None:
@@ -154,6 +228,7 @@ class _LazyEncoder:
     def __init__(self, source: EncoderSource) -> None:
         self._source = source
         self._encoder: Encoder | None = source if hasattr(source, "encode_documents") else None  # type: ignore
+        self.load_seconds = 0.0
 
     @property
     def loaded(self) -> bool:
@@ -161,23 +236,44 @@ class _LazyEncoder:
 
     def get(self) -> Encoder:
         if self._encoder is None:
+            started = time.perf_counter()
             self._encoder = self._source()  # type: ignore[operator]
+            # Loading (and a first run's ONNX export) is not encoding: kept out of passages/s.
+            self.load_seconds = time.perf_counter() - started
         return self._encoder
 
 
 class StoredRow(NamedTuple):
-    row: int
+    row: int  # the passage's first row; a split passage's windows follow it
     content_hash: str
     metadata_hash: str  # a hash, not the metadata itself: memory per stored passage stays small
+    windows: tuple[tuple[int, int] | None, ...] = (None,)  # the span of each row's window; None: the whole text
 
 
 def _stored_rows(index: OpenIndex) -> dict[str, StoredRow]:
     """id → where and what each stored passage is (ids, hashes and metadata only; not the text's vectors)."""
-    stored = {}
-    columns = ("id", "content_hash", "title", "text", "source", "fields")
+    stored: dict[str, StoredRow] = {}
+    columns = ("id", "content_hash", "title", "text", "source", "fields", *WINDOW_COLUMNS)
+    previous = None
     for row, data in enumerate(index.iter_rows(columns)):
-        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata_hash(data))
+        span = None if data["window_start"] is None else (data["window_start"], data["window_end"])
+        if data["id"] == previous:  # the next window of the same passage: rows of one passage are contiguous
+            old = stored[previous]
+            stored[previous] = old._replace(windows=(*old.windows, span))
+            continue
+        stored[data["id"]] = StoredRow(row, data["content_hash"], _metadata_hash(data), (span,))
+        previous = data["id"]
     return stored
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How long passages are cut into windows (``None`` in the manifest: truncated at max_seq_length)."""
+
+    overlap: int = DEFAULT_OVERLAP
+
+    def as_dict(self) -> dict[str, int]:
+        return {"overlap": self.overlap}
 
 
 def _metadata_hash(row: dict[str, Any]) -> str:
@@ -185,9 +281,20 @@ def _metadata_hash(row: dict[str, Any]) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(fields, ensure_ascii=False).encode())
 
 
-def _check_compatible(manifest: Manifest, model_name: str | None, precision: str | None) -> None:
-    """An update must use the index's own model, precision and format; otherwise say to rebuild."""
+def _check_compatible(
+    manifest: Manifest, model_name: str | None, precision: str | None, split: SplitSpec | None
+) -> None:
+    """An update must use the index's own model, precision, windows and format; otherwise say to rebuild."""
     hint = "; rebuild it in full (without --update)"
+    stored_split = manifest.corpus.get("split")
+    wanted_split = split.as_dict() if split else None
+    if stored_split != wanted_split:
+        def describe(value: dict[str, Any] | None) -> str:
+            return f"--split --overlap {value['overlap']}" if value else "--no-split"
+
+        raise IndexDirError(
+            f"the index's long passages were cut with {describe(stored_split)}, not {describe(wanted_split)}{hint}"
+        )
     if not OLDEST_FORMAT_VERSION <= manifest.format_version <= FORMAT_VERSION:
         raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")
     if model_name is not None and model_name != manifest.model.name:
@@ -205,15 +312,17 @@ class CorpusSpec:
     names: FieldNames = field(default_factory=FieldNames)
     skip_bad: bool = False
     stdin: IO[bytes] | None = None
+    exclude: tuple[str, ...] = ()  # the index being written, when it sits inside the corpus
 
 
-def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder) -> Iterator[Passage]:
+def _read(corpus: CorpusSpec, stats: CorpusStats, lazy: _LazyEncoder, log_skipped: bool = True) -> Iterator[Passage]:
     # Only text files need the tokenizer (to cut windows); structured formats never load the model here.
     fmt = corpus.fmt
-    needs_tokens = fmt == "text" or any(p != "-" and (fmt or detect_format(p)) == "text" for p in corpus.paths)
+    needs_tokens = needs_tokenizer(corpus.paths, fmt, corpus.exclude)
     spans = lazy.get().token_spans if needs_tokens else None
     max_tokens = lazy.get().max_text_tokens if needs_tokens else 256
-    return read_corpus(corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
+    args = (corpus.paths, fmt, corpus.names, corpus.skip_bad, stats, spans, max_tokens, corpus.stdin)
+    return read_corpus(*args, exclude=corpus.exclude, log_skipped=log_skipped)
 
 
 @dataclass
@@ -228,6 +337,10 @@ class _Counts:
 
     def changes(self, stored_total: int) -> int:
         return self.added + self.updated + self.metadata_only + (stored_total - len(self.seen_stored))
+
+    def saved(self) -> dict[str, int]:
+        """What a checkpoint keeps (``encoded`` is this run's; ``seen_stored`` is rebuilt on resume)."""
+        return {k: getattr(self, k) for k in ("added", "updated", "metadata_only", "unchanged", "truncated")}
 
 
 def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[str, StoredRow], counts: _Counts) -> bool:
@@ -263,6 +376,70 @@ def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, bas
     return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
 
 
+@dataclass
+class RemovalLimit:
+    """How many of an index's passages one run may remove (``--max-remove N`` or ``P%``); default: half.
+
+    A cron job fed an empty, truncated or unmounted corpus would otherwise publish an empty index and exit 0.
+    """
+
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> RemovalLimit:
+        if text is None:
+            return cls()
+        try:
+            if text.endswith("%"):
+                percent = float(text[:-1])
+                if 0 <= percent <= 100:
+                    return cls(percent=percent)
+            elif int(text) >= 0:
+                return cls(count=int(text))
+        except ValueError:
+            pass
+        raise UsageError(f"--max-remove {text!r} is not a number of passages (5000) or a percentage (0-100%)")
+
+    def allowed(self, existing: int) -> int:
+        if self.count is not None:
+            return self.count
+        return int(existing * (self.percent if self.percent is not None else 50) // 100)
+
+    def check(self, target: Path, existing: int, remaining: int, removed: int, why: str = "") -> None:
+        """Refuse (exit 9) before anything is published when ``removed`` is over the limit."""
+        if removed <= self.allowed(existing):
+            return
+        allowed = self.allowed(existing)
+        chosen = self.count is not None or self.percent is not None
+        limit = f"--max-remove allows {allowed:,}" if chosen else f"the default limit is {allowed:,} (half)"
+        raise TooManyRemovedError(
+            f"{target}: refusing to remove {removed:,} of the index's {existing:,} passages, leaving {remaining:,}"
+            f"{why}; {limit}; nothing was published (if that is intended, rerun with --max-remove {removed} "
+            "or --max-remove 100%)"
+        )
+
+
+def _no_passages(corpus: CorpusSpec, stats: CorpusStats) -> str:
+    where = ", ".join(corpus.paths)
+    folders = [p for p in corpus.paths if p != "-" and os.path.isdir(p)]
+    empty = [p for p in folders if not corpus_files(p, corpus.fmt, corpus.exclude)]
+    if empty:  # an empty or unmounted folder, or one without files of the formats read
+        kinds = " ".join(suffixes_of(corpus.fmt))
+        return f"{where} gave no passages: no corpus files in {', '.join(empty)} (read: {kinds}, each also .gz)"
+    return f"{where} gave no passages: {stats.skipped_empty} empty and {stats.skipped_bad} bad skipped"
+
+
+_DISK_FIXES = {
+    errno.ENOSPC: "free some space or write the index elsewhere with -o",
+    errno.EDQUOT: "free some space or write the index elsewhere with -o",
+    errno.EACCES: "check its permissions or choose another -o",
+    errno.EPERM: "check its permissions or choose another -o",
+    errno.EROFS: "the file system is read-only: choose another -o",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another -o",
+}
+
+
 def build_index(
     paths: list[str],
     target: Path,
@@ -279,6 +456,11 @@ def build_index(
     model_name: str | None = None,
     precision: str | None = None,
     checkpoint_seconds: float | None = None,
+    max_remove: RemovalLimit | None = None,
+    on_resume: ProgressCallback | None = None,
+    split: SplitSpec | None = SplitSpec(),
+    keep_split: bool = False,
+    chunk_encoder: ChunkEncoder | None = None,
     index_type: str | None = None,
     memory: int | None = None,
 ) -> BuildSummary:
@@ -286,20 +468,100 @@ def build_index(
 
     ``encoder`` is an encoder or a zero-argument function that loads one (called only if something must be
     encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
+    ``max_remove`` bounds how many existing passages the run may drop; ``on_resume`` hears how many passages an
+    interrupted run's checkpoint already holds (``progress`` then hears only this run's).
+    ``split`` cuts passages longer than the model's window into overlapping windows (``None``: truncate);
+    ``keep_split`` makes an update use whatever the index was built with.
+    ``chunk_encoder`` encodes each chunk's texts (default: here, with ``encoder``; ``distributed.RayEncoder``: on
+    a Ray cluster); everything else happens here either way, so the index comes out the same.
     """
+    try:
+        return _locked_build(
+            CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin, (str(target),)),
+            target,
+            _LazyEncoder(encoder),
+            batch_size=batch_size,
+            progress=progress,
+            update=update,
+            restart=restart,
+            model_name=model_name,
+            precision=precision,
+            checkpoint_seconds=checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds,
+            limit=max_remove or RemovalLimit(),
+            on_resume=on_resume,
+            split=split,
+            keep_split=keep_split,
+            chunk_encoder=chunk_encoder or LocalEncoder(),
+            ann=(index_type, memory),
+        )
+    except OSError as exc:
+        fix = _DISK_FIXES.get(exc.errno or 0)
+        if fix is None:
+            raise
+        # Disk full, no permission, read-only: the user's to fix, so one line naming the path, not a bug report.
+        where = Path(exc.filename) if exc.filename else target
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) and not _within(where, target):
+            # A corpus file, not the index: another -o would not help.
+            not_dir = exc.errno == errno.ENOTDIR
+            fix = "a part of the path is a file, not a folder" if not_dir else "check its permissions"
+        raise IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})") from exc
+
+
+def _within(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve()) or directory.resolve().is_relative_to(path.resolve())
+    except OSError:
+        return True
+
+
+def _locked_build(
+    corpus: CorpusSpec,
+    target: Path,
+    lazy: _LazyEncoder,
+    *,
+    batch_size: int,
+    progress: ProgressCallback | None,
+    update: bool,
+    restart: bool,
+    model_name: str | None,
+    precision: str | None,
+    checkpoint_seconds: float,
+    limit: RemovalLimit,
+    on_resume: ProgressCallback | None,
+    split: SplitSpec | None,
+    keep_split: bool,
+    chunk_encoder: ChunkEncoder,
+    ann: tuple[str | None, int | None] = (None, None),
+) -> BuildSummary:
     started = time.perf_counter()
-    corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin)
-    lazy = _LazyEncoder(encoder)
+    if update and "-" in corpus.paths:
+        raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
+    check_target(target)  # before the lock, so that not even a lock file goes into a directory that is not ours
     with index_lock(target):
+        # Everything that can refuse the run is checked here, before any passage is encoded.
+        replacing = check_target(target)
         base = None
-        if update:
-            if "-" in paths:
-                raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
-            if check_target(target):
+        existing: int | None = None  # passages of the valid index this run replaces; None: there is none
+        if update and replacing:
+            try:
                 base = OpenIndex(target)
-                _check_compatible(base.manifest, model_name, precision)
-            else:
-                log.info("no index at %s yet: building it in full", target)
+            except IndexDirError as exc:
+                reason = str(exc).removesuffix("; rebuild the index")
+                raise IndexDirError(
+                    f"{reason}; --update cannot use it: rebuild it in full (without --update)"
+                ) from None
+            if keep_split:
+                stored_split = base.manifest.corpus.get("split")
+                split = SplitSpec(**stored_split) if stored_split else None
+            _check_compatible(base.manifest, model_name, precision, split)
+            existing = _passages_of(base.manifest)
+        elif update:
+            log.info("no index at %s yet: building it in full", target)
+        elif replacing:
+            try:
+                existing = _passages_of(read_manifest(target))
+            except IndexDirError as exc:  # existing stays None: a corrupt index has nothing to protect
+                log.warning("replacing a corrupt index: %s", exc)  # a rebuild is the repair
         stored = _stored_rows(base) if base else {}
         counts = _Counts()
         stats = CorpusStats()
@@ -308,15 +570,55 @@ def build_index(
             for passage in _read(corpus, stats, lazy):
                 hash_ = content_hash(passage.encoder_text)
                 _classify(passage, hash_, passage_row(passage, hash_), stored, counts)
+            removed = len(stored) - len(counts.seen_stored)
+            remaining = len(counts.seen_stored) + counts.added
+            why = f" ({_no_passages(corpus, stats)})" if remaining == 0 else ""
+            limit.check(target, len(stored), remaining, removed, why)
             if counts.changes(len(stored)) == 0:
-                return _summary(target, base.manifest.model, base.rows, counts, stats, 0, started, published=False)
+                tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
+                passages = _passages_of(base.manifest)
+                return _summary(
+                    target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
+                )
         signature = _signature(corpus, model_name, precision, base.manifest if base else None)
-        interval = checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds
+        guard = _Guard(limit, existing, update=base is not None)
         # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
-        requested = index_type or (base.manifest.index_params.get("requested", "auto") if base else "auto")
-        ann = (requested, memory)
+        requested = ann[0] or (base.manifest.index_params.get("requested", "auto") if base else "auto")
         with staging_area(target, signature, restart) as staging:
-            return _build(corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started, ann)
+            try:
+                return _build(
+                    corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
+                    started, guard, on_resume, split, chunk_encoder, (requested, ann[1]),
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                if staging.published:  # past the point of no return: the new index is live
+                    return staging.result  # type: ignore[no-any-return]
+                raise
+
+
+def _passages_of(manifest: Manifest) -> int:
+    """Passages in an index: its rows, unless long passages were split into several rows each."""
+    return manifest.passages
+
+
+@dataclass
+class _Guard:
+    """The removal limit of a run, checked when the corpus turns out empty and again before publishing."""
+
+    limit: RemovalLimit
+    existing: int | None  # passages in the index being replaced or updated (None for a new or corrupt one)
+    update: bool
+
+    def empty_corpus(self, target: Path, corpus: CorpusSpec, stats: CorpusStats) -> None:
+        if self.existing is None:
+            raise IndexDirError(f"{_no_passages(corpus, stats)}; nothing to index, nothing was written")
+        self.limit.check(target, self.existing, 0, self.existing, f" ({_no_passages(corpus, stats)})")
+
+    def before_publish(self, target: Path, passages: int, removed: int) -> None:
+        # A rebuild does not track ids: what it removes is what the index shrinks by.
+        if self.existing is not None:
+            shrink = removed if self.update else max(0, self.existing - passages)
+            self.limit.check(target, self.existing, passages, shrink)
 
 
 def _build(
@@ -330,68 +632,154 @@ def _build(
     signature: str,
     checkpoint_seconds: float,
     started: float,
+    guard: _Guard,
+    on_resume: ProgressCallback | None,
+    split: SplitSpec | None,
+    chunk_encoder: ChunkEncoder,
     ann: tuple[str, int | None] = ("auto", None),
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
 
-    info = base.manifest.model if base else model_info(lazy.get())
     resume = staging.progress or {}
-    resumed_at = int(resume.get("rows", 0))
+    resumed_at = int(resume.get("passages", resume.get("rows", 0)))  # passages; rows may be more (windows)
     counts = _Counts(**{k: v for k, v in resume.get("counts", {}).items()})
+    counts.encoded = 0  # `encoded` and passages/s describe this run's work, not the checkpoint's
+    stats = CorpusStats()
+    passages = _read(corpus, stats, lazy, log_skipped=base is None)  # an update's first pass logged them
+    first = next(passages, None)  # an empty corpus is refused here, before the model loads (for most formats)
+    if first is None:
+        guard.empty_corpus(staging.target, corpus, stats)
+    else:
+        passages = chain([first], passages)
+    info = base.manifest.model if base else model_info(lazy.get())
     if resumed_at:
         log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
     writer = SegmentWriter(
-        staging.segment_dir, info.dim, resumed_at if staging.progress else None, int(resume.get("parts", 0))
+        staging.segment_dir, info.dim, int(resume["rows"]) if staging.progress else None, int(resume.get("parts", 0))
     )
-    stats = CorpusStats()
-    passages = _read(corpus, stats, lazy)
     for passage in islice(passages, resumed_at):  # done before the interruption: only note which ids were seen
         if passage.id in stored:
             counts.seen_stored.add(passage.id)
-    if progress and resumed_at:
-        progress(resumed_at)
+    if resumed_at:
+        (on_resume or progress or (lambda n: None))(resumed_at)
     last_checkpoint = time.monotonic()
-    for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
-        texts = [p.encoder_text for p in chunk]
-        hashes = [content_hash(t) for t in texts]
-        rows = [passage_row(p, h) for p, h in zip(chunk, hashes, strict=True)]
-        encode = [
-            i for i, (p, h, r) in enumerate(zip(chunk, hashes, rows, strict=True)) if _classify(p, h, r, stored, counts)
-        ]
-        vectors = np.empty((len(chunk), info.dim), dtype=np.float32)
-        reuse = sorted(set(range(len(chunk))) - set(encode))
-        if reuse:
-            assert base is not None
-            vectors[reuse] = base.vectors_at([stored[chunk[i].id].row for i in reuse])
-        if encode:
-            encoder = _checked(lazy, info)
-            to_encode = [texts[i] for i in encode]
-            counts.truncated += encoder.count_truncated(to_encode)
-            vectors[encode] = encoder.encode_documents(to_encode)
-            counts.encoded += len(encode)
-        writer.add(rows, vectors)
+    done = resumed_at  # passages written so far; rows can be more (windows)
+    # Chunks whose texts are being encoded (elsewhere, with --ray), written back in corpus order. A checkpoint
+    # covers written chunks only, so a resumed run re-sends whatever was in flight.
+    pending: deque[_Pending] = deque()
+
+    def write_oldest() -> None:
+        nonlocal done, last_checkpoint
+        item = pending.popleft()
+        if item.handle is not None:
+            item.vectors[item.encode_rows] = chunk_encoder.result(item.handle)
+        writer.add(item.rows, item.vectors)
+        done += item.passages
         if progress:
-            progress(len(chunk))
+            progress(item.passages)
         if time.monotonic() - last_checkpoint >= checkpoint_seconds:
             parts = writer.checkpoint()
-            saved = {k: v for k, v in asdict(counts).items() if k != "seen_stored"}
-            staging.save_progress({"signature": signature, "rows": writer.rows, "parts": parts, "counts": saved})
+            # The counts as they were when this chunk was read: chunks still in flight are not in the checkpoint.
+            progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
+            staging.save_progress({**progress_record, "dim": info.dim, "counts": item.counts})
+            fault_point("checkpointed")
             last_checkpoint = time.monotonic()
+
+    for chunk in iter(lambda: list(islice(passages, batch_size * BATCHES_PER_CHUNK)), []):
+        rows: list[dict[str, Any]] = []
+        reuse: list[tuple[int, int]] = []  # (new row, stored row) whose vector is copied
+        encode: list[tuple[int, str]] = []  # (new row, text to encode)
+        for passage in chunk:
+            hash_ = content_hash(passage.encoder_text)
+            row = passage_row(passage, hash_)
+            if _classify(passage, hash_, row, stored, counts):
+                counts.encoded += 1
+                for span, text in _windows_of(passage, lazy, info, split):
+                    encode.append((len(rows), text))
+                    rows.append(_with_window(row, span))
+            else:  # unchanged text: the same windows, so the stored vectors of every window are reused
+                old = stored[passage.id]
+                for offset, span in enumerate(old.windows):
+                    reuse.append((len(rows), old.row + offset))
+                    rows.append(_with_window(row, span))
+        vectors = np.empty((len(rows), info.dim), dtype=np.float32)
+        if reuse:
+            assert base is not None
+            vectors[[new for new, _ in reuse]] = base.vectors_at([old for _, old in reuse])
+        handle = None
+        if encode:
+            encoder = _checked(lazy, info)
+            to_encode = [text for _, text in encode]
+            if split is None:
+                counts.truncated += encoder.count_truncated(to_encode)
+            handle = chunk_encoder.submit(encoder, to_encode)
+        pending.append(_Pending(len(chunk), rows, vectors, [new for new, _ in encode], handle, counts.saved()))
+        while len(pending) > chunk_encoder.depth:
+            write_oldest()
+    while pending:
+        write_oldest()
     segment = writer.close()
-    seconds = time.perf_counter() - started
-    corpus_info = {"sources": describe_sources(corpus.paths), "format": corpus.fmt, "fields": asdict(corpus.names)}
+    removed = len(stored) - len(counts.seen_stored)
+    guard.before_publish(staging.target, done, removed)
+    corpus_info = {
+        "sources": describe_sources(corpus.paths, corpus.exclude),
+        "format": corpus.fmt,
+        "fields": asdict(corpus.names),
+        "split": split.as_dict() if split else None,
+    }
     stats_info = {
+        "passages": done,
         "skipped_empty": stats.skipped_empty,
         "skipped_bad": stats.skipped_bad,
         "truncated": counts.truncated,
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
     }
+    if chunk_encoder.workers is not None:  # a Ray build: how many workers encoded it
+        stats_info["workers"] = chunk_encoder.workers
+    worker_precision = getattr(chunk_encoder, "precision_used", None)
+    if worker_precision is not None and worker_precision != info.precision:  # fp16 on GPU workers
+        info = replace(info, precision=worker_precision)
     manifest = new_manifest(info, segment, corpus_info, stats_info)
     manifest.index_type, manifest.index_params = build_segment_index(staging.segment_dir, segment, *ann)
+    staging.result = _summary(
+        staging.target, info, done, counts, stats, resumed_at, started, removed=removed, windows=segment.rows,
+        load_seconds=lazy.load_seconds,
+    )  # fmt: skip
     publish(staging, manifest)
-    removed = len(stored) - len(counts.seen_stored)
-    return _summary(staging.target, info, segment.rows, counts, stats, resumed_at, started, removed=removed)
+    return staging.result  # type: ignore[no-any-return]
+
+
+class _Pending(NamedTuple):
+    """A chunk read and classified, waiting for its encoded vectors before it is written."""
+
+    passages: int
+    rows: list[dict[str, Any]]
+    vectors: Any  # np.ndarray: reused vectors filled in, encoded rows still empty
+    encode_rows: list[int]
+    handle: Any  # what chunk_encoder.submit returned; None when nothing in the chunk is encoded
+    counts: dict[str, int]  # the run's counts up to and including this chunk, for its checkpoint
+
+
+def _windows_of(
+    passage: Passage, lazy: _LazyEncoder, info: ModelInfo, split: SplitSpec | None
+) -> list[tuple[tuple[int, int] | None, str]]:
+    """(span, text to encode) per window of the passage; one whole-text window when it fits or is not split."""
+    if split is None:
+        return [(None, passage.encoder_text)]
+    encoder = _checked(lazy, info)
+    room = budget(encoder.max_text_tokens, passage.title, encoder.token_spans)
+    spans = window_spans(passage.text, encoder.token_spans, room, split.overlap)
+    if len(spans) == 1:
+        return [(None, passage.encoder_text)]
+    lead = f"{passage.title} " if passage.title else ""  # every window is led by the title, as the passage is
+    return [((start, end), lead + passage.text[start:end]) for start, end in spans]
+
+
+def _with_window(row: dict[str, Any], span: tuple[int, int] | None) -> dict[str, Any]:
+    start, end = span if span is not None else (None, None)
+    return {**row, "window_start": start, "window_end": end}
+
 
 
 def build_segment_index(
@@ -438,13 +826,17 @@ def _summary(
     started: float,
     published: bool = True,
     removed: int = 0,
+    windows: int | None = None,
+    load_seconds: float = 0.0,
 ) -> BuildSummary:
     seconds = time.perf_counter() - started
+    encoding_seconds = seconds - load_seconds
     return BuildSummary(
         index=os.fspath(target),
         model=info.name,
         precision=info.precision,
         indexed=rows,
+        windows=rows if windows is None else windows,
         added=counts.added,
         updated=counts.updated,
         metadata_only=counts.metadata_only,
@@ -457,5 +849,7 @@ def _summary(
         resumed_at=resumed_at,
         published=published,
         seconds=round(seconds, 3),
-        passages_per_second=round(counts.encoded / seconds, 2) if seconds > 0 else 0.0,
+        # This run's encoding only: a resumed run's checkpointed passages are not its work.
+        # and loading the model (a first run's ONNX export) is not encoding either.
+        passages_per_second=round(counts.encoded / encoding_seconds, 2) if encoding_seconds > 0 else 0.0,
     )

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from dsearch.encoder import SentenceTransformerEncoder
 
 log = logging.getLogger("dsearch")
+# Slow one-off steps a user should hear about even without -v; the CLI decides how to show them.
+notice = logging.getLogger("dsearch.notice")
 
 VARIANTS = ("fp32", "int8")
 SPEC_FILE = "lean.json"
@@ -183,6 +185,7 @@ def export(encoder: SentenceTransformerEncoder, variant: str = "fp32") -> Path:
     if reason:
         raise ModelError(f"cannot export {encoder.name} to ONNX: {reason}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    notice.info("preparing the model for fast inference, once per model")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         input_names = _export_onnx(encoder, staging / "model.onnx")

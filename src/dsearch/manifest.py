@@ -6,7 +6,11 @@ It names the segment directories that hold the data, which leaves room for sever
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,16 @@ FORMAT_NAME = "dsearch-index"
 FORMAT_VERSION = 2
 OLDEST_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# A segment is a plain child directory of DIR with this form: never "..", ".", an absolute path or a nested path,
+# because cleanup deletes segments by these names and must never reach outside DIR.
+SEGMENT_NAME = re.compile(r"seg-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# A file inside a segment: one plain name (no separators, no leading dot).
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A model fingerprint names the model's folder in the ONNX cache: one plain name, never a path out of it.
+FINGERPRINT = FILE_NAME
+SIMILARITIES = ("cosine", "dot")
+# Files every segment of this format version holds (the manifest must list both with their checksums).
+SEGMENT_FILES = ("index.faiss", "passages.parquet")
 
 
 @dataclass
@@ -64,6 +78,11 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
+    @property
+    def passages(self) -> int:
+        """Passages in the index: its rows, unless long passages were split into several rows (windows) each."""
+        return int(self.stats.get("passages", self.rows))
+
     def to_json(self) -> str:
         data = asdict(self)
         # Format first, so `head manifest.json` says what the file is.
@@ -85,33 +104,124 @@ class Manifest:
                 "upgrade dsearch or rebuild the index"
             )
         try:
-            model = ModelInfo(**data["model"])
-            segments = [
-                Segment(s["path"], s["rows"], {n: FileInfo(**f) for n, f in s["files"].items()})
-                for s in data["segments"]
-            ]
-            return cls(
-                model=model,
-                index_type=data["index_type"],
-                rows=data["rows"],
-                segments=segments,
-                created_at=data["created_at"],
-                versions=data["versions"],
-                corpus=data.get("corpus", {}),
-                stats=data.get("stats", {}),
-                index_params=data.get("index_params", {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError) as exc:
+            return cls._from_dict(data, version)
+        except (KeyError, TypeError, ValueError) as exc:
             raise IndexDirError(
                 f"{where}: manifest is missing or has a malformed field ({exc}); rebuild the index"
             ) from exc
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], version: int) -> Manifest:
+        """Build from parsed JSON, checking every type and name: a manifest is input like any other."""
+        model = ModelInfo(**_typed(data, "model", dict))
+        for key, kind in (("name", str), ("fingerprint", str), ("dim", int), ("similarity", str)):
+            _typed(asdict(model), key, kind)
+        if model.dim <= 0:
+            raise ValueError(f"model.dim {model.dim} is not positive")
+        if not FINGERPRINT.fullmatch(model.fingerprint):
+            raise ValueError(f"model.fingerprint {model.fingerprint!r} is not a plain name")
+        if model.similarity not in SIMILARITIES:  # query-time score checks depend on it
+            raise ValueError(f"model.similarity {model.similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        if _typed(asdict(model), "max_seq_length", int) <= 0:
+            raise ValueError(f"model.max_seq_length {model.max_seq_length} is not positive")
+        _typed(asdict(model), "precision", str)
+        prompts = _typed(asdict(model), "prompts", dict)
+        if not all(isinstance(v, str) for v in prompts.values()):
+            raise TypeError("model.prompts must map names to strings")
+        segments = [_segment(s) for s in _typed(data, "segments", list)]
+        if len({s.path for s in segments}) != len(segments):
+            raise ValueError("a segment is listed twice")
+        rows = _typed(data, "rows", int)
+        if rows < 0 or rows != sum(s.rows for s in segments):
+            raise ValueError(f"rows {rows} is not the sum of the segments' rows")
+        created_at = _typed(data, "created_at", str)
+        dt.datetime.fromisoformat(created_at)  # ValueError: not an ISO 8601 time
+        corpus = data.get("corpus", {})
+        stats = data.get("stats", {})
+        if not isinstance(corpus, dict) or not isinstance(stats, dict):
+            raise TypeError("corpus and stats must be objects")
+        sources = corpus.get("sources", [])
+        if not isinstance(sources, list) or not all(_is_source(s) for s in sources):
+            raise TypeError("corpus.sources must be a list of objects with a path")  # what status compares
+        split = corpus.get("split")
+        if split is not None and not (
+            isinstance(split, dict) and list(split) == ["overlap"] and _typed(split, "overlap", int) >= 0
+        ):
+            raise ValueError(f"corpus.split {split!r} is neither null nor {{'overlap': TOKENS}}")  # update reuses it
+        if "passages" in stats:
+            passages = _typed(stats, "passages", int)
+            if not (0 < passages <= rows or passages == rows == 0):
+                raise ValueError(f"stats.passages {passages} does not fit the index's {rows} rows")
+        return cls(
+            model=model,
+            index_type=_typed(data, "index_type", str),
+            rows=rows,
+            segments=segments,
+            created_at=created_at,
+            versions=_typed(data, "versions", dict),
+            corpus=corpus,
+            stats=stats,
+            index_params=_typed(data, "index_params", dict) if "index_params" in data else {},
+            format_version=version,
+        )
+
+
+def _typed(data: dict[str, Any], key: str, kind: type) -> Any:
+    value = data[key]
+    # bool is an int to Python, never to a manifest.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _is_source(source: Any) -> bool:
+    return isinstance(source, dict) and isinstance(source.get("path"), str)
+
+
+def _segment(data: Any) -> Segment:
+    if not isinstance(data, dict):
+        raise TypeError("a segment must be an object")
+    path = _typed(data, "path", str)
+    if not SEGMENT_NAME.fullmatch(path):
+        raise ValueError(f"segment path {path!r} is not a seg-<id> directory inside the index")
+    rows = _typed(data, "rows", int)
+    if rows < 0:
+        raise ValueError(f"segment {path} has {rows} rows")
+    files = {}
+    for name, info in _typed(data, "files", dict).items():
+        if not FILE_NAME.fullmatch(name):
+            raise ValueError(f"segment {path} lists a file {name!r} that is not a plain file name")
+        if not isinstance(info, dict):
+            raise TypeError(f"segment {path}: file {name} must be an object")
+        files[name] = FileInfo(bytes=_typed(info, "bytes", int), xxh3_128=_typed(info, "xxh3_128", str))
+    missing = [name for name in SEGMENT_FILES if name not in files]
+    if missing:
+        raise ValueError(f"segment {path} does not list {', '.join(missing)}")
+    return Segment(path, rows, files)
+
+
+# Far more than any manifest dsearch writes (a folder's listing is kept for at most 1,000 files).
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _read_regular(path: Path, limit: int) -> str:
+    """A regular file's text; a FIFO or device (which would block or never end) or a huge file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IndexDirError(
+                f"{path}: not a regular file (a FIFO, device or folder); remove it, then rebuild the index"
+            )
+        if info.st_size > limit:
+            raise IndexDirError(f"{path}: {info.st_size:,} bytes, too large for a manifest; rebuild the index")
+        return fh.read(limit + 1).decode("utf-8")
 
 
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise IndexDirError(
             f"{directory}: not a dsearch index (no {MANIFEST_FILE}); build one with 'dsearch index'"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -10,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from dsearch.encoder import Encoder
-from dsearch.errors import InputError
+from dsearch.errors import IndexDirError, InputError, ModelError, UsageError
 from dsearch.store import OpenIndex
+
+log = logging.getLogger("dsearch")
 
 # Queries encoded and searched together: large enough to amortise each BLAS call and row-group read.
 QUERY_BATCH = 256
+# How far a cosine score or a stored vector's norm may stray from what is possible before we call the
+# vectors corrupt: float32 rounding of unit vectors stays below 1e-5; a flipped byte moves it far more.
+COSINE_TOLERANCE = 1e-3
 
 
 @dataclass(slots=True)
@@ -37,6 +44,7 @@ class Hit:
     text: str
     source: str
     fields: dict[str, Any] = field(default_factory=dict)
+    window: tuple[int, int] | None = None  # the span of ``text`` that matched, when the passage was split
 
 
 def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
@@ -49,6 +57,26 @@ def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
             yield Query(str(number), text)
 
 
+def check_query_arguments(texts: list[str], what: str = "query argument") -> None:
+    """Arguments must be text: Python hands over undecodable bytes as lone surrogates."""
+    for number, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{what} {number} is not valid UTF-8; pass it in UTF-8") from None
+
+
+def decode_lines(lines: Iterable[bytes], where: str, what: str = "queries") -> Iterator[str]:
+    """Decode lines strictly as UTF-8, as the queries-file reader does: a leading BOM is dropped, bad bytes
+    are an error naming ``where:line`` rather than a query silently made of U+FFFD."""
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{where}:{lineno}", "not valid UTF-8", f"send the {what} in UTF-8") from None
+        yield line.lstrip("\ufeff") if lineno == 1 else line
+
+
 def read_query_file(path: str) -> list[Query]:
     """A query file: BEIR ``queries.jsonl`` (``_id``, ``text``), TSV ``qid<TAB>text``, or one query a line (.txt)."""
     p = Path(path)
@@ -57,6 +85,7 @@ def read_query_file(path: str) -> list[Query]:
     except OSError as exc:
         raise InputError(path, f"cannot read the queries file ({exc.strerror or exc})") from None
     queries: list[Query] = []
+    first_line: dict[str, int] = {}  # qid -> the line that first used it
     is_jsonl = p.suffix.lower() in {".jsonl", ".json", ".ndjson"}
     for lineno, raw in enumerate(raw_lines, 1):
         where = f"{path}:{lineno}"
@@ -77,17 +106,43 @@ def read_query_file(path: str) -> list[Query]:
             text = record.get("text", record.get("query"))
             if qid is None or not isinstance(text, str):
                 raise InputError(where, "a query needs '_id' and 'text' fields")
-            queries.append(Query(str(qid), text))
+            # As for corpus ids: text or a number. An empty id broke TREC lines; {} or true printed as Python.
+            if isinstance(qid, bool) or not isinstance(qid, str | int | float) or not str(qid).strip():
+                problem = f"query id {json.dumps(qid)} is not a non-empty string or number"
+                raise InputError(where, problem, "fix the line")
+            query = Query(str(qid), text.strip())
         elif p.suffix.lower() == ".txt":
-            queries.append(Query(str(len(queries) + 1), line.strip()))
+            query = Query(str(len(queries) + 1), line.strip())
         else:
             qid, tab, text = line.rstrip("\r\n").partition("\t")
             if not tab or not qid.strip():
                 raise InputError(where, "expected 'qid<TAB>query text'", "separate the id and the text with a tab")
-            queries.append(Query(qid.strip(), text.strip()))
+            query = Query(qid.strip(), text.strip())
+        if query.qid in first_line:
+            # Two rankings under one qid make a TREC run that trec_eval would merge: refuse, don't guess.
+            raise InputError(
+                where,
+                f"duplicate query id {query.qid!r} (first on line {first_line[query.qid]})",
+                "give each query its own id",
+            )
+        first_line[query.qid] = lineno
+        if not query.text:
+            log.warning("%s: query %r has no text; skipped", where, query.qid)
+            continue
+        queries.append(query)
     if not queries:
         raise InputError(path, "no queries in the file")
     return queries
+
+
+@dataclass(slots=True)
+class SearchStats:
+    """Where a search's time went, for ``-v`` (seconds per stage, summed over batches)."""
+
+    encode: float = 0.0
+    search: float = 0.0
+    lookup: float = 0.0
+    queries: int = 0
 
 
 def run_search(
@@ -96,37 +151,187 @@ def run_search(
     queries: Iterable[Query],
     k: int,
     exclude_self: bool = False,
+    min_score: float | None = None,
+    stats: SearchStats | None = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
-    """Yield each query with its hits, best first. Queries are encoded and searched in batches."""
+    """Yield each query with its hits, best first. Queries are encoded and searched in batches.
+
+    ``exclude_self`` drops a hit whose id is the query's id (BEIR's convention); ``min_score`` drops hits
+    scoring below it, so a query may get fewer than ``k`` hits.
+    """
+    stats = stats if stats is not None else SearchStats()
     iterator = iter(queries)
-    fetch = k + 1 if exclude_self else k  # room for the dropped self-hit (BEIR convention)
     while batch := list(islice(iterator, QUERY_BATCH)):
+        started = time.perf_counter()
         vectors = encoder.encode_queries([q.text for q in batch])
+        stats.encode += time.perf_counter() - started
+        check_query_vectors(vectors, batch)
+        yield from _rank(index, batch, vectors, k, min_score, stats, exclude_self=exclude_self)
+
+
+def find_rows(index: OpenIndex, ids: Iterable[str]) -> dict[str, int]:
+    """The rows of the given passage ids that are in the index (one pass over the id column)."""
+    wanted = set(ids)
+    found: dict[str, int] = {}
+    for row, record in enumerate(index.iter_rows(("id",))):
+        if record["id"] in wanted:
+            found[record["id"]] = row
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def get_passages(index: OpenIndex, ids: list[str]) -> tuple[list[Hit], list[str]]:
+    """Stored passages by id, in the order asked (``dsearch get``), and the ids that are not in the index."""
+    rows = find_rows(index, ids)
+    metadata = index.lookup(rows.values())
+    # A split passage's first row carries the whole passage; no window matched anything here.
+    passages = [_hit(Query("", ""), 0, 0.0, rows[i], metadata[rows[i]], window=False) for i in ids if i in rows]
+    return passages, [i for i in ids if i not in rows]
+
+
+def like_search(
+    index: OpenIndex, passage_id: str, k: int, min_score: float | None = None, stats: SearchStats | None = None
+) -> Iterator[tuple[Query, list[Hit]]]:
+    """More like this: rank passages by similarity to a stored passage's own vector (no model), without it."""
+    import numpy as np
+
+    row = find_rows(index, [passage_id]).get(passage_id)
+    if row is None:
+        raise InputError(passage_id, "no passage with this id in the index", "check the id with 'dsearch get'")
+    vectors = index.vectors_at([row])
+    query = Query(passage_id, f"like:{passage_id}")
+    if not np.isfinite(vectors).all():
+        _corrupt(index, row, {row: {"id": passage_id}}, "has a stored vector with NaN or infinite values")
+    yield from _rank(index, [query], vectors, k, min_score, stats or SearchStats(), exclude_id=passage_id)
+
+
+def _rank(
+    index: OpenIndex,
+    batch: list[Query],
+    vectors: Any,
+    k: int,
+    min_score: float | None,
+    stats: SearchStats,
+    exclude_self: bool = False,
+    exclude_id: str | None = None,
+) -> Iterator[tuple[Query, list[Hit]]]:
+    """Search one batch of query vectors and turn the rows into hits, one per passage.
+
+    A split passage has a row per window: it is ranked by its best window ("MaxP") and its other windows are
+    skipped, so more rows than ``k`` may be needed; the search is repeated with more until each query has ``k``.
+    """
+    passages = index.manifest.passages
+    fetch = k + 1 if exclude_self or exclude_id is not None else k  # room for the dropped hit
+    if passages < index.rows:
+        fetch *= 2  # some rows are further windows of passages already found
+    while True:
+        fetch = min(fetch, index.rows)
+        started = time.perf_counter()
         scores, rows = index.search(vectors, fetch)
+        stats.search += time.perf_counter() - started
+        if min_score is not None:
+            rows = rows.copy()
+            rows[scores < min_score] = -1  # below the bar: not looked up, not printed
+        started = time.perf_counter()
         metadata = index.lookup(rows.ravel())
-        for query, query_scores, query_rows in zip(batch, scores, rows, strict=True):
-            hits: list[Hit] = []
-            for score, row in zip(query_scores.tolist(), query_rows.tolist(), strict=True):
-                if row < 0:
-                    continue
-                meta = metadata[row]
-                if exclude_self and meta["id"] == query.qid:
-                    continue
-                if len(hits) == k:
-                    break
-                fields = json.loads(meta["fields"]) if meta["fields"] else {}
-                hits.append(
-                    Hit(
-                        query.qid,
-                        query.text,
-                        len(hits) + 1,
-                        score,
-                        row,
-                        meta["id"],
-                        meta["title"],
-                        meta["text"],
-                        meta["source"],
-                        fields,
-                    )
-                )
-            yield query, hits
+        stats.lookup += time.perf_counter() - started
+        check_hits(index, batch, scores, rows, metadata)
+        ranked = [
+            _passages_hit(query, query_scores, query_rows, metadata, k, exclude_self, exclude_id)
+            for query, query_scores, query_rows in zip(batch, scores.tolist(), rows.tolist(), strict=True)
+        ]
+        # A query is done with k passages, or once its candidates ran out (-1: none left, or below --min-score).
+        done = [len(hits) == k or -1 in query_rows for hits, query_rows in zip(ranked, rows.tolist(), strict=True)]
+        if fetch >= index.rows or all(done):
+            break
+        fetch *= 4
+    stats.queries += len(batch)
+    yield from zip(batch, ranked, strict=True)
+
+
+def _passages_hit(
+    query: Query,
+    scores: list[float],
+    rows: list[int],
+    metadata: dict[int, dict[str, Any]],
+    k: int,
+    exclude_self: bool,
+    exclude_id: str | None,
+) -> list[Hit]:
+    hits: list[Hit] = []
+    seen: set[str] = set()
+    for score, row in zip(scores, rows, strict=True):
+        if row < 0:
+            continue
+        passage = metadata[row]["id"]
+        if passage in seen or passage == exclude_id or (exclude_self and passage == query.qid):
+            continue  # a lower-scoring window of a passage already ranked, or a hit to leave out
+        if len(hits) == k:
+            break
+        seen.add(passage)
+        hits.append(_hit(query, len(hits) + 1, score, row, metadata[row]))
+    return hits
+
+
+def _hit(query: Query, rank: int, score: float, row: int, meta: dict[str, Any], window: bool = True) -> Hit:
+    fields = json.loads(meta["fields"]) if meta["fields"] else {}
+    span = (meta["window_start"], meta["window_end"]) if window and meta.get("window_start") is not None else None
+    return Hit(
+        query.qid, query.text, rank, score, row, meta["id"], meta["title"], meta["text"], meta["source"], fields, span
+    )
+
+
+def check_query_vectors(vectors: Any, batch: list[Query]) -> None:
+    """A query vector with NaN or infinity would rank passages at random: stop instead."""
+    import numpy as np
+
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        query = batch[int(np.argmin(finite))]
+        raise ModelError(f"the model gave query {query.qid!r} a vector with NaN or infinite values; check the model")
+
+
+def check_hits(index: OpenIndex, batch: list[Query], scores: Any, rows: Any, metadata: dict[int, Any]) -> None:
+    """Refuse answers that corrupt vectors make impossible, before any of them is printed.
+
+    What is cheap at query time: every hit's score must be finite and, on a cosine index, within [-1, 1];
+    every hit's stored vector must be finite and, on a cosine index, of length 1 (or 0). A corrupt vector
+    that never reaches the top k, or one whose damage keeps it finite and of unit length, is not seen here:
+    ``dsearch status`` and ``info --verify`` compare every file with its checksum.
+    """
+    import numpy as np
+
+    valid = rows >= 0
+    if not valid.any():
+        return
+    cosine = index.manifest.model.similarity == "cosine"
+    hit_scores, hit_rows = scores[valid], rows[valid]
+    bad = ~np.isfinite(hit_scores)
+    if cosine:
+        bad |= np.abs(np.nan_to_num(hit_scores)) > 1 + COSINE_TOLERANCE
+    if bad.any():
+        at = int(np.argmax(bad))
+        problem = f"scores {float(hit_scores[at])!r}" + (", impossible for a cosine index" if cosine else "")
+        _corrupt(index, int(hit_rows[at]), metadata, problem)
+    hit_vectors = index.vectors_at(hit_rows.tolist())
+    norms = np.linalg.norm(hit_vectors.astype(np.float64), axis=1)
+    bad = ~np.isfinite(norms)
+    if cosine:
+        bad |= (np.abs(np.nan_to_num(norms) - 1) > COSINE_TOLERANCE) & (np.nan_to_num(norms) > COSINE_TOLERANCE)
+    if bad.any():
+        at = int(np.argmax(bad))
+        problem = f"has a stored vector of length {float(norms[at]):.4g}"
+        if cosine:
+            problem += " (a cosine index holds unit vectors)"
+        _corrupt(index, int(hit_rows[at]), metadata, problem)
+
+
+def _corrupt(index: OpenIndex, row: int, metadata: dict[int, Any], problem: str) -> None:
+    passage = metadata.get(row, {}).get("id")
+    where = f"row {row}" + (f" (id {passage!r})" if passage is not None else "")
+    raise IndexDirError(
+        f"{index.directory}: {where} {problem}: the index's vectors are corrupt "
+        f"(check with 'dsearch status {index.directory}' or 'dsearch info --verify {index.directory}', "
+        "then rebuild the index)"
+    )

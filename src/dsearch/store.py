@@ -12,13 +12,17 @@ Layout (see README, "The index directory")::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import stat
 import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +31,18 @@ import xxhash
 
 from dsearch.corpus import Passage
 from dsearch.errors import IndexDirError, LockedError
-from dsearch.manifest import MANIFEST_FILE, FileInfo, Manifest, Segment, read_manifest
+from dsearch.manifest import MANIFEST_FILE, SEGMENT_NAME, FileInfo, Manifest, Segment, read_manifest
+
+log = logging.getLogger("dsearch")
 
 INDEX_FILE = "index.faiss"
 PASSAGES_FILE = "passages.parquet"
 INDEX_TYPE = "IndexFlatIP"
 # Small row groups keep hit lookups cheap: a hit reads only its own group of this many passages.
 ROW_GROUP_SIZE = 1000
-PASSAGE_COLUMNS = ("id", "title", "text", "source", "fields", "content_hash")
+# A split passage's windows are rows of their own, each with the character span of its window in ``text``.
+WINDOW_COLUMNS = ("window_start", "window_end")
+PASSAGE_COLUMNS = ("id", "title", "text", "source", "fields", "content_hash", *WINDOW_COLUMNS)
 # Row groups kept in memory by a reader: at most this many times ROW_GROUP_SIZE passages.
 GROUP_CACHE_SIZE = 128
 # Rows scored at once by the exact search: bounds the score matrix at queries x this many floats.
@@ -111,7 +119,9 @@ class FlatIndexFileWriter:
 def _passage_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([(name, pa.string()) for name in PASSAGE_COLUMNS])
+    return pa.schema(
+        [(name, pa.int64() if name in WINDOW_COLUMNS else pa.string()) for name in PASSAGE_COLUMNS]
+    )
 
 
 class PassageTableWriter:
@@ -123,10 +133,10 @@ class PassageTableWriter:
         self.schema = _passage_schema()
         self.path = path
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
-        self._buffer: dict[str, list[str | None]] = {name: [] for name in PASSAGE_COLUMNS}
+        self._buffer: dict[str, list[Any]] = {name: [] for name in PASSAGE_COLUMNS}
         self.rows = 0
 
-    def add_row(self, row: dict[str, str | None]) -> None:
+    def add_row(self, row: dict[str, Any]) -> None:
         for name in PASSAGE_COLUMNS:
             self._buffer[name].append(row.get(name))
         self.rows += 1
@@ -187,7 +197,7 @@ class SegmentWriter:
     def rows(self) -> int:
         return self.vectors.ntotal
 
-    def add(self, rows: list[dict[str, str | None]], vectors: Any) -> None:
+    def add(self, rows: list[dict[str, Any]], vectors: Any) -> None:
         if len(rows) != len(vectors):
             raise ValueError("passages and vectors must be row-aligned")
         if self._part is None:
@@ -218,7 +228,8 @@ class SegmentWriter:
                 for row in batch.to_pylist():
                     merged.add_row(row)
         merged.close()
-        shutil.rmtree(self.parts_dir)
+        fault_point("merged")
+        # The parts stay until publish moves the segment: a crash before then can still resume from them.
         if merged.rows != self.vectors.ntotal:
             raise IndexDirError(f"{self.directory}: {merged.rows} passages but {self.vectors.ntotal} vectors")
         files = {name: file_info(self.directory / name) for name in (INDEX_FILE, PASSAGES_FILE)}
@@ -233,74 +244,182 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# --- what in DIR is ours ----------------------------------------------------------------------------
+# Cleanup deletes only entries that dsearch itself creates, matched by exact name (never by glob, whose
+# metacharacters in a user's -o could reach other directories), and never follows a symlink.
+
+LOCK_FILE = ".dsearch.lock"
+MANIFEST_TMP = f".{MANIFEST_FILE}.tmp"
+STAGING_NAME = re.compile(r"\.staging-[0-9]{14}-[0-9a-f]{8}")
+
+
+def _new_token() -> str:
+    return f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _ours(path: Path) -> bool:
+    """An entry of DIR that dsearch writes: the manifest, its temp file, the lock, segments, staging areas."""
+    name = path.name
+    if name in (MANIFEST_FILE, MANIFEST_TMP, LOCK_FILE):
+        return path.is_file() and not path.is_symlink()
+    if SEGMENT_NAME.fullmatch(name) or STAGING_NAME.fullmatch(name):
+        return _is_real_dir(path)
+    return False
+
+
 def check_target(target: Path) -> bool:
-    """True when ``target`` already holds an index to replace; refuse anything that is not ours."""
+    """True when ``target`` holds an index to replace; False when it is new, empty or holds only dsearch's leftovers.
+
+    A directory with a manifest is replaced even if the manifest is corrupt, but only when everything in it is
+    ours: a folder of the user's that happens to hold a ``manifest.json`` is refused.
+    """
     if not target.exists():
         return False
     if not target.is_dir():
         raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
-    if (target / MANIFEST_FILE).exists():
-        return True
-    visible = [p for p in target.iterdir() if not p.name.startswith(".staging-")]
-    if visible:
+    foreign = sorted(p.name for p in target.iterdir() if not _ours(p))
+    has_manifest = (target / MANIFEST_FILE).is_file()
+    if foreign and not (has_manifest and _manifest_is_valid(target)):
         raise IndexDirError(
-            f"{target}: exists and is not a dsearch index; refusing to overwrite it (choose another -o or remove it)"
+            f"{target}: exists and is not a dsearch index; refusing to overwrite it "
+            f"(it holds {foreign[0]!r}; choose another -o or remove it)"
         )
-    return False  # an empty directory is fine to fill
+    return has_manifest
+
+
+def _manifest_is_valid(target: Path) -> bool:
+    try:
+        read_manifest(target)
+    except IndexDirError:
+        return False
+    return True
+
+
+def leftover_segments(target: Path, keep: set[str]) -> list[Path]:
+    """Segment directories in ``target`` that the manifest does not name: what crashed or replaced runs left."""
+    if not target.is_dir():
+        return []
+    found = (p for p in target.iterdir() if SEGMENT_NAME.fullmatch(p.name) and p.name not in keep)
+    return sorted(p for p in found if _is_real_dir(p))
+
+
+def collect_leftovers(target: Path, keep: set[str]) -> int:
+    """Remove unnamed segments (call with the lock held); returns how many went."""
+    found = leftover_segments(target, keep)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)
 
 
 # --- locking ----------------------------------------------------------------------------------------
 
 
-def lock_path(target: Path) -> Path:
-    """The lock sits beside DIR, so that it also guards the first build, before DIR exists."""
-    return target.parent / f".{target.name}.lock"
-
-
 @contextmanager
-def index_lock(target: Path) -> Iterator[None]:
-    """Hold the write lock on ``target`` or fail at once (exit 4) if another run holds it.
+def index_lock(target: Path) -> Iterator[Path]:
+    """Hold the write lock on ``target`` or fail at once (exit 4) if another run holds it; yields the real DIR.
 
-    The lock is an OS file lock (flock): it dies with its process, so a crashed run never leaves a stale lock.
+    The lock is an OS file lock (flock, POSIX) on ``DIR/.dsearch.lock``. Inside DIR, not beside it: the same directory
+    reached through a symlink or as ``-o .`` is the same file, so the lock follows the directory, not how its
+    path is spelled; and no lock files pile up next to indexes. The lock dies with its process, so a crash never
+    leaves a stale lock; a clean release also removes the file. Removing a lock file is only safe because every
+    taker checks, once it holds the lock, that the path still names the file it locked (else it locked an
+    unlinked file that guards nothing, and tries again). A first build creates DIR to hold the lock and removes
+    it again if the run leaves nothing in it.
     """
-    from filelock import FileLock, Timeout
+    import fcntl
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = lock_path(target)
-    lock = FileLock(path, timeout=0)
+    if target.exists() and not target.is_dir():
+        raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
+    if target.is_symlink() and not target.exists():
+        # Never create what a dangling link points to: it may be a disk that is not mounted.
+        raise IndexDirError(
+            f"{target}: a symlink to {os.readlink(target)}, which does not exist (a disk not mounted?); "
+            "nothing was changed (create that folder, or choose another -o)"
+        )
+    created = not target.exists()
+    for _attempt in range(10):
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a folder above DIR is a dangling symlink
+            raise IndexDirError(
+                f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
+                "nothing was changed (create that folder, or choose another -o)"
+            ) from None
+        real = target.resolve()
+        path = real / LOCK_FILE
+        try:
+            # Never through a symlink (it would truncate a file outside DIR), never a FIFO (open would block).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except FileNotFoundError:
+            continue  # a failed first build removed the directory it had made, just now: make it again
+        except OSError as exc:
+            raise _not_our_lock(path) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_our_lock(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise LockedError(
+                f"{target}: another dsearch run{holder} is writing this index; try again when it ends"
+            ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder before us removed this file as it let go: lock the one at the path now
+    else:
+        raise LockedError(f"{target}: the lock kept changing hands; try again")
     try:
-        lock.acquire()
-    except Timeout:
-        holder = _lock_holder(path)
-        raise LockedError(
-            f"{target}: another dsearch run{holder} is writing this index; try again when it ends"
-        ) from None
-    try:
-        path.with_suffix(".pid").write_text(str(os.getpid()))
-        yield
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield real
     finally:
-        path.with_suffix(".pid").unlink(missing_ok=True)
-        lock.release()
+        # Unlink before unlocking, so the next taker's inode check sees it; then drop DIR if we made it for nothing.
+        with suppress(OSError):
+            os.unlink(path)
+        if created:
+            with suppress(OSError):
+                real.rmdir()  # only succeeds when empty
+        os.close(fd)
 
 
-def _lock_holder(path: Path) -> str:
+def _not_our_lock(path: Path) -> IndexDirError:
+    return IndexDirError(
+        f"{path}: a symlink, folder or special file where dsearch keeps its lock; nothing was changed "
+        "(remove it if it is not yours, or choose another -o)"
+    )
+
+
+def _lock_holder(fd: int) -> str:
     try:
-        return f" (pid {int(path.with_suffix('.pid').read_text())})"
+        return f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
     except (OSError, ValueError):
         return ""
 
 
 def lock_is_held(target: Path) -> bool:
-    from filelock import FileLock, Timeout
+    """Whether a run holds ``target``'s lock now (a momentary try; never creates anything)."""
+    import fcntl
 
-    if not lock_path(target).exists():
-        return False
-    lock = FileLock(lock_path(target), timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
+        fd = os.open(target / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    lock.release()
+    finally:
+        os.close(fd)  # also releases a lock we took
     return False
 
 
@@ -311,69 +430,108 @@ PROGRESS_FILE = "progress.json"
 
 @dataclass
 class Staging:
-    """Where a new generation is built before it is published."""
+    """Where a new generation is built (``DIR/.staging-<token>/seg-<token>``) before it is published."""
 
     target: Path
     root: Path
     segment_dir: Path
-    replacing: bool
     progress: dict[str, Any] | None = None  # the checkpoint of an interrupted run being resumed
+    published: bool = False  # set the moment the new manifest is in place: the point of no return
+    interrupted_after_publish: bool = False
+    result: Any = None  # what the build reports, ready before publishing so an interrupt cannot lose it
 
     def save_progress(self, progress: dict[str, Any]) -> None:
         _write_file(self.root / PROGRESS_FILE, json.dumps(progress).encode("utf-8"), atomic=True)
 
 
 def staging_dirs(target: Path) -> list[Path]:
-    """Staging areas of ``target`` left by earlier runs (inside DIR when replacing it, beside it otherwise)."""
-    inside = sorted(target.glob(".staging-*")) if target.is_dir() else []
-    beside = sorted(target.parent.glob(f".{target.name}.staging-*"))
-    return [p for p in inside + beside if p.is_dir()]
+    """Staging areas that earlier runs left inside ``target``, matched by their exact name form."""
+    if not _is_real_dir(target):
+        return []
+    return sorted(p for p in target.iterdir() if STAGING_NAME.fullmatch(p.name) and _is_real_dir(p))
 
 
 def read_progress(staging_root: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((staging_root / PROGRESS_FILE).read_text())
+        progress = json.loads((staging_root / PROGRESS_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return progress if isinstance(progress, dict) else None
+
+
+def _resumable(root: Path, progress: dict[str, Any]) -> Path | None:
+    """The segment directory of a checkpoint when every file the checkpoint counts on is still there."""
+    segments = [p for p in root.iterdir() if SEGMENT_NAME.fullmatch(p.name) and _is_real_dir(p)]
+    if len(segments) != 1:
+        return None  # a crash after the segment moved into DIR: nothing to resume here
+    segment = segments[0]
+    try:
+        rows, parts, dim = int(progress["rows"]), int(progress["parts"]), int(progress["dim"])
+        size = (segment / INDEX_FILE).stat().st_size
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    if size < FlatIndexFileWriter.HEADER_BYTES + rows * dim * 4:
+        return None
+    parts_dir = segment / SegmentWriter.PARTS
+    if not all((parts_dir / f"part-{n:06d}.parquet").is_file() for n in range(parts)):
+        return None
+    return segment
+
+
+def tidy(target: Path) -> None:
+    """Remove what crashed runs left in ``target`` (call with the lock held): segments that the manifest does
+    not name, and staging areas that hold no checkpoint to resume. A corrupt manifest's segments stay until a
+    rebuild replaces it."""
+    if (target / MANIFEST_FILE).exists():
+        if _manifest_is_valid(target):
+            collect_leftovers(target, {s.path for s in read_manifest(target).segments})
+    else:
+        collect_leftovers(target, set())
+    temp = target / MANIFEST_TMP
+    if temp.is_symlink() or temp.is_file():
+        temp.unlink()  # a crash's half-written manifest; a symlink by our name would send the next one outside DIR
+    elif temp.exists():
+        raise IndexDirError(
+            f"{temp}: a folder or special file where dsearch writes its new manifest; nothing was changed "
+            "(remove it if it is not yours, or choose another -o)"
+        )
+    for old in staging_dirs(target):
+        progress = read_progress(old)
+        if progress is None or _resumable(old, progress) is None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def staging_area(target: Path, signature: str = "", restart: bool = False) -> Iterator[Staging]:
-    """A staging area for ``target``: an interrupted run's one when it matches ``signature``, else a new one.
+    """A staging area inside ``target``: an interrupted run's one when it matches ``signature``, else a new one.
 
-    A new index is staged beside DIR and renamed into place; an existing index stages its new segment
-    inside DIR and swaps ``manifest.json`` atomically, so readers see the old index or the new one.
-    On an error the area is removed; on an interrupt (Ctrl-C, SIGTERM) it is kept so the next run resumes.
+    Call with the lock held. Every build stages inside DIR and publishes by swapping ``manifest.json``, so
+    readers see the old index or the new one. Leftovers of earlier runs (other staging areas, segments no
+    manifest names) are removed first. On an error the area is removed; on an interrupt (Ctrl-C, SIGTERM) it is
+    kept when it holds a checkpoint, so the next run resumes.
     """
-    replacing = check_target(target)
+    check_target(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tidy(target)
     staging = None
     for old in staging_dirs(target):
         progress = read_progress(old)
-        resumable = (
-            progress is not None
-            and progress.get("signature") == signature
-            and not restart
-            and (old.parent == target) == replacing
-            and staging is None
-        )
-        if resumable:
-            segment_dir = next(old.glob("seg-*"))
-            staging = Staging(target, old, segment_dir, replacing, progress)
+        segment = None
+        if staging is None and not restart and progress is not None and progress.get("signature") == signature:
+            segment = _resumable(old, progress)
+        if segment is not None:
+            staging = Staging(target, old, segment, progress)
         else:
             shutil.rmtree(old, ignore_errors=True)  # another run's leftovers: we hold the lock
     if staging is None:
-        token = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        if replacing:
-            root = target / f".staging-{token}"
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            root = target.parent / f".{target.name}.staging-{token}"
+        token = _new_token()
+        root = target / f".staging-{token}"
         root.mkdir()
-        staging = Staging(target, root, root / f"seg-{token}", replacing)
+        staging = Staging(target, root, root / f"seg-{token}")
     try:
         yield staging
     except KeyboardInterrupt:
-        if read_progress(staging.root) is None:
+        if staging.published or read_progress(staging.root) is None:
             shutil.rmtree(staging.root, ignore_errors=True)  # nothing worth resuming
         raise
     except BaseException:
@@ -381,39 +539,71 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
         raise
 
 
+def fault_point(name: str) -> None:
+    """Test hook for crash safety: ``DSEARCH_TEST_FAULT=NAME`` kills the process (SIGKILL) at that step of a
+    build, ``NAME:TERM`` sends it SIGTERM. Steps: checkpointed, merged, segment-moved, manifest-swapped, cleaned."""
+    spec = os.environ.get("DSEARCH_TEST_FAULT")
+    if spec and spec.split(":")[0] == name:
+        os.kill(os.getpid(), signal.SIGTERM if spec.endswith(":TERM") else signal.SIGKILL)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back for a few statements that must not be split (they arrive right after)."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, OSError):  # pragma: no cover - platforms without pthread_sigmask
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def publish(staging: Staging, manifest: Manifest) -> None:
-    """Make the staged generation the index at ``staging.target`` in one atomic step."""
+    """Make the staged generation the index at ``staging.target`` in one atomic step: the manifest swap.
+
+    Before the swap, a crash leaves the old index as it was (and the staged work resumable until the segment
+    moves); the swap is the point of no return: once it is done, an interrupt no longer undoes anything, the run
+    counts as published, and cleanup that it cuts short is finished by the next run (which removes segments that
+    no manifest names).
+    """
     target = staging.target
     data = manifest.to_json().encode("utf-8")
-    (staging.root / PROGRESS_FILE).unlink(missing_ok=True)
-    if not staging.replacing:
-        _write_file(staging.root / MANIFEST_FILE, data)
-        if target.exists():
-            target.rmdir()  # empty, as check_target made sure
-        os.rename(staging.root, target)
-        _fsync_dir(target.parent)
-        return
-    old = read_manifest(target)
     for segment in manifest.segments:
         source = staging.root / segment.path
         if source.exists():
+            shutil.rmtree(source / SegmentWriter.PARTS, ignore_errors=True)  # merged into passages.parquet
             os.rename(source, target / segment.path)
-    _write_file(staging.root / MANIFEST_FILE, data)
-    os.replace(staging.root / MANIFEST_FILE, target / MANIFEST_FILE)  # the moment of publication
     _fsync_dir(target)
-    shutil.rmtree(staging.root, ignore_errors=True)
-    keep = {s.path for s in manifest.segments}
-    for segment in old.segments:
-        if segment.path not in keep:
-            # Readers that already opened these files keep them (POSIX); new readers see the new manifest.
-            shutil.rmtree(target / segment.path, ignore_errors=True)
+    fault_point("segment-moved")
+    _write_file(target / MANIFEST_TMP, data)
+    try:
+        with _signals_deferred():
+            os.replace(target / MANIFEST_TMP, target / MANIFEST_FILE)  # the moment of publication
+            staging.published = True
+            (staging.root / PROGRESS_FILE).unlink(missing_ok=True)  # nothing left to resume, whatever happens next
+        _fsync_dir(target)
+        fault_point("manifest-swapped")
+        shutil.rmtree(staging.root, ignore_errors=True)
+        # Readers that already opened the old segments keep their files (POSIX); new readers see the new manifest.
+        collect_leftovers(target, {s.path for s in manifest.segments})
+        fault_point("cleaned")
+    except KeyboardInterrupt:
+        if not staging.published:
+            raise
+        staging.interrupted_after_publish = True
+        log.warning("interrupted after the new index was published; the next run removes what is left over")
 
 
 def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
     destination = path
     if atomic:
         path = path.with_name(f".{path.name}.tmp")
-    with open(path, "wb") as fh:
+    # O_NOFOLLOW: a symlink planted at one of our names must not make us write outside DIR.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -619,8 +809,9 @@ class OpenIndex:
             # Only the hit rows become Python objects; the group itself stays in Arrow's compact form.
             # (slice, not take: take imports pyarrow.compute, a noticeable part of a cold query.)
             table = self._row_group(seg_no, group, columns)
+            missing = {name: None for name in columns if name not in table.column_names}
             for row, offset in members:
-                found[row] = table.slice(offset, 1).to_pylist()[0]
+                found[row] = {**missing, **table.slice(offset, 1).to_pylist()[0]}
         return found
 
     def _segment_of(self, row: int) -> int:
@@ -634,7 +825,8 @@ class OpenIndex:
         key = (seg_no, group, columns)
         table = self._group_cache.pop(key, None)
         if table is None:
-            table = self.segments[seg_no].table.read_row_group(group, columns=list(columns))
+            present = self._present(self.segments[seg_no], columns)
+            table = self.segments[seg_no].table.read_row_group(group, columns=present)
             if len(self._group_cache) >= GROUP_CACHE_SIZE:
                 self._group_cache.pop(next(iter(self._group_cache)))  # the least recently used
         self._group_cache[key] = table
@@ -643,8 +835,17 @@ class OpenIndex:
     def iter_rows(self, columns: tuple[str, ...] = PASSAGE_COLUMNS) -> Iterator[dict[str, Any]]:
         """Every row's metadata in row order, one row group at a time."""
         for seg in self.segments:
-            for batch in seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=list(columns)):
-                yield from batch.to_pylist()
+            present = self._present(seg, columns)
+            missing = {name: None for name in columns if name not in present}
+            for batch in seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=present):
+                for row in batch.to_pylist():
+                    yield {**missing, **row} if missing else row
+
+    @staticmethod
+    def _present(seg: OpenSegment, columns: tuple[str, ...]) -> list[str]:
+        """The wanted columns this segment has: indexes written before windows existed lack their columns."""
+        names = set(seg.table.schema_arrow.names)
+        return [name for name in columns if name in names]
 
     def vectors(self, first: int, count: int) -> Any:
         """Stored vectors of rows ``first .. first+count`` (for reuse in incremental updates)."""

@@ -1,0 +1,322 @@
+"""Adversarial cases found after issues 9 and 10 landed: hostile files inside DIR, damaged manifests, odd inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE
+from test_cli import one_error_line
+from test_split import long_corpus
+
+from dsearch.store import OpenIndex
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- DIR/.dsearch.lock that dsearch did not write ------------------------------------------------------
+
+
+def plant_lock(index: Path, kind: str, victim: Path) -> None:
+    lock = index / ".dsearch.lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(victim.parent / "nowhere")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder"])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path, cli, kind):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    plant_lock(index, kind, victim)
+    before = listing(index)
+
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", index), 1, ".dsearch.lock", "nothing was changed")
+
+    assert victim.read_text() == "precious\n"  # never truncated through the symlink
+    assert listing(index) == before  # the planted entry is still there, nothing else was added
+    assert not (tmp_path / "nowhere").exists()
+    assert OpenIndex(index, verify=True).rows == 200
+
+
+def test_status_does_not_hang_on_a_fifo_where_the_lock_goes(tmp_path, cli):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    os.mkfifo(index / ".dsearch.lock")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsearch", "status", str(index)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"ok: {index}: 200 passages")
+
+
+# --- DIR/.manifest.json.tmp that dsearch did not write -------------------------------------------------
+
+
+@pytest.mark.parametrize("dangling", [True, False])
+def test_a_symlink_at_the_manifest_temp_name_never_sends_the_manifest_outside_dir(tmp_path, cli, dangling):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_text("precious\n")
+    (index / ".manifest.json.tmp").symlink_to(victim)
+
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", index)
+
+    assert result.exit_code == 0, result.stderr
+    assert victim.read_text() == "precious\n" if not dangling else not victim.exists()
+    manifest = index / "manifest.json"
+    assert manifest.is_file() and not manifest.is_symlink()
+    assert listing(index) == ["manifest.json", *[n for n in listing(index) if n.startswith("seg-")]]
+    assert OpenIndex(index, verify=True).rows == 200
+
+
+def test_a_folder_at_the_manifest_temp_name_is_refused_before_encoding(tmp_path, cli):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    (index / ".manifest.json.tmp").mkdir()
+    before = listing(index)
+    cli.loaded.clear()
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", index), 1, ".manifest.json.tmp", "nothing was changed")
+    assert cli.loaded == [] and listing(index) == before
+
+
+# --- passages, not windows ------------------------------------------------------------------------------
+
+
+def test_status_counts_passages_of_a_split_index_as_info_does(tmp_path, cli):
+    index = tmp_path / "idx"
+    assert cli("index", long_corpus(tmp_path / "long.jsonl"), "-o", index).exit_code == 0
+    info = json.loads(cli("info", index, "--json").stdout)
+    assert info["passages"] == 10 and info["rows"] > 10  # the premise: split into windows
+    status = cli("status", index)
+    assert status.exit_code == 0 and status.stdout.startswith(f"ok: {index}: 10 passages, built ")
+    assert json.loads(cli("status", index, "--json").stdout)["passages"] == 10
+
+
+@pytest.mark.parametrize("value", ["ten", [10], True, -3, 0, 10**9])
+def test_a_damaged_passage_count_in_the_manifest_is_corruption_not_a_crash(tmp_path, cli, value):
+    index = tmp_path / "idx"
+    assert cli("index", long_corpus(tmp_path / "long.jsonl"), "-o", index).exit_code == 0
+    manifest = index / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["stats"]["passages"] = value
+    manifest.write_text(json.dumps(data))
+    one_error_line(cli("info", index), 1, "manifest", "passages", "rebuild the index")
+    one_error_line(cli("query", index, "zanzibar"), 1, "manifest", "rebuild the index")
+    status = cli("status", index)
+    assert status.exit_code == 6 and status.stdout.startswith("corrupt: ") and status.stderr == ""
+
+
+# --- manifest fields that lead into the model cache or switch checks off ---------------------------------
+
+MODEL_MANGLES = {
+    "fingerprint out of the cache": ("model", "fingerprint", "../../evil"),
+    "absolute fingerprint": ("model", "fingerprint", "/tmp/evil"),
+    "unknown similarity": ("model", "similarity", "euclid"),  # would switch off the impossible-score check
+    "precision not text": ("model", "precision", 5),
+    "prompts not an object": ("model", "prompts", "query: "),
+    "prompt not text": ("model", "prompts", {"query": 5}),
+    "max_seq_length not a number": ("model", "max_seq_length", "256"),
+    "sources not a list": ("corpus", "sources", "corpus.jsonl"),
+    "source without a path": ("corpus", "sources", [{"files": 1}]),
+    "split not an object": ("corpus", "split", "yes"),  # --update made a SplitSpec of it: unexpected TypeError
+    "split overlap negative": ("corpus", "split", {"overlap": -5}),
+}
+
+
+@pytest.mark.parametrize("mangle", list(MODEL_MANGLES))
+def test_a_manifest_model_or_corpus_field_of_the_wrong_shape_is_corruption(tmp_path, cli, mangle):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    section, key, value = MODEL_MANGLES[mangle]
+    manifest = index / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data[section][key] = value
+    manifest.write_text(json.dumps(data))
+    cli.loaded.clear()
+    one_error_line(cli("query", index, "volcano"), 1, "manifest", key, "rebuild the index")
+    assert cli.loaded == []  # refused before any model is looked for
+    one_error_line(cli("info", index), 1, "manifest", key)
+    status = cli("status", index, "--json")
+    assert status.exit_code == 6 and json.loads(status.stdout)["status"] == "corrupt"  # never "ok"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0  # a rebuild repairs it
+    assert cli("status", index).exit_code == 0
+
+
+# --- terminal width -----------------------------------------------------------------------------------
+
+
+def test_a_table_with_columns_0_still_shows_the_hits(cli, sample_index, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "0")  # also what some containers' terminals report
+    result = cli("query", sample_index, "volcano", "-k", "2", "-f", "table")
+    assert result.exit_code == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[1] volcano" and len(lines) >= 5
+    assert all(len(line) <= 80 for line in lines)  # laid out for 80 columns, the documented fallback
+    ids = cli("query", sample_index, "volcano", "-k", "2", "-f", "ids").stdout.split()
+    assert all(any(i in line for line in lines) for i in ids)
+    shown = cli("get", sample_index, ids[0], "-f", "table")
+    assert shown.exit_code == 0 and ids[0] in shown.stdout
+
+
+# --- eval --run must not replace its own inputs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["--qrels", "--queries", "symlink to --qrels"])
+def test_eval_run_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, cli, sample_index, which):
+    queries, qrels = tmp_path / "queries.tsv", tmp_path / "qrels.txt"
+    queries.write_bytes((SAMPLE / "queries.tsv").read_bytes())
+    qrels.write_bytes((SAMPLE / "qrels.txt").read_bytes())
+    run = {"--qrels": qrels, "--queries": queries}.get(which)
+    if run is None:
+        run = tmp_path / "link"
+        run.symlink_to(qrels)
+    flag = "--queries" if which == "--queries" else "--qrels"
+    cli.loaded.clear()
+    one_error_line(
+        cli("eval", sample_index, "--queries", queries, "--qrels", qrels, "--run", run), 2, f"the {flag} file"
+    )
+    assert cli.loaded == []  # refused before any query ran
+    assert queries.read_bytes() == (SAMPLE / "queries.tsv").read_bytes()
+    assert qrels.read_bytes() == (SAMPLE / "qrels.txt").read_bytes()
+
+
+# --- -o paths that cannot be a directory ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("below", ["idx", "a/b/idx"])
+def test_o_below_a_file_is_one_line_not_an_unexpected_error(tmp_path, cli, below):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder\n")
+    target = a_file / below
+    one_error_line(
+        cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, str(target), "is a file, not a folder", "another -o"
+    )
+    assert a_file.read_text() == "not a folder\n" and listing(tmp_path) == ["notes.txt"]
+
+
+# --- empty paths: an unset shell variable in a cron line --------------------------------------------------
+
+
+def test_an_empty_o_is_a_usage_error_not_the_current_folder(tmp_path, cli, monkeypatch):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)  # empty, so before the fix the index was built right here
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", ""), 2, "'-o' / '--output'", "empty path")
+    assert listing(here) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("query", "", "volcano"),
+        ("get", "", "x"),
+        ("info", ""),
+        ("status", ""),
+        ("status", "IDX", "--corpus", ""),
+        ("index", "", "-o", "OUT"),
+        ("eval", "IDX", "--queries", "", "--qrels", "QRELS"),
+        ("eval", "IDX", "--queries", "QUERIES", "--qrels", "QRELS", "--run", ""),
+    ],
+)
+def test_every_empty_path_argument_is_a_usage_error(tmp_path, cli, sample_index, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    names = {"IDX": str(sample_index), "OUT": str(tmp_path / "out"), "QRELS": str(SAMPLE / "qrels.txt")}
+    names["QUERIES"] = str(SAMPLE / "queries.tsv")
+    result = cli(*(names.get(a, a) for a in args))
+    one_error_line(result, 2, "empty path")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "manifest.json").exists()
+
+
+def test_get_ids_on_stdin_that_are_not_utf8_are_called_ids(cli, sample_index):
+    result = cli("get", sample_index, "-", "-f", "ids", stdin=b"astronomy-17\n\xff\n")
+    one_error_line(result, 1, "<stdin>:2", "not valid UTF-8", "send the ids in UTF-8")
+    assert "queries" not in result.stderr
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_o_through_a_dangling_symlink_creates_nothing_and_says_so(tmp_path, cli, below):
+    mount = tmp_path / "mnt" / "disk"  # say, a disk that is not mounted
+    link = tmp_path / "idx"
+    link.symlink_to(mount)
+    target = link / below if below else link
+    one_error_line(
+        cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, "a symlink to", "nothing was changed", "another -o"
+    )
+    assert not (tmp_path / "mnt").exists() and link.is_symlink()
+
+
+# --- a manifest.json that is not a regular file ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_a_manifest_that_is_a_fifo_or_device_is_corrupt_not_a_hang(tmp_path, kind):
+    index = tmp_path / "idx"
+    index.mkdir()
+    if kind == "fifo":
+        os.mkfifo(index / "manifest.json")
+    else:
+        (index / "manifest.json").symlink_to(kind)  # reading it would never end
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for command, code in (("status", 6), ("query", 1), ("info", 1)):
+        args = [sys.executable, "-m", "dsearch", command, str(index)] + (["volcano"] if command == "query" else [])
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == code, (command, done.stderr)
+        out = done.stdout if command == "status" else done.stderr
+        assert "manifest.json: not a regular file" in out and out.count("\n") == 1
+
+
+@pytest.mark.parametrize("age", ["", "-1d", "nan", "nanh"])
+def test_a_max_age_that_would_switch_the_check_off_is_a_usage_error(cli, sample_index, age):
+    # An unset variable gave '' and NaN compared false: both said "ok" for an index of any age.
+    one_error_line(cli("status", sample_index, "--max-age", age), 2, "--max-age", "not a duration")
+
+
+# --- query ids in a BEIR queries.jsonl -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qid", ["", "  ", {"a": 1}, [1], True])
+def test_a_queries_jsonl_id_that_cannot_be_a_qid_is_an_error_naming_the_line(tmp_path, cli, sample_index, qid):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"_id": "q1", "text": "volcano"}) + "\n" + json.dumps({"_id": qid, "text": "lava"}))
+    one_error_line(cli("query", sample_index, "--queries", queries, "-f", "trec"), 1, "queries.jsonl:2", "query id")
+
+
+def test_a_queries_jsonl_id_may_be_a_number(tmp_path, cli, sample_index):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"_id": 7, "text": "volcano"}) + "\n")
+    result = cli("query", sample_index, "--queries", queries, "-f", "trec", "-k", "1")
+    assert result.exit_code == 0 and result.stdout.startswith("7 Q0 ") and result.stderr == ""
+
+
+# --- status's command for an index built from stdin --------------------------------------------------------
+
+
+def test_status_of_an_index_built_from_stdin_gives_an_update_command_with_a_corpus(tmp_path, cli):
+    index = tmp_path / "idx"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes((SAMPLE / "passages.jsonl").read_bytes())
+    assert cli("index", "-", "-o", index, stdin=corpus.read_bytes()).exit_code == 0
+    status = cli("status", index, "--corpus", corpus)
+    assert status.exit_code == 8 and status.stderr == ""
+    command = status.stdout.split("; run '", 1)[1].rstrip("'\n")
+    assert command == shlex.join(["dsearch", "index", str(corpus), "-o", str(index), "--update"])
+    result = cli(*shlex.split(command)[1:])  # the command it prints works as printed
+    assert result.exit_code == 0, result.stderr

@@ -1,0 +1,187 @@
+"""``dsearch index --ray`` against a real local Ray cluster: the same index as a local build, a killed worker
+retried, a killed driver resumed, ``--update`` sending only what changed.
+
+The cluster is started once per session (``ray start --head`` on 127.0.0.1 with two CPUs: benchmarks/ray_cluster.py)
+and exactly its processes are killed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+pytest.importorskip("ray", reason='the ray extra is not installed (pip install "dsearch[ray]")')
+
+from ray_cluster import free_port, local_cluster  # noqa: E402 (benchmarks/, on sys.path through conftest)
+
+from dsearch.store import OpenIndex  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DSEARCH = [sys.executable, "-m", "dsearch"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    try:
+        with local_cluster(cpus=2) as address:
+            yield address
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+def _corpus(n: int, long_every: int = 10) -> str:
+    """``n`` passages from the sample corpus's texts; every ``long_every``-th is long enough to be split."""
+    texts = [json.loads(line)["text"] for line in (SAMPLE / "passages.jsonl").read_text().splitlines()]
+    rows = []
+    for i in range(n):
+        parts = 12 if i % long_every == 0 else 1
+        text = " ".join(texts[(i * 7 + j) % len(texts)] for j in range(parts))
+        rows.append({"_id": f"p{i}", "title": f"T{i % 7}", "text": text})
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _index(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*DSEARCH, "index", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _assert_same_index(a: Path, b: Path) -> None:
+    """The same ids and windows in the same rows, and vectors equal to fp32 rounding."""
+    first, second = OpenIndex(a), OpenIndex(b)
+    columns = ("id", "content_hash", "window_start", "window_end")
+    assert list(first.iter_rows(columns)) == list(second.iter_rows(columns))
+    rows = list(range(first.manifest.rows))
+    assert first.manifest.rows == second.manifest.rows > 0
+    np.testing.assert_allclose(first.vectors_at(rows), second.vectors_at(rows), rtol=0, atol=1e-6)
+    assert first.manifest.model.precision == second.manifest.model.precision == "fp32"
+
+
+@pytest.fixture(scope="module")
+def ray_setup(tmp_path_factory, tiny_seed_model):
+    """A corpus, the model options, and its local build to compare every Ray build with."""
+    root = tmp_path_factory.mktemp("ray")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(_corpus(800))
+    common = ["--model", tiny_seed_model, "--precision", "fp32", "--batch-size", "16"]
+    local = root / "local.idx"
+    result = _index(corpus, "-o", local, *common)
+    assert result.returncode == 0, result.stderr
+    return root, corpus, common, local
+
+
+def test_ray_build_equals_the_local_build(ray_cluster, ray_setup):
+    root, corpus, common, local = ray_setup
+    target = root / "ray.idx"
+    result = _index(corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # stdout holds the summary only: nothing of Ray's
+    assert summary["indexed"] == 800 and summary["encoded"] == 800 and summary["windows"] > 800
+    assert summary["precision"] == "fp32"
+    assert "error" not in result.stderr.lower()
+    _assert_same_index(local, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["stats"]["workers"] == 2
+    assert "workers" not in json.loads((local / "manifest.json").read_text())["stats"]
+
+
+def test_a_killed_worker_is_retried_and_the_index_is_complete(ray_cluster, ray_setup):
+    root, corpus, common, local = ray_setup
+    target = root / "killed-worker.idx"
+    marker = root / "worker-killed"
+    env = {**os.environ, "DSEARCH_TEST_FAULT": f"worker-killed:{marker}"}
+    args = (corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-v")
+    result = _index(*args, env=env)
+    assert marker.exists()  # a worker did kill itself mid-run (SIGKILL, on its second chunk)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # Ray prints a worker's death on stdout: dsearch routes it to its log
+    assert "WARNING: ray (raylet): A worker died or was killed" in result.stderr
+    _assert_same_index(local, target)
+
+
+def test_a_worker_that_keeps_dying_ends_the_run_with_exit_3(ray_cluster, ray_setup):
+    root, corpus, common, local = ray_setup
+    target = root / "dying.idx"
+    shutil.copytree(local, target)
+    old_manifest = (target / "manifest.json").read_bytes()
+    env = {**os.environ, "DSEARCH_TEST_FAULT": "worker-killed-always"}
+    result = _index(corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "1", env=env)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    error = [line for line in result.stderr.splitlines() if line.startswith("dsearch: error: ")]
+    assert len(error) == 1 and error[0].startswith("dsearch: error: a Ray worker died 4 times (")
+    assert error[0].endswith("nothing was published (rerun the same command to resume from the last checkpoint)")
+    assert result.stderr.splitlines()[-1] == error[0]
+    assert (target / "manifest.json").read_bytes() == old_manifest
+
+
+def test_a_killed_driver_leaves_the_index_and_the_rerun_resumes(ray_cluster, ray_setup):
+    root, corpus, common, local = ray_setup
+    target = root / "killed-driver.idx"
+    old = _index(SAMPLE / "passages.jsonl", "-o", target, *common)
+    assert old.returncode == 0, old.stderr
+    old_manifest = (target / "manifest.json").read_bytes()
+    ray_args = ("--ray", "--ray-address", ray_cluster, "--workers", "2")
+    env = {**os.environ, "DSEARCH_CHECKPOINT_SECONDS": "0", "DSEARCH_TEST_FAULT": "checkpointed"}
+    killed = _index(corpus, "-o", target, *common, *ray_args, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (target / "manifest.json").read_bytes() == old_manifest  # the published index is untouched
+
+    resumed = _index(corpus, "-o", target, *common, *ray_args, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert 0 < summary["resumed_at"] < 800 and summary["indexed"] == 800
+    assert summary["encoded"] == 800 - summary["resumed_at"]  # only what the checkpoint did not hold was sent
+    # Chunks in flight when the driver died were counted once they were read, but checkpointed only once written:
+    # the resumed counts must not hold them twice.
+    assert summary["added"] == 800
+    _assert_same_index(local, target)
+
+
+def test_update_with_ray_sends_only_new_and_changed_passages(ray_cluster, ray_setup):
+    root, corpus, common, local = ray_setup
+    target = root / "update.idx"
+    shutil.copytree(local, target)
+    lines = corpus.read_text().splitlines()
+    changed = [json.loads(line) for line in lines]
+    for i in (3, 10, 500):  # p10 and p500 are long: split into windows
+        changed[i]["text"] += " A sentence that was not there before."
+    changed.append({"_id": "new-1", "text": "A passage about volcanoes and lava."})
+    new_corpus = root / "changed.jsonl"
+    new_corpus.write_text("".join(json.dumps(row) + "\n" for row in changed))
+
+    # The cluster from RAY_ADDRESS, as on a node of an existing cluster, where Ray sets it.
+    args = (new_corpus, "-o", target, *common, "--update", "--ray", "--workers", "2")
+    result = _index(*args, "--json", "-v", env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["added"], summary["updated"], summary["encoded"]) == (1, 3, 4)
+    # The driver counts the texts it shipped: the windows of the 4 passages, nothing else.
+    windows = sum(1 for row in OpenIndex(target).iter_rows(("id",)) if row["id"] in {"p3", "p10", "p500", "new-1"})
+    assert f"ray: connected to {ray_cluster} " in result.stderr
+    assert f"ray: sent {windows} texts to 2 workers" in result.stderr
+    rebuilt = root / "update-local.idx"
+    assert _index(new_corpus, "-o", rebuilt, *common).returncode == 0
+    _assert_same_index(rebuilt, target)
+
+
+def test_an_unreachable_address_fails_in_seconds(tmp_path):
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    result = _index(SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray", "--ray-address", f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 20  # ray.init alone would retry for minutes
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"dsearch: error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused); start one "
+        "(ray start --head) or give the address of its head node with --ray-address"
+    ]
+    assert not (tmp_path / "idx").exists()

@@ -1,0 +1,69 @@
+"""``--ray`` options that need no cluster: usage errors, the missing extra, and the choice of GPU path."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from conftest import SAMPLE
+
+from dsearch.distributed import RAY_MISSING, choose_device
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--workers", "2"), ("--ray-address", "127.0.0.1:6379"), ("--gpus-per-worker", "1"), ("--cpus-per-worker", "2")],
+)
+def test_ray_options_without_ray_are_a_usage_error(cli, tmp_path, flags):
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", *flags)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == f"dsearch: error: {flags[0]} sets up encoding on a Ray cluster: add --ray\n"
+    assert not (tmp_path / "idx").exists()
+
+
+def test_ray_without_the_extra_names_the_install_command(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the extra looks like to import
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == f"dsearch: error: {RAY_MISSING}\n"
+    assert 'pip install "dsearch[ray]"' in result.stderr
+    assert not (tmp_path / "idx").exists() and cli.loaded == []  # refused before any model was loaded
+
+
+def test_gpu_workers_encode_in_fp16_only_when_auto_and_cuda(caplog):
+    assert choose_device(None, 1, cuda_available=True) == ("cuda", "fp16")
+    assert choose_device("auto", 0.5, cuda_available=True) == ("cuda", "fp16")
+    # An explicit precision is the user's: it stays on the CPU path that gives it.
+    assert choose_device("fp32", 1, cuda_available=True) == ("cpu", None)
+    assert choose_device("int8", 1, cuda_available=True) == ("cpu", None)
+    # No GPUs asked for: the driver's CPU choice, even where CUDA exists.
+    assert choose_device(None, 0, cuda_available=True) == ("cpu", None)
+    with caplog.at_level(logging.WARNING, logger="dsearch"):
+        assert choose_device("auto", 1, cuda_available=False) == ("cpu", None)
+    assert "torch sees no CUDA device" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_worker_with_other_model_files_refuses_in_one_line(tiny_seed_model):
+    """A worker whose copy of the model differs from the driver's (another version at the same path) must not
+    mix its vectors into the index: its first chunk fails with one line naming the model and what to do."""
+    from dsearch.distributed import EncoderSpec, _Worker
+    from dsearch.encoder import load_encoder
+    from dsearch.errors import ModelError
+
+    driver = load_encoder(str(tiny_seed_model), "fp32")
+    spec = EncoderSpec.of(driver, batch_size=16, trust_remote_code=False, threads=1, device="cpu")
+    good = _Worker(spec)
+    assert good.error is None
+    assert good.encode(["a passage"]).tolist() == driver.encode_documents(["a passage"]).tolist()
+
+    other = _Worker(EncoderSpec(**{**spec.__dict__, "fingerprint": "0" * 32}))
+    with pytest.raises(ModelError) as caught:
+        other.encode(["a passage"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"model {str(tiny_seed_model)!r} on worker ")
+    assert message.endswith("install the same model files on every node")

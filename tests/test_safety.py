@@ -1,0 +1,475 @@
+"""Never lose an index, never touch what is not ours (issue 9): paths from manifests, removal limits, locks,
+crash points of a publish, corrupt manifests, disk errors, counts after a resume, status lines."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE, Runner
+from fakes import HashingEncoder
+from test_cli import one_error_line
+
+from dsearch.store import FlatIndexFileWriter, OpenIndex
+
+
+def write_corpus(path: Path, n: int, prefix: str = "p") -> Path:
+    rows = ({"id": f"{prefix}{i}", "text": f"passage {i} about {i % 7}"} for i in range(n))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def segments(index: Path) -> list[str]:
+    return [name for name in listing(index) if name.startswith("seg-")]
+
+
+def set_manifest(index: Path, change) -> None:
+    path = index / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+# --- 1. nothing outside DIR --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_path", ["../victim", "VICTIM_ABSOLUTE", ".", "seg-a/../../victim", ""])
+def test_a_manifest_segment_path_outside_dir_is_corrupt_and_deletes_nothing(tmp_path, cli, bad_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    corpus = write_corpus(tmp_path / "c.jsonl", 20)
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    bad = str(victim) if bad_path == "VICTIM_ABSOLUTE" else bad_path
+    set_manifest(index, lambda m: m["segments"][0].update(path=bad))
+
+    one_error_line(cli("query", index, "passage"), 1, "segment path", "rebuild the index")
+    status = cli("status", index)
+    assert status.exit_code == 6 and status.stdout.startswith("corrupt: ") and status.stderr == ""
+    rebuilt = cli("index", corpus, "-o", index, "-q")  # a rebuild repairs it ...
+    assert (rebuilt.exit_code, rebuilt.stdout, rebuilt.stderr) == (0, "", "")
+    assert (victim / "precious.txt").read_text() == "keep me"  # ... and never reaches outside DIR
+    assert listing(tmp_path) == ["c.jsonl", "idx", "victim"]
+    assert cli("status", index).exit_code == 0
+
+
+def test_glob_characters_in_o_never_reach_another_index(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DSEARCH_CHECKPOINT_SECONDS", "0")
+    corpus = write_corpus(tmp_path / "c.jsonl", 200)
+    interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
+    assert interrupted("index", corpus, "-o", tmp_path / "idx1", "--batch-size", "4").exit_code == 3
+    cli = Runner(capsys)
+    assert cli("index", corpus, "-o", tmp_path / "idx[1]", "--batch-size", "4").exit_code == 0
+    resumed = cli("index", corpus, "-o", tmp_path / "idx1", "--batch-size", "4", "--json")
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout)["resumed_at"] == 96  # idx1's checkpoint survived
+
+
+def test_a_users_folder_inside_dir_is_never_deleted(tmp_path, cli):
+    corpus = write_corpus(tmp_path / "c.jsonl", 20)
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    for name in (".staging-mine", "seg-notes.txt", "notes"):
+        (index / name).mkdir() if name != "seg-notes.txt" else (index / name).write_text("mine")
+    (index / ".staging-mine" / "draft.txt").write_text("mine")
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    assert cli("index", corpus, "-o", index, "--update").exit_code == 0
+    assert (index / ".staging-mine" / "draft.txt").read_text() == "mine"
+    assert (index / "seg-notes.txt").read_text() == "mine" and (index / "notes").is_dir()
+    assert OpenIndex(index).rows == 20
+
+
+def test_status_walks_no_more_of_a_folder_than_the_build_recorded(tmp_path, cli, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    big = tmp_path / "big"
+    for i in range(300):
+        (big / f"d{i}").mkdir(parents=True)
+        (big / f"d{i}" / "f.txt").write_text("x")
+        (big / "a-empty" / f"e{i}" / "deeper").mkdir(parents=True)  # folders without files are bounded too
+    set_manifest(index, lambda m: m["corpus"].update(sources=[{"path": str(big), "files": 2, "bytes": 2, "mtime": 0}]))
+    import dsearch.indexer
+
+    scanned = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(dsearch.indexer.os, "scandir", lambda p: scanned.append(p) or real_scandir(p))
+    result = cli("status", index)
+    assert result.exit_code == 8 and result.stdout.startswith(f"corpus-changed: {big} changed")
+    assert len(scanned) <= 5  # a few entries' worth of folders, not all 901
+
+
+# --- 2. removal limit ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def big_index(tmp_path, cli) -> Path:
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 3000)
+    assert cli("index", corpus, "-o", tmp_path / "idx", "-q").exit_code == 0
+    return tmp_path / "idx"
+
+
+def _refused(result, removed: str, left: str) -> None:
+    expected = f"refusing to remove {removed} of the index's 3,000 passages, leaving {left}"
+    one_error_line(result, 9, expected, "nothing was published", "--max-remove")
+
+
+@pytest.mark.parametrize("update", [False, True])
+@pytest.mark.parametrize("kind", ["empty file", "empty folder", "all bad"])
+def test_an_empty_corpus_never_wipes_an_index(tmp_path, cli, big_index, kind, update):
+    before = tree(big_index)
+    if kind == "empty file":
+        corpus, flags = tmp_path / "empty.jsonl", []
+        corpus.write_text("")
+    elif kind == "empty folder":
+        corpus, flags = tmp_path / "mnt", []
+        corpus.mkdir()
+    else:
+        corpus, flags = tmp_path / "bad.jsonl", ["--skip-bad"]
+        corpus.write_text("not json\n" * 10)
+    cli.loaded.clear()
+    result = cli("index", corpus, "-o", big_index, "-q", *flags, *(["--update"] if update else []))
+    _refused(result, "3,000", "0")
+    assert "gave no passages" in result.stderr
+    assert cli.loaded == []  # refused before the model was loaded
+    assert tree(big_index) == before  # nothing published, nothing left behind
+    assert cli("status", big_index).exit_code == 0
+
+
+def test_a_rebuild_that_shrinks_the_index_by_more_than_half_is_refused_at_the_end(tmp_path, cli, big_index):
+    before = tree(big_index)
+    small = write_corpus(tmp_path / "small.jsonl", 1000)
+    _refused(cli("index", small, "-o", big_index), "2,000", "1,000")
+    assert tree(big_index) == before
+    assert cli("index", small, "-o", big_index, "--max-remove", "1999").exit_code == 9
+    allowed = cli("index", small, "-o", big_index, "--max-remove", "2000", "--json")
+    assert allowed.exit_code == 0 and json.loads(allowed.stdout)["indexed"] == 1000
+    assert listing(big_index) == ["manifest.json", *segments(big_index)] and len(segments(big_index)) == 1
+
+
+def test_an_update_that_removes_more_than_half_is_refused_before_encoding(tmp_path, cli, big_index):
+    small = write_corpus(tmp_path / "corpus.jsonl", 1400)
+    cli.loaded.clear()
+    _refused(cli("index", small, "-o", big_index, "--update"), "1,600", "1,400")
+    assert cli.loaded == []
+    update = cli("index", small, "-o", big_index, "--update", "--max-remove", "60%", "--json")
+    assert update.exit_code == 0 and json.loads(update.stdout)["removed"] == 1600
+
+
+def test_max_remove_100_percent_allows_an_empty_index(tmp_path, cli, big_index):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = cli("index", empty, "-o", big_index, "--max-remove", "100%", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["indexed"] == 0
+    assert OpenIndex(big_index).rows == 0
+    assert cli("query", big_index, "anything").stdout == ""
+    # An index deliberately emptied stays a valid index: the nightly run with the same empty corpus is fine.
+    again = cli("index", empty, "-o", big_index, "--update", "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["published"] is False
+    assert cli("index", empty, "-o", big_index, "-q").exit_code == 0
+    assert cli("status", big_index).stdout.startswith(f"ok: {big_index}: 0 passages")
+
+
+def test_a_new_index_of_nothing_is_an_error(tmp_path, cli):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    one_error_line(cli("index", empty, "-o", tmp_path / "idx", "-q"), 1, "gave no passages", "nothing to index")
+    assert listing(tmp_path) == ["empty.jsonl"]
+
+
+@pytest.mark.parametrize("value", ["half", "-3", "101%", "%"])
+def test_max_remove_needs_a_count_or_a_percentage(tmp_path, cli, value):
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "i", "--max-remove", value), 2, value)
+
+
+# --- 3. one writer per directory, however it is spelled ------------------------------------------------
+
+
+def _hold_lock(target: Path) -> subprocess.Popen:
+    code = (
+        "import time; from pathlib import Path; from dsearch.store import index_lock\n"
+        f"with index_lock(Path({str(target)!r})):\n    print('held', flush=True); time.sleep(60)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("spelling", ["symlink", "dot", "trailing"])
+def test_the_lock_follows_the_directory_not_its_spelling(tmp_path, cli, monkeypatch, spelling):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    (tmp_path / "link").symlink_to(index)
+    holder = _hold_lock(index)
+    try:
+        if spelling == "symlink":
+            target = str(tmp_path / "link")
+        elif spelling == "dot":
+            monkeypatch.chdir(index)
+            target = "."
+        else:
+            target = str(tmp_path / "link" / ".." / "idx") + "/"
+        one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", target), 4, "another dsearch run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert OpenIndex(index).rows == 200
+
+
+def test_no_lock_files_pile_up_and_dot_fills_an_empty_folder(tmp_path, cli, monkeypatch):
+    for name in ("a", "b", "c"):
+        assert cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / name).exit_code == 0
+        assert cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / name, "--update").exit_code == 0
+    assert listing(tmp_path) == ["a", "b", "c"]
+    assert listing(tmp_path / "a") == ["manifest.json", *segments(tmp_path / "a")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", ".").exit_code == 0
+    assert OpenIndex(empty).rows == 200 and listing(empty) == ["manifest.json", *segments(empty)]
+
+
+def test_a_lock_file_left_by_a_killed_run_is_ours_not_a_foreign_file(tmp_path, cli):
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / ".dsearch.lock").write_text("12345\n")  # kill -9 between taking the lock and releasing it
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    assert listing(index) == ["manifest.json", *segments(index)]
+
+
+# --- 4. crash points and the truth about the outcome ----------------------------------------------------
+
+CRASH_RUN = """
+import sys
+sys.path[:0] = {paths!r}
+from fakes import HashingEncoder
+from dsearch.cli import Deps, run
+sys.exit(run({args!r}, Deps(load_encoder=lambda name, **kw: HashingEncoder(name))))
+"""
+
+
+def _crash_at(point: str, args: list[str]) -> subprocess.CompletedProcess:
+    code = CRASH_RUN.format(paths=[str(ROOT / "tests"), str(ROOT / "src")], args=args)
+    env = {**os.environ, "DSEARCH_TEST_FAULT": point, "DSEARCH_CHECKPOINT_SECONDS": "0"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("update", [False, True])
+@pytest.mark.parametrize("point", ["checkpointed", "merged", "segment-moved", "manifest-swapped", "cleaned"])
+def test_kill_9_at_every_step_of_a_build_is_recovered_by_the_next_run(tmp_path, cli, point, update):
+    old = write_corpus(tmp_path / "old.jsonl", 300)
+    new = write_corpus(tmp_path / "new.jsonl", 400)
+    index = tmp_path / "idx"
+    assert cli("index", old, "-o", index).exit_code == 0
+    flags = ["--batch-size", "8", *(["--update", "--max-remove", "100%"] if update else [])]
+    crashed = _crash_at(point, ["index", str(new), "-o", str(index), *flags])
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    live = OpenIndex(index).rows  # whichever index is published answers queries
+    assert live == (400 if point in ("manifest-swapped", "cleaned") else 300)
+    rerun = cli("index", new, "-o", index, *flags, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["indexed"] == 400
+    assert OpenIndex(index, verify=True).rows == 400
+    assert listing(index) == ["manifest.json", *segments(index)] and len(segments(index)) == 1
+    assert cli("status", index, "--corpus", new).exit_code == 0
+
+
+def test_orphan_segments_are_reported_by_status_and_collected_by_the_next_run(tmp_path, cli):
+    corpus = write_corpus(tmp_path / "c.jsonl", 50)
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    for _ in range(5):
+        assert _crash_at("segment-moved", ["index", str(corpus), "-o", str(index)]).returncode == -signal.SIGKILL
+    assert len(segments(index)) == 2  # each run collected the orphan of the crash before it: they never pile up
+    status = cli("status", index)
+    assert status.exit_code == 6 and status.stdout.startswith("incomplete: ") and "1 segment folder(s)" in status.stdout
+    assert cli("index", corpus, "-o", index, "--update").exit_code == 0  # nothing to update, but it tidies up
+    assert len(segments(index)) == 1 and cli("status", index).exit_code == 0
+
+
+def test_sigterm_after_the_manifest_swap_reports_published(tmp_path, cli, monkeypatch):
+    index = tmp_path / "idx"
+    assert cli("index", write_corpus(tmp_path / "a.jsonl", 30), "-o", index).exit_code == 0
+    monkeypatch.setenv("DSEARCH_TEST_FAULT", "manifest-swapped:TERM")
+    result = cli("index", write_corpus(tmp_path / "b.jsonl", 40), "-o", index, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["published"] is True and json.loads(result.stdout)["indexed"] == 40
+    assert "interrupted after the new index was published" in result.stderr
+    assert "nothing was published" not in result.stderr
+    assert OpenIndex(index).rows == 40
+    monkeypatch.delenv("DSEARCH_TEST_FAULT")
+    assert cli("index", tmp_path / "b.jsonl", "-o", index, "--update").exit_code == 0
+    assert listing(index) == ["manifest.json", *segments(index)] and len(segments(index)) == 1
+
+
+def test_sigterm_before_the_swap_still_says_nothing_was_published(tmp_path, cli, monkeypatch):
+    index = tmp_path / "idx"
+    assert cli("index", write_corpus(tmp_path / "a.jsonl", 30), "-o", index).exit_code == 0
+    monkeypatch.setenv("DSEARCH_TEST_FAULT", "segment-moved:TERM")
+    result = cli("index", write_corpus(tmp_path / "b.jsonl", 40), "-o", index)
+    one_error_line(result, 3, "nothing was published")
+    assert OpenIndex(index).rows == 30
+
+
+# --- 5. corrupt manifests ---------------------------------------------------------------------------------
+
+
+MANGLES = {
+    "not json": lambda text: "{not json",
+    "created_at": lambda text: json.dumps({**json.loads(text), "created_at": "yesterday"}),
+    "no files": lambda text: text.replace('"files": {', '"files": {"x": {"bytes": 1, "xxh3_128": "0"}}, "was": {'),
+    "files list": lambda text: json.dumps(
+        {**json.loads(text), "segments": [{**json.loads(text)["segments"][0], "files": []}]}
+    ),
+    "rows type": lambda text: json.dumps({**json.loads(text), "rows": "200"}),
+    "dim bool": lambda text: text.replace('"dim": 64', '"dim": true'),
+}
+
+
+@pytest.mark.parametrize("mangle", list(MANGLES))
+def test_a_corrupt_manifest_is_reported_and_a_rebuild_repairs_it(tmp_path, cli, mangle):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    manifest = index / "manifest.json"
+    manifest.write_text(MANGLES[mangle](manifest.read_text()))
+    one_error_line(cli("query", index, "volcano"), 1, "manifest", "rebuild the index")
+    one_error_line(cli("info", index), 1, "manifest")
+    status = cli("status", index, "--json")
+    assert status.exit_code == 6 and json.loads(status.stdout)["status"] == "corrupt" and status.stderr == ""
+    cli.loaded.clear()
+    one_error_line(
+        cli("index", SAMPLE / "passages.jsonl", "-o", index, "--update"), 1, "rebuild it in full (without --update)"
+    )
+    assert cli.loaded == []  # refused before any encoding
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index, "--restart").exit_code == 0
+    assert OpenIndex(index, verify=True).rows == 200 and listing(index) == ["manifest.json", *segments(index)]
+    assert cli("status", index).exit_code == 0
+
+
+def test_a_corrupt_manifest_among_foreign_files_is_not_replaced(tmp_path, cli):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"name": "my-app"}')
+    (folder / "main.py").write_text("print('hi')")
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", folder), 1, "not a dsearch index", "main.py")
+    assert listing(folder) == ["main.py", "manifest.json"]
+
+
+# --- 6. disk full, no permission ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code,fix",
+    [(errno.ENOSPC, "free some space"), (errno.EACCES, "permissions"), (errno.EROFS, "read-only")],
+)
+def test_disk_errors_name_the_path_and_what_to_do(tmp_path, cli, monkeypatch, code, fix):
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    before = tree(index)
+
+    def fail(self, vectors):  # the disk fills up (or turns read-only) mid-build
+        raise OSError(code, os.strerror(code), str(self.path))
+
+    monkeypatch.setattr(FlatIndexFileWriter, "add", fail)
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", index)
+    one_error_line(result, 1, "index.faiss: ", os.strerror(code), "nothing was published", fix)
+    assert "unexpected" not in result.stderr
+    assert tree(index) == before
+
+
+# --- 7. counts after a resume ------------------------------------------------------------------------
+
+
+def test_a_resumed_run_counts_only_its_own_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DSEARCH_CHECKPOINT_SECONDS", "0")
+    corpus = write_corpus(tmp_path / "c.jsonl", 200)
+    interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
+    assert interrupted("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4").exit_code == 3
+    encoders: list[HashingEncoder] = []
+    counting = Runner(capsys, lambda name, **kw: encoders.append(HashingEncoder(name)) or encoders[-1])
+    result = counting("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4", "--json")
+    summary = json.loads(result.stdout)
+    assert (summary["resumed_at"], summary["indexed"], summary["encoded"]) == (96, 200, 104)
+    assert encoders[0].encoded_documents == summary["encoded"]
+    assert summary["passages_per_second"] <= summary["encoded"] / summary["seconds"] * 1.5 + 1
+
+
+def test_the_progress_rate_leaves_out_resumed_passages():
+    from dsearch.cli import _Progress
+
+    progress = _Progress(None)
+    progress.resumed(2000)
+    progress.advance(10)
+    assert (progress.done, progress.skipped) == (10, 2000)
+
+
+# --- 8. status lines ------------------------------------------------------------------------------------
+
+
+def test_status_lines_name_the_index_and_give_a_command_that_works(tmp_path, cli):
+    folder = tmp_path / "my corpus"
+    folder.mkdir()
+    write_corpus(folder / "a.jsonl", 1500, "a")
+    write_corpus(folder / "b.jsonl", 700, "b")
+    index = tmp_path / "the idx"
+    assert cli("index", folder / "a.jsonl", folder / "b.jsonl", "-o", index, "--id-field", "id").exit_code == 0
+    ok = cli("status", index)
+    info = cli("info", index, "--json")
+    assert ok.stdout.startswith(f"ok: {index}: 2,200 passages") and json.loads(info.stdout)["passages"] == 2200
+    assert "2,200" in cli("info", index).stdout
+
+    set_manifest(index, lambda m: m.update(created_at="2020-01-01T00:00:00+00:00"))
+    old = cli("status", index, "--max-age", "1d")
+    assert old.exit_code == 7 and old.stdout.startswith(f"too-old: {index}: built ")
+
+    write_corpus(folder / "b.jsonl", 701, "b")
+    changed = cli("status", index)
+    assert changed.exit_code == 8
+    command = changed.stdout.split("run '", 1)[1].rsplit("'", 1)[0]
+    assert shlex.split(command) == [
+        "dsearch", "index", str(folder / "a.jsonl"), str(folder / "b.jsonl"), "-o", str(index), "--update",
+        "--id-field", "id",
+    ]  # fmt: skip
+    # The printed command, run as printed, brings the index up to date.
+    words = shlex.split(command)
+    assert cli(*words[1:]).exit_code == 0 and cli("status", index).exit_code == 0
+
+
+def test_status_corpus_takes_several_paths_and_files_inside_a_folder(tmp_path, cli):
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("Volcanoes erupt.\n\nTides follow the moon.\n")
+    (folder / "sub" / "b.md").write_text("# Bread\n\nYeast makes bread rise.\n")
+    extra = write_corpus(tmp_path / "extra.jsonl", 5)
+    index = tmp_path / "idx"
+    assert cli("index", folder, extra, "-o", index).exit_code == 0
+    # repeated --corpus, as the README documents
+    both = cli("status", index, "--corpus", folder, "--corpus", extra)
+    assert both.exit_code == 0, both.stdout
+    # files and folders inside an indexed folder, unchanged: not "corpus changed"
+    for inside in (folder / "sub" / "b.md", folder / "sub", folder / "a.txt"):
+        result = cli("status", index, "--corpus", inside)
+        assert result.exit_code == 0, result.stdout
+    (folder / "sub" / "b.md").write_text("# Bread\n\nYeast makes bread rise, slowly.\n")
+    after = cli("status", index, "--corpus", folder / "sub" / "b.md")
+    assert after.exit_code == 8 and after.stdout.startswith(f"corpus-changed: {folder / 'sub' / 'b.md'} changed")
+    assert cli("status", index, "--corpus", folder / "a.txt").exit_code == 0  # its neighbour did not change
+    elsewhere = write_corpus(tmp_path / "other.jsonl", 3)
+    other = cli("status", index, "--corpus", elsewhere)
+    assert other.exit_code == 8 and "not part of the build" in other.stdout

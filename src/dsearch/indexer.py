@@ -23,15 +23,19 @@ import xxhash
 from dsearch.corpus import CorpusStats, FieldNames, Passage, corpus_files, needs_tokenizer, read_corpus
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, UsageError
+from dsearch.filters import field_types
+from dsearch.lexical import build_lexical, has_lexical
 from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment
 from dsearch.store import (
     INDEX_TYPE,
+    PASSAGES_FILE,
     WINDOW_COLUMNS,
     OpenIndex,
     SegmentWriter,
     Staging,
     check_target,
     content_hash,
+    file_info,
     index_lock,
     passage_row,
     publish,
@@ -319,13 +323,15 @@ def build_index(
     checkpoint_seconds: float | None = None,
     split: SplitSpec | None = SplitSpec(),
     keep_split: bool = False,
+    lexical: bool | None = None,
 ) -> BuildSummary:
     """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
 
     ``encoder`` is an encoder or a zero-argument function that loads one (called only if something must be
     encoded). ``model_name``/``precision`` are what the user asked for, checked against an index to update.
     ``split`` cuts passages longer than the model's window into overlapping windows (``None``: truncate);
-    ``keep_split`` makes an update use whatever the index was built with.
+    ``keep_split`` makes an update use whatever the index was built with. ``lexical`` builds the BM25 index
+    beside the vectors (``None``: yes for a new index, the index's own choice for an update).
     """
     started = time.perf_counter()
     corpus = CorpusSpec(paths, fmt, names or FieldNames(), skip_bad, stdin, (str(target),))
@@ -341,8 +347,11 @@ def build_index(
                     stored_split = base.manifest.corpus.get("split")
                     split = SplitSpec(**stored_split) if stored_split else None
                 _check_compatible(base.manifest, model_name, precision, split)
+                if lexical is None:
+                    lexical = bool(base.manifest.corpus.get("lexical", False))
             else:
                 log.info("no index at %s yet: building it in full", target)
+        lexical = True if lexical is None else lexical
         stored = _stored_rows(base) if base else {}
         counts = _Counts()
         stats = CorpusStats()
@@ -351,7 +360,7 @@ def build_index(
             for passage in _read(corpus, stats, lazy):
                 hash_ = content_hash(passage.encoder_text)
                 _classify(passage, hash_, passage_row(passage, hash_), stored, counts)
-            if counts.changes(len(stored)) == 0:
+            if counts.changes(len(stored)) == 0 and lexical == has_lexical(base):
                 passages = int(base.manifest.stats.get("passages", base.rows))
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
@@ -360,7 +369,7 @@ def build_index(
         interval = checkpoint_interval() if checkpoint_seconds is None else checkpoint_seconds
         with staging_area(target, signature, restart) as staging:
             return _build(
-                corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started, split
+                corpus, staging, lazy, base, stored, batch_size, progress, signature, interval, started, split, lexical
             )
 
 
@@ -376,6 +385,7 @@ def _build(
     checkpoint_seconds: float,
     started: float,
     split: SplitSpec | None,
+    lexical: bool = True,
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
@@ -437,12 +447,19 @@ def _build(
             )
             last_checkpoint = time.monotonic()
     segment = writer.close()
+    if lexical:  # from the closed segment's passages, so an update or a resumed run indexes exactly its rows
+        lexical_started = time.perf_counter()
+        for name in build_lexical(staging.segment_dir, PASSAGES_FILE):
+            segment.files[name] = file_info(staging.segment_dir / name)
+        log.info("lexical (BM25) index built in %.2f s", time.perf_counter() - lexical_started)
     seconds = time.perf_counter() - started
     corpus_info = {
         "sources": describe_sources(corpus.paths),
         "format": corpus.fmt,
         "fields": asdict(corpus.names),
         "split": split.as_dict() if split else None,
+        "lexical": lexical,
+        "field_types": field_types(staging.segment_dir / PASSAGES_FILE),  # for --where and info
     }
     stats_info = {
         "passages": done,

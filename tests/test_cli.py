@@ -127,8 +127,7 @@ def test_query_jsonl_in_a_pipe(cli, sample_index):
     result = cli("query", sample_index, "tallest volcano Olympus Mons", "-k", "3")
     assert result.exit_code == 0 and result.stderr == ""
     hits = [json.loads(line) for line in result.stdout.splitlines()]
-    # The default mode is hybrid (README: why), whose hits also say each retriever's rank.
-    assert len(hits) == 3 and all(set(h) == JSONL_KEYS | {"retrievers"} for h in hits)
+    assert len(hits) == 3 and all(set(h) == JSONL_KEYS for h in hits)
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert hits[0]["id"] == "astronomy-04" and hits[0]["title"] == "Mars"
     assert hits[0]["qid"] == "1" and hits[0]["query"] == "tallest volcano Olympus Mons"
@@ -142,8 +141,7 @@ def test_queries_are_numbered_in_order(cli, sample_index):
 
 
 def test_queries_from_stdin(cli, sample_index):
-    stdin = b"volcano\n\nbread yeast\n"
-    result = cli("query", sample_index, "-k", "2", "--format", "tsv", "--mode", "dense", stdin=stdin)
+    result = cli("query", sample_index, "-k", "2", "--format", "tsv", stdin=b"volcano\n\nbread yeast\n")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert lines[0].split("\t") == list(TSV_COLUMNS)

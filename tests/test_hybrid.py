@@ -174,6 +174,13 @@ def test_alpha_fuses_normalised_scores(sample_index, cli):
     assert only_dense[0]["score"] == pytest.approx(1.0)
 
 
+def test_default_mode_is_dense_and_alpha_alone_means_hybrid(sample_index, cli):
+    query = ("query", sample_index, "the sun and the planets", "-k", "5", "-f", "jsonl")
+    assert cli(*query).stdout == cli(*query, "--mode", "dense").stdout
+    assert "retrievers" not in jsonl(cli(*query))[0]
+    assert cli(*query, "--alpha", "0.5").stdout == cli(*query, "--mode", "hybrid", "--alpha", "0.5").stdout
+
+
 def test_tsv_has_a_rank_column_per_retriever(sample_index, cli):
     out = cli("query", sample_index, "bread yeast", "--mode", "hybrid", "-k", "3", "-f", "tsv").stdout.splitlines()
     assert out[0].split("\t") == ["qid", "query", "rank", "score", "id", "title", "text", "dense_rank", "lexical_rank"]

@@ -252,7 +252,7 @@ def test_trec_and_ids_escape_without_collisions(cli, odd_index):
 def test_tsv_escapes_control_characters(cli, odd_index):
     from dsearch.output import unescape_field
 
-    out = cli("query", odd_index, "volcano", "-f", "tsv", "--mode", "dense").stdout
+    out = cli("query", odd_index, "volcano", "-f", "tsv").stdout
     assert "\x00" not in out and "\x1b" not in out
     rows = [line.split("\t") for line in out.splitlines()[1:]]
     assert all(len(row) == 7 for row in rows)

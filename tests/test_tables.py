@@ -149,13 +149,11 @@ def test_get_reads_ids_from_query_output(cli, sample_index):
 
 
 def test_min_score(cli, sample_index):
-    dense = ("--mode", "dense")  # a cosine bar; hybrid's scores are fused ranks
-    output = cli("query", sample_index, QUERY, "-k", "20", *dense).stdout
-    everything = [json.loads(line) for line in output.splitlines()]
+    everything = [json.loads(line) for line in cli("query", sample_index, QUERY, "-k", "20").stdout.splitlines()]
     bar = everything[4]["score"]
     kept = [
         json.loads(line)
-        for line in cli("query", sample_index, QUERY, "-k", "20", "--min-score", str(bar), *dense).stdout.splitlines()
+        for line in cli("query", sample_index, QUERY, "-k", "20", "--min-score", str(bar)).stdout.splitlines()
     ]
     assert kept == [h for h in everything if h["score"] >= bar] and 5 <= len(kept) < 20
     one_error_line(cli("query", sample_index, QUERY, "--min-score", "nan"), 2, "--min-score")
@@ -170,8 +168,7 @@ def test_like_ranks_by_the_stored_vector_without_the_passage(cli, sample_index):
     assert cli.loaded == []  # no model loaded
     assert "astronomy-17" not in [h["id"] for h in like] and len(like) == 5
     # The hashing encoder encodes documents and queries alike: the same ranking as querying with the passage.
-    same = cli("query", sample_index, f"{passage['title']} {passage['text']}", "-k", "6", "--mode", "dense")
-    same = same.stdout.splitlines()
+    same = cli("query", sample_index, f"{passage['title']} {passage['text']}", "-k", "6").stdout.splitlines()
     expected = [json.loads(line) for line in same if json.loads(line)["id"] != "astronomy-17"][:5]
     assert [(h["id"], h["score"]) for h in like] == [(h["id"], h["score"]) for h in expected]
     assert like[0]["qid"] == "astronomy-17" and like[0]["query"] == "like:astronomy-17"

@@ -218,8 +218,8 @@ SearchMode = Annotated[
     typer.Option(
         "--mode",
         metavar="MODE",
-        help="dense (the model), lexical (BM25 keywords) or hybrid (both, fused) [default: hybrid when the index "
-        "has a lexical index, else dense]",
+        help="dense (the model), lexical (BM25 keywords) or hybrid (both, fused) [default: dense; hybrid with "
+        "--alpha]",
     ),
 ]
 Alpha = Annotated[
@@ -722,7 +722,9 @@ def query(
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
         query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
-    opened, encoder, mode = _open_for_mode(deps, directory, mode, model, precision, trust_remote_code, batch_size)
+    opened, encoder, mode = _open_for_mode(
+        deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
+    )
     allowed = _allowed_rows(opened, where)
     from dsearch.hybrid import run as run_mode
 
@@ -754,13 +756,14 @@ def _open_for_mode(
     precision: str | None,
     trust_remote_code: bool,
     batch_size: int,
+    alpha: float | None = None,
 ) -> tuple[Any, Encoder | None, str]:
     """Open the index, settle the mode (the default depends on the index), and load the model unless lexical."""
     from dsearch.hybrid import resolve_mode
 
     started = time.perf_counter()
     opened = _open_index(directory)
-    mode = resolve_mode(opened, mode)
+    mode = resolve_mode(opened, mode, alpha)
     if mode == "lexical":
         if model or precision:
             raise UsageError("--mode lexical loads no model: drop --model/--precision")
@@ -1028,7 +1031,9 @@ def eval_command(
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     deps = _deps(ctx)
-    opened, encoder, mode = _open_for_mode(deps, directory, mode, model, precision, trust_remote_code, batch_size)
+    opened, encoder, mode = _open_for_mode(
+        deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
+    )
     allowed = _allowed_rows(opened, where)
     report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target, mode, alpha, allowed)
     if report.queries_without_judgements:

@@ -59,12 +59,15 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT)
+    parser.add_argument("--index", type=Path, default=None, help="reuse (or keep) the synthetic index here")
+    parser.add_argument("--no-batch", action="store_true", help="skip the 1,000-query runs")
     args = parser.parse_args()
     synthetic.SCIFACT = args.scifact  # scifact_sentences reads it
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        index = tmp / "idx"
-        results: dict = {"passages": args.passages, "build": build(index, args.passages), "cold_query": {}}
+        index = args.index or tmp / "idx"
+        built = build(index, args.passages) if not index.exists() else "reused"
+        results: dict = {"passages": args.passages, "build": built, "cold_query": {}}
         queries = tmp / "queries.tsv"
         texts = [json.loads(line)["text"] for line in open(args.scifact / "queries.jsonl")]
         queries.write_text("".join(f"q{i}\t{texts[i % len(texts)]}\n" for i in range(1000)))
@@ -73,7 +76,7 @@ def main() -> None:
             results["cold_query"][mode] = median_of(args.runs, base)
             results["cold_query"][f"{mode} --where 1%"] = median_of(args.runs, [*base, "--where", FILTER])
         results["1000_queries"] = {}
-        for mode in ("dense", "lexical", "hybrid"):
+        for mode in () if args.no_batch else ("dense", "lexical", "hybrid"):
             base = [DSEARCH, "query", str(index), "--queries", str(queries), "--mode", mode, "-f", "trec"]
             for label, extra in (("", []), (" --where 1%", ["--where", FILTER])):
                 batch = median_of(max(3, args.runs // 2), [*base, *extra])

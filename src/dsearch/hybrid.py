@@ -169,7 +169,8 @@ def search(
         stats.lookup += time.perf_counter() - started
         for query, (fused, ranks, best, dense_ranking) in zip(batch, fused_all, strict=True):
             if dense_ranking:  # the same cheap checks as a dense search: impossible scores, corrupt vectors
-                shown = [(s, r) for d, s, r in dense_ranking if d in {f for f, _ in fused}]
+                chosen = {f for f, _ in fused}
+                shown = [(s, r) for d, s, r in dense_ranking if d in chosen]
                 if shown:
                     check_hits(index, [query], np.array([[s for s, _ in shown]]), np.array([[r for _, r in shown]]),
                                metadata)

@@ -20,6 +20,7 @@ and it matches MTEB's BM25 baseline. The query side tokenizes exactly as the bui
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -75,6 +76,9 @@ def build_lexical(segment_dir: Path, passages_file: str) -> list[str]:
     import pyarrow.parquet as pq
     from bm25s.stopwords import STOPWORDS_EN
 
+    # bm25s sets its logger to DEBUG on import; its "Building index…" lines would reach stderr wherever another
+    # library configured the root logger.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     tokenizer = Tokenizer(STOPWORDS_EN)
     vocab: dict[str, int] = {}
     docs: list[list[int]] = []

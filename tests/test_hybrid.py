@@ -430,3 +430,60 @@ def test_resumed_build_has_the_same_lexical_index(tmp_path, capsys, monkeypatch)
         a = cli("query", tmp_path / "idx", query, "--mode", "hybrid", "-f", "jsonl").stdout
         b = cli("query", tmp_path / "fresh", query, "--mode", "hybrid", "-f", "jsonl").stdout
         assert a == b and a
+
+
+def test_parquet_fields_keep_their_types(tmp_path, cli):
+    """Dates, timestamps, numbers, booleans and lists from a Parquet corpus can be compared as such."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "text": ["volcano one", "volcano two", "volcano three"],
+            "day": [dt.date(2020, 1, 5), dt.date(2021, 6, 1), None],
+            "seen": [dt.datetime(2020, 1, 5, 10, 0), dt.datetime(2022, 2, 2, 8, 30), dt.datetime(2023, 3, 3)],
+            "count": pa.array([3, 10, 7], pa.int32()),
+            "ratio": [0.5, 1.5, 2.5],
+            "flag": [True, False, True],
+            "tags": [["x", "y"], [], ["y"]],
+        }
+    )
+    pq.write_table(table, tmp_path / "c.parquet")
+    assert cli("index", tmp_path / "c.parquet", "-o", tmp_path / "idx").exit_code == 0
+    fields = json.loads(cli("info", tmp_path / "idx", "--json").stdout)["fields"]
+    assert fields == {
+        "count": "BIGINT",
+        "day": "DATE",
+        "flag": "BOOLEAN",
+        "ratio": "DOUBLE",
+        "seen": "TIMESTAMP",
+        "tags": "VARCHAR[]",
+    }
+    for where, expected in (
+        ("day < DATE '2021-01-01'", {"a"}),
+        ("seen >= TIMESTAMP '2022-01-01 00:00:00'", {"b", "c"}),
+        ("count > 5 AND flag", {"c"}),
+        ("ratio BETWEEN 1 AND 2", {"b"}),
+        ("list_contains(tags, 'y')", {"a", "c"}),
+        ("day IS NULL", {"c"}),
+    ):
+        result = cli("query", tmp_path / "idx", "volcano", "--where", where, "-f", "ids")
+        assert result.exit_code == 0, result.stderr
+        assert set(result.stdout.split()) == expected, where
+
+
+def test_an_index_from_before_field_types_gets_them_on_update(tmp_path, cli):
+    import shutil
+
+    golden = ROOT / "tests" / "golden"
+    target = tmp_path / "old.idx"
+    shutil.copytree(golden / "index-v1", target)
+    one_error_line(cli("query", target, "volcano", "--where", "id = 'x'"), 2, "before dsearch recorded field types")
+    result = cli("index", golden / "corpus.jsonl", "-o", target, "--update", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["published"] is True  # nothing changed but the field types were missing
+    assert cli("query", target, "volcano", "--where", "id = 'x'", "-f", "ids").exit_code == 0
+    assert cli("query", target, "volcano", "--mode", "lexical").exit_code == 1  # the old index's choice is kept

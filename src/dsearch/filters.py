@@ -116,7 +116,12 @@ def allowed_rows(index: Any, where: str) -> Any:
     import duckdb
     import numpy as np
 
-    types: dict[str, str] = index.manifest.corpus.get("field_types") or {}
+    if "field_types" not in index.manifest.corpus:
+        raise UsageError(
+            f"{index.directory}: this index was built before dsearch recorded field types, which --where needs; "
+            "run 'dsearch index … --update' (or rebuild it) first"
+        )
+    types: dict[str, str] = index.manifest.corpus["field_types"]
     # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only the
     # small columns; file_row_number + the segment's first row is the row.
     scans = [

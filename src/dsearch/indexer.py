@@ -360,7 +360,10 @@ def build_index(
             for passage in _read(corpus, stats, lazy):
                 hash_ = content_hash(passage.encoder_text)
                 _classify(passage, hash_, passage_row(passage, hash_), stored, counts)
-            if counts.changes(len(stored)) == 0 and lexical == has_lexical(base):
+            # Nothing changed, and nothing to add: an index from before field types or the lexical index was
+            # built gets them on its next update.
+            complete = lexical == has_lexical(base) and "field_types" in base.manifest.corpus
+            if counts.changes(len(stored)) == 0 and complete:
                 passages = int(base.manifest.stats.get("passages", base.rows))
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows

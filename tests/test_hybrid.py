@@ -244,9 +244,8 @@ def test_eval_takes_mode(sample_index, cli, tmp_path):
 
 
 def test_dense_and_hybrid_queries_import_no_bm25s_or_duckdb(tmp_path):
+    """A fresh process: index with the hashing encoder, then query in each mode and list what was imported."""
     target = tmp_path / "idx"
-    Runner_ = Runner  # noqa: N806 - the in-process runner builds the index with the hashing encoder
-    del Runner_
     code = f"""
 import sys, io
 sys.path.insert(0, {str(ROOT / 'tests')!r})

@@ -162,10 +162,12 @@ class SentenceTransformerEncoder:
         encode = self.model.encode_document if side == "document" else self.model.encode_query
         # bf16 autocast runs the matrix products in bfloat16 (fast with avx512_bf16/AMX); pooling and
         # normalisation stay in fp32.
+        # In bf16 a text's vector moves by up to 1e-3 with its batch-mates and their padding (measured), so
+        # --update would not equal a rebuild: bf16 encodes each text alone. fp32 here is batch-independent.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             vectors = encode(
                 texts,
-                batch_size=self.batch_size,
+                batch_size=1 if self.bf16 else self.batch_size,
                 convert_to_numpy=True,
                 normalize_embeddings=self.similarity == "cosine",
                 show_progress_bar=False,

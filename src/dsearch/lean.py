@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,13 +88,22 @@ class LeanEncoder:
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        # Dynamic int8 quantises activations with one scale per input tensor, so in a batch a text's vector would
+        # depend on its batch-mates (and on their padding): --update would not equal a rebuild, nor --batch-size
+        # N another N. So int8 encodes each text alone (the scale becomes per-row, no padding), on a one-thread
+        # session, and gets its parallelism from running texts side by side instead: as fast as batches of 32
+        # on whole SciFact abstracts and faster on short passages (benchmarks/RESULTS.md), and a vector cannot
+        # depend on the thread count either. fp32 is batch-independent as it is (tested) and keeps its batches.
+        self.per_row = self.precision == "int8"
+        self.workers = os.cpu_count() or 1
         options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = 1 if self.per_row else self.workers
         options.log_severity_level = 3
         # Memory patterns are planned and kept per input shape; text batches come in hundreds of shapes, and
         # with them on, peak RSS kept climbing for the first ~20k passages (measured: 696 MiB against 501 MiB).
         options.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def max_text_tokens(self) -> int:
@@ -107,20 +117,30 @@ class LeanEncoder:
         prompt = self.prompts.get(side, "")
         texts = [prompt + t for t in texts] if prompt else list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Sort by length so each batch pads little; results go back to their original positions.
         encodings = self.tokenizer.encode_batch(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        # Dynamic int8 sets its activation scale per batch, so a text's vector depends on its batch-mates. For
-        # queries that would make `dsearch query "x"` rank differently from the same query in a file (SciFact
-        # nDCG@10 moved by 0.007 between query batches of 64 and 256), so each query runs alone.
-        batch_size = 1 if side == "query" and self.precision == "int8" else self.batch_size
-        for start in range(0, len(order), batch_size):
-            members = order[start : start + batch_size]
-            out[members] = self._run([encodings[i] for i in members])
+        if self.per_row:
+            # Each text alone (see __init__); the session releases the GIL, so threads run texts in parallel.
+            if len(texts) == 1 or self.workers == 1:
+                rows = [self._run([e])[0] for e in encodings]
+            else:
+                rows = list(self._pool().map(lambda e: self._run([e])[0], encodings))
+            if rows:
+                out[:] = np.stack(rows)
+        else:
+            # Sort by length so each batch pads little; results go back to their original positions.
+            order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+            for start in range(0, len(order), self.batch_size):
+                members = order[start : start + self.batch_size]
+                out[members] = self._run([encodings[i] for i in members])
         if self.similarity == "cosine":
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)
         return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="dsearch-encode")
+        return self._executor
 
     def _run(self, encodings: list[Any]) -> np.ndarray:
         import numpy as np

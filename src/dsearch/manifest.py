@@ -23,6 +23,11 @@ MANIFEST_FILE = "manifest.json"
 SEGMENT_NAME = re.compile(r"seg-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A file inside a segment: one plain name (no separators, no leading dot).
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A model fingerprint and a precision become parts of cache paths (lean.lean_directory), so a manifest may hold
+# no path there: a fingerprint is a plain token (dsearch writes xxh3-128 hex, or "unknown" for a model whose files
+# could not be hashed; the cache itself takes hex only), a precision one of the recorded names.
+FINGERPRINT_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+RECORDED_PRECISIONS = ("fp32", "bf16", "int8")
 # Files every segment of this format version holds (the manifest must list both with their checksums).
 SEGMENT_FILES = ("index.faiss", "passages.parquet")
 
@@ -103,6 +108,11 @@ class Manifest:
             _typed(asdict(model), key, kind)
         if model.dim <= 0:
             raise ValueError(f"model.dim {model.dim} is not positive")
+        if not FINGERPRINT_TOKEN.fullmatch(model.fingerprint):
+            raise ValueError(f"model.fingerprint {model.fingerprint[:40]!r} is not a fingerprint (hex digits)")
+        if model.precision not in RECORDED_PRECISIONS:
+            choices = ", ".join(RECORDED_PRECISIONS)
+            raise ValueError(f"model.precision {str(model.precision)[:20]!r} is not one of {choices}")
         segments = [_segment(s) for s in _typed(data, "segments", list)]
         if len({s.path for s in segments}) != len(segments):
             raise ValueError("a segment is listed twice")

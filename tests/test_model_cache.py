@@ -155,6 +155,6 @@ def test_a_model_that_is_neither_local_nor_reachable_fails_fast_in_one_line(tmp_
     assert len(lines) == 1, result.stderr  # under -q: no hub retries, warnings or tracebacks
     assert lines[0].startswith("dsearch: error: cannot load model 'sentence-transformers/all-mpnet-base-v2'")
     assert ("HF_HUB_OFFLINE" if "HF_HUB_OFFLINE" in env else "http://127.0.0.1:9") in lines[0]
-    assert "--model PATH" in lines[0]
+    assert "the model hub cannot be reached" in lines[0] and "--model PATH" in lines[0]
     assert seconds < 20
     assert not (tmp_path / "idx").exists()

@@ -237,7 +237,10 @@ def _check_hub_reachable(name: str) -> None:
 
     fix = "copy the model folder to this machine and pass --model PATH, or check the model name"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise ModelError(f"cannot load model {name!r}: it is not in the local cache and HF_HUB_OFFLINE is set; {fix}")
+        raise ModelError(
+            f"cannot load model {name!r}: it is not in the local cache and the model hub cannot be reached "
+            f"(HF_HUB_OFFLINE is set); {fix}"
+        )
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urlsplit(endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -252,8 +255,8 @@ def _check_hub_reachable(name: str) -> None:
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(
-            f"cannot load model {name!r}: it is not in the local cache and the model hub at {endpoint} "
-            f"cannot be reached ({reason}); {fix}"
+            f"cannot load model {name!r}: it is not in the local cache and the model hub cannot be reached "
+            f"({endpoint}: {reason}); {fix}"
         ) from None
 
 

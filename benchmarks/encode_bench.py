@@ -110,7 +110,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--settings", default="fp32,bf16,int8,auto")
     parser.add_argument("--models", default="seed,minilm")
+    parser.add_argument("--scifact", type=Path, default=SCIFACT, help="SciFact's corpus.jsonl (from a worktree too)")
     args = parser.parse_args()
+    global SCIFACT
+    SCIFACT = args.scifact
     settings = args.settings.split(",")
     results = []
     with tempfile.TemporaryDirectory() as name:

@@ -112,8 +112,7 @@ def main() -> None:
     parser.add_argument("--models", default="seed,minilm")
     parser.add_argument("--scifact", type=Path, default=SCIFACT, help="SciFact's corpus.jsonl (from a worktree too)")
     args = parser.parse_args()
-    global SCIFACT
-    SCIFACT = args.scifact
+    globals()["SCIFACT"] = args.scifact  # corpus() reads the module-level path
     settings = args.settings.split(",")
     results = []
     with tempfile.TemporaryDirectory() as name:

@@ -82,10 +82,34 @@ def bench_model(
     for setting in settings:
         index = tmp / f"{label}-{setting}.idx"
         first_s = timed(
-            [DSEARCH, "index", str(passages), "-o", str(index), "--model", model, "--precision", setting, "-q"]
+            [
+                DSEARCH,
+                "index",
+                str(passages),
+                "-o",
+                str(index),
+                "--model",
+                model,
+                "--precision",
+                setting,
+                "-q",
+                "--no-split",
+            ]
         )  # pays the one-time export
         warm_s = timed(
-            [DSEARCH, "index", str(passages), "-o", str(index), "--model", model, "--precision", setting, "-q"]
+            [
+                DSEARCH,
+                "index",
+                str(passages),
+                "-o",
+                str(index),
+                "--model",
+                model,
+                "--precision",
+                setting,
+                "-q",
+                "--no-split",
+            ]
         )
         vectors = stored_vectors(index)
         cos = float(

@@ -82,10 +82,34 @@ def bench_model(
     for setting in settings:
         index = tmp / f"{label}-{setting}.idx"
         first_s = timed(
-            [DSEARCH, "index", str(passages), "-o", str(index), "--model", model, "--precision", setting, "-q"]
+            [
+                DSEARCH,
+                "index",
+                str(passages),
+                "-o",
+                str(index),
+                "--model",
+                model,
+                "--precision",
+                setting,
+                "-q",
+                "--no-split",
+            ]
         )  # pays the one-time export
         warm_s = timed(
-            [DSEARCH, "index", str(passages), "-o", str(index), "--model", model, "--precision", setting, "-q"]
+            [
+                DSEARCH,
+                "index",
+                str(passages),
+                "-o",
+                str(index),
+                "--model",
+                model,
+                "--precision",
+                setting,
+                "-q",
+                "--no-split",
+            ]
         )
         vectors = stored_vectors(index)
         cos = float(
@@ -110,7 +134,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--settings", default="fp32,bf16,int8,auto")
     parser.add_argument("--models", default="seed,minilm")
+    parser.add_argument("--scifact", type=Path, default=SCIFACT, help="SciFact's corpus.jsonl (from a worktree too)")
     args = parser.parse_args()
+    globals()["SCIFACT"] = args.scifact  # corpus() reads the module-level path
     settings = args.settings.split(",")
     results = []
     with tempfile.TemporaryDirectory() as name:

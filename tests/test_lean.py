@@ -14,7 +14,13 @@ import pytest
 from conftest import SAMPLE
 
 from dsearch import lean
-from dsearch.encoder import LEAN_PRECISIONS, SentenceTransformerEncoder, choose_precision, load_encoder
+from dsearch.encoder import (
+    LEAN_PRECISIONS,
+    SentenceTransformerEncoder,
+    choose_precision,
+    cpu_flags,
+    load_encoder,
+)
 from dsearch.indexer import build_index
 
 pytestmark = pytest.mark.slow
@@ -109,3 +115,67 @@ def test_int8_query_vectors_do_not_depend_on_the_batch():
     together = encoder.encode_queries(queries)
     alone = np.stack([encoder.encode_queries([q])[0] for q in queries])
     assert np.array_equal(together, alone)
+
+
+def _shuffled_encodings(encoder, texts: list[str], batch_size: int) -> np.ndarray:
+    """The texts encoded in batches of ``batch_size`` in a shuffled order, put back in the original order."""
+    import random
+
+    order = list(range(len(texts)))
+    random.Random(batch_size).shuffle(order)
+    encoder.batch_size = batch_size
+    vectors = encoder.encode_documents([texts[i] for i in order])
+    out = np.empty_like(vectors)
+    out[order] = vectors
+    return out
+
+
+@pytest.mark.parametrize("precision", ["auto", "int8", "fp32", "bf16"])
+@pytest.mark.parametrize("which", ["bundled", "tiny-seed"])
+def test_document_vectors_do_not_depend_on_their_batch(precision, which, tiny_seed_model):
+    """Batches of 1, 7, 32 and 128 in shuffled orders give bitwise the same vectors, so --update, another
+    --batch-size or a resumed run equal a full rebuild (int8 and bf16 used to move by up to 0.03)."""
+    encoder = load_encoder(None if which == "bundled" else str(tiny_seed_model), precision)
+    assert encoder.precision == (choose_precision(cpu_flags())[0] if precision == "auto" else precision)
+    docs, _ = scifact(60)
+    texts = [" ".join(t.split()[: 5 + i % 60]) for i, t in enumerate(docs)]  # mixed lengths: padding in a batch
+    texts += ["word " * 600, "x"]  # truncated at max_seq_length, and a one-token text
+    reference = _shuffled_encodings(encoder, texts, 1)
+    assert np.isfinite(reference).all() and (np.linalg.norm(reference, axis=1) > 0).all()
+    for batch_size in (7, 32, 128):
+        np.testing.assert_array_equal(_shuffled_encodings(encoder, texts, batch_size), reference)
+
+
+def test_int8_update_equals_a_rebuild_with_the_real_encoder(tmp_path, tiny_seed_model, capsys):
+    """At the default precision, with the lean encoder: an updated index and a rebuild with another batch size
+    hold the same vectors and answer the same queries with the same scores."""
+    from conftest import Runner
+
+    from dsearch.store import OpenIndex
+
+    rows = [json.loads(line) for line in (SAMPLE / "passages.jsonl").read_text().splitlines()]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    cli = Runner(capsys, load_encoder)
+    model = ["--model", str(tiny_seed_model)]
+    assert cli("index", corpus, "-o", tmp_path / "idx", *model, "-q").exit_code == 0
+    rows[0] = {**rows[0], "text": rows[0]["text"] + " Changed since the first build."}
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[1:] + rows[:1]))  # new order, one new passage
+    result = cli("index", corpus, "-o", tmp_path / "idx", "--update", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["added"], summary["updated"], summary["precision"]) == (1, 1, choose_precision(cpu_flags())[0])
+    assert cli("index", corpus, "-o", tmp_path / "rebuilt", *model, "--batch-size", "7", "-q").exit_code == 0
+
+    def vectors(index: Path) -> dict[str, bytes]:
+        opened = OpenIndex(index)
+        ids = [r["id"] for r in opened.iter_rows(("id",))]
+        return dict(zip(ids, (v.tobytes() for v in opened.vectors(0, len(ids))), strict=True))
+
+    assert vectors(tmp_path / "idx") == vectors(tmp_path / "rebuilt")
+    queries = tmp_path / "queries.tsv"
+    queries.write_text((SAMPLE / "queries.tsv").read_text())
+    indexes = (tmp_path / "idx", tmp_path / "rebuilt")
+    answers = [cli("query", index, "--queries", queries, "-k", "10", "--format", "tsv") for index in indexes]
+    assert all(a.exit_code == 0 for a in answers) and answers[0].stdout.count("\n") >= 10
+    assert answers[0].stdout == answers[1].stdout

@@ -224,6 +224,32 @@ QueryModelOpt = Annotated[
     ),
 ]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model to run its own Python code.")]
+SearchMode = Annotated[
+    str | None,
+    typer.Option(
+        "--mode",
+        metavar="MODE",
+        help="dense (the model), lexical (BM25 keywords) or hybrid (both, fused) [default: dense; hybrid with "
+        "--alpha]",
+    ),
+]
+Alpha = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha",
+        metavar="W",
+        help="Hybrid: fuse W x normalised dense score + (1 - W) x normalised BM25 score instead of reciprocal ranks.",
+    ),
+]
+Where = Annotated[
+    str | None,
+    typer.Option(
+        "--where",
+        metavar="EXPR",
+        help="Search only passages matching this SQL condition on their fields, id, title and source, before the "
+        "top-k: \"year >= 2020 AND source LIKE 'docs/%'\".",
+    ),
+]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Texts per encoder batch.")]
 SNIPPET_DEFAULT = 2
 Snippet = Annotated[
@@ -497,6 +523,14 @@ def index(
             help="Refuse (exit 9) to remove more than N passages or P% of the index [default: half of it].",
         ),
     ] = None,
+    lexical: Annotated[
+        bool | None,
+        typer.Option(
+            "--lexical/--no-lexical",
+            help="Also build the BM25 index for --mode lexical and hybrid (default); --update keeps the index's "
+            "choice unless one is given.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     ray: Annotated[
         bool,
@@ -603,6 +637,7 @@ def index(
             max_remove=limit,
             on_resume=progress.resumed,
             chunk_encoder=chunk_encoder,
+            lexical=lexical,
             index_type=index_type,
             memory=budget,
         )
@@ -687,14 +722,20 @@ def _output_format(out_format: str | None) -> str:
 
 
 def open_index_and_encoder(
-    deps: Deps, directory: Path, model: str | None, precision: str | None, trust_remote_code: bool, batch_size: int
+    deps: Deps,
+    directory: Path,
+    model: str | None,
+    precision: str | None,
+    trust_remote_code: bool,
+    batch_size: int,
+    opened: Any = None,
 ) -> tuple[Any, Encoder]:
-    """Open the index, then load the model it was built with (or a compatible override)."""
+    """Open the index (unless given), then load the model it was built with (or a compatible override)."""
     from dsearch.store import OpenIndex
 
     _check_precision(precision)
     started = time.perf_counter()
-    opened = OpenIndex(directory)
+    opened = OpenIndex(directory) if opened is None else opened
     log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
     info = opened.manifest.model
     options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": batch_size}
@@ -761,6 +802,9 @@ def query(
         str | None,
         typer.Option("--like", metavar="ID", help="More like this: rank passages by similarity to a stored passage."),
     ] = None,
+    mode: SearchMode = None,
+    alpha: Alpha = None,
+    where: Where = None,
     snippet: Snippet = SNIPPET_DEFAULT,
     full: Full = False,
     model: QueryModelOpt = None,
@@ -785,7 +829,6 @@ def query(
         like_search,
         queries_from_texts,
         read_query_file,
-        run_search,
     )
 
     fmt = _output_format(out_format)
@@ -796,15 +839,19 @@ def query(
     texts = [q for q in (queries or []) if q != "-"]
     check_query_arguments(texts)
     stats = SearchStats()
+    _check_mode_options(mode, alpha)
     if like is not None:
         if texts or queries_file is not None or queries:
             raise UsageError("--like ranks by a stored passage: give no QUERY and no --queries with it")
         if model or precision:
             raise UsageError("--like uses the stored vectors and loads no model: drop --model/--precision")
+        if mode not in (None, "dense") or alpha is not None:
+            raise UsageError("--like ranks by a stored vector (dense): it takes no --mode lexical/hybrid or --alpha")
         started = time.perf_counter()
         opened = _open_index(directory)
         log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
-        results = like_search(opened, like, top_k, min_score, stats)
+        allowed = _allowed_rows(opened, where)
+        results = like_search(opened, like, top_k, min_score, stats, allowed)
         written = render(results, fmt, sys.stdout, color=_color(), table=table)
         _log_search(stats, written)
         return
@@ -820,11 +867,74 @@ def query(
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
         query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
-    opened, encoder = open_index_and_encoder(deps, directory, model, precision, trust_remote_code, batch_size)
+    opened, encoder, mode = _open_for_mode(
+        deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
+    )
     opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
-    results = run_search(opened, encoder, query_list, top_k, min_score=min_score, stats=stats)
-    written = render(results, fmt, sys.stdout, color=_color(), table=table)
+    allowed = _allowed_rows(opened, where)
+    from dsearch.hybrid import run as run_mode
+
+    results = run_mode(
+        opened, encoder, query_list, top_k, mode, alpha, min_score=min_score, stats=stats, allowed_rows=allowed
+    )
+    retrievers = () if mode == "dense" else ("lexical",) if mode == "lexical" else ("dense", "lexical")
+    written = render(results, fmt, sys.stdout, color=_color(), table=table, retrievers=retrievers)
     _log_search(stats, written)
+
+
+def _check_mode_options(mode: str | None, alpha: float | None) -> None:
+    from dsearch.hybrid import MODES
+
+    if mode is not None and mode not in MODES:
+        raise UsageError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+    if alpha is not None:
+        if not 0 <= alpha <= 1:
+            raise UsageError(f"--alpha {alpha} is not a weight between 0 and 1")
+        if mode in ("dense", "lexical"):
+            raise UsageError(f"--alpha weighs the two retrievers of --mode hybrid; it does not go with --mode {mode}")
+
+
+def _open_for_mode(
+    deps: Deps,
+    directory: Path,
+    mode: str | None,
+    model: str | None,
+    precision: str | None,
+    trust_remote_code: bool,
+    batch_size: int,
+    alpha: float | None = None,
+) -> tuple[Any, Encoder | None, str]:
+    """Open the index, settle the mode (the default depends on the index), and load the model unless lexical."""
+    from dsearch.hybrid import resolve_mode
+
+    started = time.perf_counter()
+    opened = _open_index(directory)
+    mode = resolve_mode(opened, mode, alpha)
+    if mode == "lexical":
+        if model or precision:
+            raise UsageError("--mode lexical loads no model: drop --model/--precision")
+        log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
+        return opened, None, mode
+    opened, encoder = open_index_and_encoder(
+        deps, directory, model, precision, trust_remote_code, batch_size, opened=opened
+    )
+    log.info("search mode: %s", mode)
+    return opened, encoder, mode
+
+
+def _allowed_rows(opened: Any, where: str | None) -> Any:
+    """The rows a --where condition allows (None: no filter); under -v, how many passages it kept."""
+    if where is None:
+        return None
+    from dsearch.filters import allowed_rows
+
+    started = time.perf_counter()
+    mask = allowed_rows(opened, where)
+    kept = int(mask.sum())
+    log.info("--where kept %d of %d rows (%.3f s)", kept, opened.rows, time.perf_counter() - started)
+    if not kept:
+        log.info("--where matched no passage: no hits")
+    return mask
 
 
 def _open_index(directory: Path) -> Any:
@@ -898,6 +1008,12 @@ def get(
 # --- info --------------------------------------------------------------------------------------------
 
 
+def _has_lexical(opened: Any) -> bool:
+    from dsearch.lexical import has_lexical
+
+    return has_lexical(opened)
+
+
 def describe_index(opened: Any) -> dict[str, Any]:
     m = opened.manifest
     return {
@@ -913,6 +1029,8 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "passages": m.passages,
         "rows": m.rows,
         "split": m.corpus.get("split"),
+        "lexical": _has_lexical(opened),
+        "fields": m.corpus.get("field_types") or {},
         "index_type": m.index_type,
         "index_params": m.index_params,
         "recall_at_10": m.index_params.get("recall_at_10", 1.0 if m.index_type == "IndexFlatIP" else None),
@@ -954,6 +1072,8 @@ def info(
         "long passages": f"split, overlap {data['split']['overlap']} tokens" if data["split"] else "truncated",
         "index type": " ".join([data["index_type"], *[f"({f})" for f in [data["index_params"].get("factory")] if f]]),
         "recall@10": _describe_recall(data),
+        "lexical index": "BM25 (bm25s)" if data["lexical"] else "none (--mode dense only)",
+        "fields": ", ".join(f"{name} {kind}" for name, kind in data["fields"].items()) or "none",
         "precision": data["precision"],
         "max_seq_length": str(data["max_seq_length"]),
         "size on disk": human_bytes(data["size_bytes"]),
@@ -1084,6 +1204,9 @@ def eval_command(
     ] = None,
     per_query: Annotated[bool, typer.Option("--per-query", help="Add each query's values.")] = False,
     keep_self: Annotated[bool, typer.Option("--keep-self", help="Keep hits whose id equals the query id.")] = False,
+    mode: SearchMode = None,
+    alpha: Alpha = None,
+    where: Where = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     nprobe: NProbeOpt = None,
     ef: EfOpt = None,
@@ -1103,6 +1226,7 @@ def eval_command(
     from dsearch.search import read_query_file
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
+    _check_mode_options(mode, alpha)
     run_target = RunTarget.check(run_file) if run_file is not None else None  # before any query runs
     if run_file is not None:
         for flag, given in (("--queries", queries_file), ("--qrels", qrels_file)):
@@ -1110,9 +1234,13 @@ def eval_command(
                 raise UsageError(f"--run {run_file} is the {flag} file; give --run another path")
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
-    opened, encoder = open_index_and_encoder(_deps(ctx), directory, model, precision, trust_remote_code, batch_size)
+    deps = _deps(ctx)
+    opened, encoder, mode = _open_for_mode(
+        deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
+    )
     opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
-    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target)
+    allowed = _allowed_rows(opened, where)
+    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target, mode, alpha, allowed)
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)
     if report.judged_queries_missing:

@@ -162,10 +162,12 @@ class SentenceTransformerEncoder:
         encode = self.model.encode_document if side == "document" else self.model.encode_query
         # bf16 autocast runs the matrix products in bfloat16 (fast with avx512_bf16/AMX); pooling and
         # normalisation stay in fp32.
+        # In bf16 a text's vector moves by up to 1e-3 with its batch-mates and their padding (measured), so
+        # --update would not equal a rebuild: bf16 encodes each text alone. fp32 here is batch-independent.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             vectors = encode(
                 texts,
-                batch_size=self.batch_size,
+                batch_size=1 if self.bf16 else self.batch_size,
                 convert_to_numpy=True,
                 normalize_embeddings=self.similarity == "cosine",
                 show_progress_bar=False,
@@ -194,6 +196,8 @@ def _load_sentence_transformer(name: str, directory: Path | None, trust_remote_c
     if directory is not None:
         # Everything is on disk: never let the hub client reach for the network.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    else:
+        _check_hub_reachable(name)
     log.info("loading model %s", name)
     try:
         import transformers
@@ -218,6 +222,42 @@ def _load_sentence_transformer(name: str, directory: Path | None, trust_remote_c
         if "trust_remote_code" in text:
             hint = "; the model ships its own code: pass --trust-remote-code if you trust it"
         raise ModelError(f"cannot load model {name!r} (tried {tried}): {text}{hint}") from exc
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail in seconds, with one line, when a model must come from a hub that cannot be reached.
+
+    Without this the hub client retries for over a minute (measured: 80 s) and logs its retries on stderr.
+    """
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    fix = "copy the model folder to this machine and pass --model PATH, or check the model name"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelError(
+            f"cannot load model {name!r}: it is not in the local cache and the model hub cannot be reached "
+            f"(HF_HUB_OFFLINE is set); {fix}"
+        )
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = getproxies().get(url.scheme or "https")
+    if proxy and host and not proxy_bypass(host):  # through a proxy: it is the proxy that must answer
+        proxied = urlsplit(proxy if "//" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname, proxied.port or 80
+    import socket
+
+    try:
+        socket.create_connection((host or "", port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot load model {name!r}: it is not in the local cache and the model hub cannot be reached "
+            f"({endpoint}: {reason}); {fix}"
+        ) from None
 
 
 # --- choosing how to run a model ---------------------------------------------------------------------
@@ -264,6 +304,7 @@ def load_encoder(
         log.warning("this CPU has no bf16 instructions (avx512_bf16/AMX); bf16 will be slow")
     fingerprint = None
     if precision in LEAN_PRECISIONS:
+        lean.collect_stale_exports()  # what killed exports left behind; a directory listing when there is none
         directory = model_directory(canonical)
         if directory is not None:
             fingerprint = fingerprint_directory(directory)

@@ -14,7 +14,7 @@ from typing import Any
 from dsearch.encoder import Encoder
 from dsearch.errors import DsearchError, InputError, UsageError
 from dsearch.output import trec_line
-from dsearch.search import Query, run_search
+from dsearch.search import Query
 from dsearch.store import OpenIndex
 
 log = logging.getLogger("dsearch")
@@ -162,8 +162,11 @@ def evaluate(
     metrics: list[tuple[str, Any]],
     keep_self: bool = False,
     run_target: RunTarget | None = None,
+    mode: str = "dense",
+    alpha: float | None = None,
+    allowed_rows: Any = None,
 ) -> EvalReport:
-    """Run the judged queries, optionally save the TREC run, and score it."""
+    """Run the judged queries (in ``mode``, within ``allowed_rows``), optionally save the TREC run, and score it."""
     judged = [q for q in queries if q.qid in qrels]
     if not judged:
         # Means over no query would print 0.0 for every metric, as if the index found nothing.
@@ -174,7 +177,10 @@ def evaluate(
         )
     query_ids = {q.qid for q in queries}
     run: Run = {}
-    for query, hits in run_search(index, encoder, judged, k, exclude_self=not keep_self):
+    from dsearch.hybrid import run as run_mode
+
+    searched = run_mode(index, encoder, judged, k, mode, alpha, not keep_self, allowed_rows=allowed_rows)
+    for query, hits in searched:
         run[query.qid] = {hit.id: float(hit.score) for hit in hits}
     if run_target is not None:
         write_trec_run(run, run_target)

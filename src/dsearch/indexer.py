@@ -37,9 +37,12 @@ from dsearch.corpus import (
 from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
+from dsearch.filters import field_types
+from dsearch.lexical import build_lexical, has_lexical
 from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
 from dsearch.store import (
     INDEX_TYPE,
+    PASSAGES_FILE,
     WINDOW_COLUMNS,
     OpenIndex,
     SegmentWriter,
@@ -47,6 +50,7 @@ from dsearch.store import (
     check_target,
     content_hash,
     fault_point,
+    file_info,
     index_lock,
     passage_row,
     publish,
@@ -461,6 +465,7 @@ def build_index(
     split: SplitSpec | None = SplitSpec(),
     keep_split: bool = False,
     chunk_encoder: ChunkEncoder | None = None,
+    lexical: bool | None = None,
     index_type: str | None = None,
     memory: int | None = None,
 ) -> BuildSummary:
@@ -473,7 +478,8 @@ def build_index(
     ``split`` cuts passages longer than the model's window into overlapping windows (``None``: truncate);
     ``keep_split`` makes an update use whatever the index was built with.
     ``chunk_encoder`` encodes each chunk's texts (default: here, with ``encoder``; ``distributed.RayEncoder``: on
-    a Ray cluster); everything else happens here either way, so the index comes out the same.
+    a Ray cluster); everything else happens here either way, so the index comes out the same. ``lexical`` builds
+    the BM25 index beside the vectors (``None``: yes for a new index, the index's own choice for an update).
     """
     try:
         return _locked_build(
@@ -492,6 +498,7 @@ def build_index(
             split=split,
             keep_split=keep_split,
             chunk_encoder=chunk_encoder or LocalEncoder(),
+            lexical=lexical,
             ann=(index_type, memory),
         )
     except OSError as exc:
@@ -531,6 +538,7 @@ def _locked_build(
     split: SplitSpec | None,
     keep_split: bool,
     chunk_encoder: ChunkEncoder,
+    lexical: bool | None,
     ann: tuple[str | None, int | None] = (None, None),
 ) -> BuildSummary:
     started = time.perf_counter()
@@ -554,6 +562,8 @@ def _locked_build(
                 stored_split = base.manifest.corpus.get("split")
                 split = SplitSpec(**stored_split) if stored_split else None
             _check_compatible(base.manifest, model_name, precision, split)
+            if lexical is None:
+                lexical = bool(base.manifest.corpus.get("lexical", False))
             existing = _passages_of(base.manifest)
         elif update:
             log.info("no index at %s yet: building it in full", target)
@@ -562,6 +572,7 @@ def _locked_build(
                 existing = _passages_of(read_manifest(target))
             except IndexDirError as exc:  # existing stays None: a corrupt index has nothing to protect
                 log.warning("replacing a corrupt index: %s", exc)  # a rebuild is the repair
+        lexical = True if lexical is None else lexical
         stored = _stored_rows(base) if base else {}
         counts = _Counts()
         stats = CorpusStats()
@@ -574,7 +585,10 @@ def _locked_build(
             remaining = len(counts.seen_stored) + counts.added
             why = f" ({_no_passages(corpus, stats)})" if remaining == 0 else ""
             limit.check(target, len(stored), remaining, removed, why)
-            if counts.changes(len(stored)) == 0:
+            # Nothing changed, and nothing to add: an index from before field types or the lexical index was
+            # built gets them on its next update.
+            complete = lexical == has_lexical(base) and "field_types" in base.manifest.corpus
+            if counts.changes(len(stored)) == 0 and complete:
                 tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
                 passages = _passages_of(base.manifest)
                 return _summary(
@@ -588,7 +602,7 @@ def _locked_build(
             try:
                 return _build(
                     corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
-                    started, guard, on_resume, split, chunk_encoder, (requested, ann[1]),
+                    started, guard, on_resume, split, chunk_encoder, lexical, (requested, ann[1]),
                 )  # fmt: skip
             except KeyboardInterrupt:
                 if staging.published:  # past the point of no return: the new index is live
@@ -636,6 +650,7 @@ def _build(
     on_resume: ProgressCallback | None,
     split: SplitSpec | None,
     chunk_encoder: ChunkEncoder,
+    lexical: bool = True,
     ann: tuple[str, int | None] = ("auto", None),
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
@@ -720,6 +735,11 @@ def _build(
     while pending:
         write_oldest()
     segment = writer.close()
+    if lexical:  # from the closed segment's passages, so an update or a resumed run indexes exactly its rows
+        lexical_started = time.perf_counter()
+        for name in build_lexical(staging.segment_dir, PASSAGES_FILE):
+            segment.files[name] = file_info(staging.segment_dir / name)
+        log.info("lexical (BM25) index built in %.2f s", time.perf_counter() - lexical_started)
     removed = len(stored) - len(counts.seen_stored)
     guard.before_publish(staging.target, done, removed)
     corpus_info = {
@@ -727,6 +747,8 @@ def _build(
         "format": corpus.fmt,
         "fields": asdict(corpus.names),
         "split": split.as_dict() if split else None,
+        "lexical": lexical,
+        "field_types": field_types(staging.segment_dir / PASSAGES_FILE),  # for --where and info
     }
     stats_info = {
         "passages": done,

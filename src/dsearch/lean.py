@@ -13,8 +13,10 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,8 +47,68 @@ def cache_root() -> Path:
     return Path(base) / "dsearch"
 
 
+# What encoder.fingerprint_directory writes: the only fingerprints that name an export in the cache.
+FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
 def lean_directory(fingerprint: str, variant: str) -> Path:
+    """Where a model's export lives; the parts are checked, as they may come from an index's manifest."""
+    if not FINGERPRINT.fullmatch(fingerprint) or variant not in VARIANTS:
+        raise ModelError(f"not a model fingerprint and precision for the ONNX cache: {fingerprint[:40]!r}, {variant!r}")
     return cache_root() / "onnx" / f"{fingerprint}-{variant}"
+
+
+# Staging folders of exports in progress: ".<fingerprint>-<variant>.<mkdtemp suffix>" beside the exports. A killed
+# export leaves one behind (up to 87 MB for all-MiniLM-L6-v2); the next run collects it (collect_stale_exports).
+STAGING_NAME = re.compile(r"\.[0-9a-f]{32}-(?:fp32|int8)\.[a-z0-9_]{8}")
+OWNER_FILE = "owner"  # "<host> <pid>" of the process exporting into the folder
+STALE_AFTER_S = 3600  # a folder of another host (or no owner) untouched this long is abandoned
+OWNED_STALE_AFTER_S = 86400  # even a live owner pid (perhaps reused) cannot still be exporting after a day
+
+
+def collect_stale_exports(now: float | None = None) -> list[Path]:
+    """Remove the staging folders that killed exports left in the cache; returns what was removed.
+
+    Only dsearch's own staging names are touched, and only when no export can still be writing them: their
+    process (same host) is gone, or they have not changed for an hour (another host, or no owner recorded).
+    """
+    import socket
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list((cache_root() / "onnx").iterdir())
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for entry in entries:
+        if not STAGING_NAME.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            age = now - max([entry.stat().st_mtime] + [f.stat().st_mtime for f in entry.iterdir()])
+            owner = (entry / OWNER_FILE).read_text().split() if (entry / OWNER_FILE).exists() else []
+        except OSError:
+            continue  # gone meanwhile, or unreadable: leave it
+        if len(owner) == 2 and owner[0] == host and owner[1].isdigit():
+            stale = not _alive(int(owner[1])) or age > OWNED_STALE_AFTER_S
+        else:
+            stale = age > STALE_AFTER_S
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed %s, left by an interrupted ONNX export", entry)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
 
 
 @dataclass
@@ -87,13 +149,22 @@ class LeanEncoder:
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        # Dynamic int8 quantises activations with one scale per input tensor, so in a batch a text's vector would
+        # depend on its batch-mates (and on their padding): --update would not equal a rebuild, nor --batch-size
+        # N another N. So int8 encodes each text alone (the scale becomes per-row, no padding), on a one-thread
+        # session, and gets its parallelism from running texts side by side instead: as fast as batches of 32
+        # on whole SciFact abstracts and faster on short passages (benchmarks/RESULTS.md), and a vector cannot
+        # depend on the thread count either. fp32 is batch-independent as it is (tested) and keeps its batches.
+        self.per_row = self.precision == "int8"
+        self.workers = os.cpu_count() or 1
         options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = 1 if self.per_row else self.workers
         options.log_severity_level = 3
         # Memory patterns are planned and kept per input shape; text batches come in hundreds of shapes, and
         # with them on, peak RSS kept climbing for the first ~20k passages (measured: 696 MiB against 501 MiB).
         options.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def max_text_tokens(self) -> int:
@@ -107,20 +178,30 @@ class LeanEncoder:
         prompt = self.prompts.get(side, "")
         texts = [prompt + t for t in texts] if prompt else list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Sort by length so each batch pads little; results go back to their original positions.
         encodings = self.tokenizer.encode_batch(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        # Dynamic int8 sets its activation scale per batch, so a text's vector depends on its batch-mates. For
-        # queries that would make `dsearch query "x"` rank differently from the same query in a file (SciFact
-        # nDCG@10 moved by 0.007 between query batches of 64 and 256), so each query runs alone.
-        batch_size = 1 if side == "query" and self.precision == "int8" else self.batch_size
-        for start in range(0, len(order), batch_size):
-            members = order[start : start + batch_size]
-            out[members] = self._run([encodings[i] for i in members])
+        if self.per_row:
+            # Each text alone (see __init__); the session releases the GIL, so threads run texts in parallel.
+            if len(texts) == 1 or self.workers == 1:
+                rows = [self._run([e])[0] for e in encodings]
+            else:
+                rows = list(self._pool().map(lambda e: self._run([e])[0], encodings))
+            if rows:
+                out[:] = np.stack(rows)
+        else:
+            # Sort by length so each batch pads little; results go back to their original positions.
+            order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+            for start in range(0, len(order), self.batch_size):
+                members = order[start : start + self.batch_size]
+                out[members] = self._run([encodings[i] for i in members])
         if self.similarity == "cosine":
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)
         return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="dsearch-encode")
+        return self._executor
 
     def _run(self, encodings: list[Any]) -> np.ndarray:
         import numpy as np
@@ -186,8 +267,12 @@ def export(encoder: SentenceTransformerEncoder, variant: str = "fp32") -> Path:
         raise ModelError(f"cannot export {encoder.name} to ONNX: {reason}")
     target.parent.mkdir(parents=True, exist_ok=True)
     notice.info("preparing the model for fast inference, once per model")
+    collect_stale_exports()
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        import socket
+
+        (staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         input_names = _export_onnx(encoder, staging / "model.onnx")
         if variant == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -221,6 +306,7 @@ def export(encoder: SentenceTransformerEncoder, variant: str = "fp32") -> Path:
             input_names=input_names,
             prompts=dict(encoder.prompts),
         )
+        (staging / OWNER_FILE).unlink()
         (staging / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))  # written last: marks it complete
         try:
             os.rename(staging, target)
@@ -293,6 +379,8 @@ def _externalise_weights(path: Path) -> None:
 
 def find_lean(fingerprint: str, variant: str, batch_size: int = 32, name: str | None = None) -> LeanEncoder | None:
     """The cached lean encoder for a model, if one was exported; never imports torch."""
+    if not FINGERPRINT.fullmatch(fingerprint) or variant not in VARIANTS:
+        return None  # no export can exist under such a name (the manifest check keeps paths out)
     directory = lean_directory(fingerprint, variant)
     if not (directory / SPEC_FILE).exists():
         return None

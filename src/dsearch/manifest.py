@@ -28,8 +28,12 @@ MANIFEST_FILE = "manifest.json"
 SEGMENT_NAME = re.compile(r"seg-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A file inside a segment: one plain name (no separators, no leading dot).
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# A model fingerprint names the model's folder in the ONNX cache: one plain name, never a path out of it.
-FINGERPRINT = FILE_NAME
+# A model fingerprint and a precision become parts of cache paths (lean.lean_directory), so a manifest may hold
+# no path there: a fingerprint is a plain token (dsearch writes xxh3-128 hex, or "unknown" for a model whose files
+# could not be hashed; the cache itself takes hex only), a precision one of the recorded names (fp16: a Ray build
+# on GPU workers).
+FINGERPRINT_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+RECORDED_PRECISIONS = ("fp32", "bf16", "int8", "fp16")
 SIMILARITIES = ("cosine", "dot")
 # Files every segment of this format version holds (the manifest must list both with their checksums).
 SEGMENT_FILES = ("index.faiss", "passages.parquet")
@@ -118,13 +122,15 @@ class Manifest:
             _typed(asdict(model), key, kind)
         if model.dim <= 0:
             raise ValueError(f"model.dim {model.dim} is not positive")
-        if not FINGERPRINT.fullmatch(model.fingerprint):
-            raise ValueError(f"model.fingerprint {model.fingerprint!r} is not a plain name")
+        if not FINGERPRINT_TOKEN.fullmatch(model.fingerprint):
+            raise ValueError(f"model.fingerprint {model.fingerprint[:40]!r} is not a fingerprint (hex digits)")
         if model.similarity not in SIMILARITIES:  # query-time score checks depend on it
             raise ValueError(f"model.similarity {model.similarity!r} is not one of {', '.join(SIMILARITIES)}")
         if _typed(asdict(model), "max_seq_length", int) <= 0:
             raise ValueError(f"model.max_seq_length {model.max_seq_length} is not positive")
-        _typed(asdict(model), "precision", str)
+        if model.precision not in RECORDED_PRECISIONS:
+            choices = ", ".join(RECORDED_PRECISIONS)
+            raise ValueError(f"model.precision {str(model.precision)[:20]!r} is not one of {choices}")
         prompts = _typed(asdict(model), "prompts", dict)
         if not all(isinstance(v, str) for v in prompts.values()):
             raise TypeError("model.prompts must map names to strings")

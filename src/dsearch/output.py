@@ -37,7 +37,7 @@ def hit_record(hit: Hit) -> dict[str, Any]:
         "source": hit.source,
         "fields": hit.fields,
         "window": list(hit.window) if hit.window else None,
-    }
+    } | ({"retrievers": hit.retrievers} if hit.retrievers is not None else {})
 
 
 # One reversible scheme for every line-oriented format (tsv, trec, ids): a backslash escapes itself, tab,
@@ -98,20 +98,31 @@ def trec_line(qid: str, docid: str, rank: int, score: float, tag: str = RUN_TAG)
 
 
 def render(
-    results: Results, fmt: str, stream: IO[str], color: bool = False, table: TableOptions | None = None
+    results: Results,
+    fmt: str,
+    stream: IO[str],
+    color: bool = False,
+    table: TableOptions | None = None,
+    retrievers: tuple[str, ...] = (),
 ) -> int:
-    """Write every query's hits in ``fmt``; returns the number of hits written."""
+    """Write every query's hits in ``fmt``; returns the number of hits written.
+
+    ``retrievers`` (lexical and hybrid modes) adds a ``NAME_rank`` tsv column per retriever: the hit's rank in
+    that retriever's list, empty when it did not find it.
+    """
     if fmt == "table":
         return _render_table(results, stream, color, table or TableOptions())
     written = 0
     if fmt == "tsv":
-        stream.write("\t".join(TSV_COLUMNS) + "\n")
+        stream.write("\t".join((*TSV_COLUMNS, *(f"{name}_rank" for name in retrievers))) + "\n")
     for _query, hits in results:
         for hit in hits:
             if fmt == "jsonl":
                 stream.write(json_line(hit_record(hit)) + "\n")
             elif fmt == "tsv":
                 cells = (hit.qid, hit.query, hit.rank, f"{hit.score:.6f}", hit.id, hit.title, hit.text)
+                ranks = hit.retrievers or {}
+                cells += tuple(ranks.get(name) for name in retrievers)
                 stream.write("\t".join(escape_field(c) for c in cells) + "\n")
             elif fmt == "trec":
                 stream.write(trec_line(hit.qid, hit.id, hit.rank, hit.score))

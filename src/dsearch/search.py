@@ -45,6 +45,8 @@ class Hit:
     source: str
     fields: dict[str, Any] = field(default_factory=dict)
     window: tuple[int, int] | None = None  # the span of ``text`` that matched, when the passage was split
+    # Lexical and hybrid modes: each retriever's rank of this passage (None: that retriever did not find it).
+    retrievers: dict[str, int | None] | None = None
 
 
 def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
@@ -153,11 +155,13 @@ def run_search(
     exclude_self: bool = False,
     min_score: float | None = None,
     stats: SearchStats | None = None,
+    allowed_rows: Any = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
     """Yield each query with its hits, best first. Queries are encoded and searched in batches.
 
     ``exclude_self`` drops a hit whose id is the query's id (BEIR's convention); ``min_score`` drops hits
-    scoring below it, so a query may get fewer than ``k`` hits.
+    scoring below it, so a query may get fewer than ``k`` hits; ``allowed_rows`` (a ``--where`` filter's
+    boolean mask over rows) keeps the search to those rows before the top-k.
     """
     stats = stats if stats is not None else SearchStats()
     iterator = iter(queries)
@@ -166,7 +170,7 @@ def run_search(
         vectors = encoder.encode_queries([q.text for q in batch])
         stats.encode += time.perf_counter() - started
         check_query_vectors(vectors, batch)
-        yield from _rank(index, batch, vectors, k, min_score, stats, exclude_self=exclude_self)
+        yield from _rank(index, batch, vectors, k, min_score, stats, exclude_self=exclude_self, allowed=allowed_rows)
 
 
 def find_rows(index: OpenIndex, ids: Iterable[str]) -> dict[str, int]:
@@ -191,7 +195,12 @@ def get_passages(index: OpenIndex, ids: list[str]) -> tuple[list[Hit], list[str]
 
 
 def like_search(
-    index: OpenIndex, passage_id: str, k: int, min_score: float | None = None, stats: SearchStats | None = None
+    index: OpenIndex,
+    passage_id: str,
+    k: int,
+    min_score: float | None = None,
+    stats: SearchStats | None = None,
+    allowed_rows: Any = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
     """More like this: rank passages by similarity to a stored passage's own vector (no model), without it."""
     import numpy as np
@@ -203,7 +212,9 @@ def like_search(
     query = Query(passage_id, f"like:{passage_id}")
     if not np.isfinite(vectors).all():
         _corrupt(index, row, {row: {"id": passage_id}}, "has a stored vector with NaN or infinite values")
-    yield from _rank(index, [query], vectors, k, min_score, stats or SearchStats(), exclude_id=passage_id)
+    yield from _rank(
+        index, [query], vectors, k, min_score, stats or SearchStats(), exclude_id=passage_id, allowed=allowed_rows
+    )
 
 
 def _rank(
@@ -215,6 +226,7 @@ def _rank(
     stats: SearchStats,
     exclude_self: bool = False,
     exclude_id: str | None = None,
+    allowed: Any = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
     """Search one batch of query vectors and turn the rows into hits, one per passage.
 
@@ -228,7 +240,7 @@ def _rank(
     while True:
         fetch = min(fetch, index.rows)
         started = time.perf_counter()
-        scores, rows = index.search(vectors, fetch)
+        scores, rows = index.search(vectors, fetch, allowed_rows=allowed)
         stats.search += time.perf_counter() - started
         if min_score is not None:
             rows = rows.copy()

@@ -47,6 +47,8 @@ PASSAGE_COLUMNS = ("id", "title", "text", "source", "fields", "content_hash", *W
 GROUP_CACHE_SIZE = 128
 # Rows scored at once by the exact search: bounds the score matrix at queries x this many floats.
 SEARCH_BLOCK_ROWS = 65536
+# A filter keeping fewer than 1/this of a segment's rows is searched by gathering those rows' vectors.
+SPARSE_FILTER_RATIO = 8
 
 
 def content_hash(text: str) -> str:
@@ -655,14 +657,29 @@ class FlatVectors:
 
         return np.asarray(self._data[rows], dtype=np.float32)
 
-    def search(self, queries: Any, k: int) -> tuple[Any, Any]:
-        """Per query, the ``k`` best (scores, rows), in no particular order."""
+    def search(self, queries: Any, k: int, allowed: Any = None) -> tuple[Any, Any]:
+        """Per query, the ``k`` best (scores, rows), in no particular order.
+
+        ``allowed`` (a boolean mask over this file's rows, from ``--where``) keeps the others out before the
+        top-k: they score -inf. A mask that keeps few rows scores only those rows (a gather, not a full scan).
+        """
         import numpy as np
 
+        if allowed is not None:
+            kept = np.flatnonzero(allowed)
+            if len(kept) * SPARSE_FILTER_RATIO < self.ntotal:
+                scores = queries @ self.take(kept).T if len(kept) else np.zeros((len(queries), 0), np.float32)
+                keep = min(k, len(kept))
+                top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep] if 0 < keep < len(kept) else None
+                if top is None:
+                    top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+                return np.take_along_axis(scores, top, 1), kept[top].astype(np.int64)
         best_scores, best_rows = [], []
         for start in range(0, self.ntotal, SEARCH_BLOCK_ROWS):
             block = self.rows(start, SEARCH_BLOCK_ROWS)
             scores = queries @ block.T
+            if allowed is not None:
+                scores[:, ~allowed[start : start + SEARCH_BLOCK_ROWS]] = -np.inf  # filtered out before the top-k
             keep = min(k, scores.shape[1])
             if keep < scores.shape[1]:
                 top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
@@ -769,8 +786,13 @@ class OpenIndex:
             raise IndexDirError(f"{self.directory}: segment rows do not add up to the manifest's; rebuild the index")
         return opened
 
-    def search(self, vectors: Any, k: int) -> tuple[Any, Any]:
-        """Top-k (scores, rows) per query vector, best first; ties broken by row so results are repeatable."""
+    def search(self, vectors: Any, k: int, allowed_rows: Any = None) -> tuple[Any, Any]:
+        """Top-k (scores, rows) per query vector, best first; ties broken by row so results are repeatable.
+
+        ``allowed_rows``: a boolean mask over all rows (a ``--where`` filter); other rows are never returned
+        (row -1, score -inf, where fewer than k rows are allowed). Index types other than the flat one must
+        honour it the same way, before their top-k.
+        """
         import numpy as np
 
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -780,10 +802,12 @@ class OpenIndex:
         for seg in self.segments:
             if seg.segment.rows == 0 or fetch == 0:
                 continue
+            local = None if allowed_rows is None else allowed_rows[seg.first_row : seg.first_row + seg.segment.rows]
             if seg.ann is not None:
-                scores, rows = seg.ann.search(queries, min(fetch, seg.segment.rows), self.search_params)
+                kept = None if local is None else np.flatnonzero(local)  # FAISS selects by row numbers
+                scores, rows = seg.ann.search(queries, min(fetch, seg.segment.rows), self.search_params, kept)
             else:
-                scores, rows = seg.vectors.search(queries, min(fetch, seg.segment.rows))
+                scores, rows = seg.vectors.search(queries, min(fetch, seg.segment.rows), local)
             all_scores.append(scores)
             all_rows.append(np.where(rows >= 0, rows + seg.first_row, -1))
         if not all_scores:
@@ -791,7 +815,10 @@ class OpenIndex:
         scores = np.concatenate(all_scores, axis=1)
         rows = np.concatenate(all_rows, axis=1)
         order = np.lexsort((rows, -scores), axis=1)[:, :k]
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        if allowed_rows is not None:
+            rows[np.isneginf(scores)] = -1  # filtered out: fewer than k rows passed the filter
+        return scores, rows
 
     def lookup(self, rows: Iterable[int], columns: tuple[str, ...] = PASSAGE_COLUMNS) -> dict[int, dict[str, Any]]:
         """Metadata of the given rows, reading only the Parquet row groups that hold them."""

@@ -282,3 +282,13 @@ def test_default_nprobe_is_one_step_past_the_first_reaching_the_target(tmp_path)
     assert reached >= RECALL_TARGET
     if chosen >= 2:
         assert measure_recall(index, raw, {"nprobe": NPROBE_STEPS[chosen - 2]}, sample, truth) < RECALL_TARGET
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_where_filters_an_ann_index_like_a_flat_one(cli, tmp_path, flat_index, index_type):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", index_type).exit_code == 0
+    where = ("--where", "topic = 'astronomy'")
+    filtered = _hits(cli, target, *where, "--effort", "1000")
+    assert filtered and all(i.startswith("astronomy-") for _, i, _ in filtered)
+    _same(filtered, _hits(cli, flat_index, *where))

@@ -10,7 +10,7 @@ import pytest
 
 from dsearch.corpus import DEFAULT_ID_FIELDS, DEFAULT_TEXT_FIELDS, DEFAULT_TITLE_FIELDS
 
-COMMANDS = ["index", "query", "get", "info", "status", "eval"]
+COMMANDS = ["index", "query", "get", "info", "status", "eval", "reindex"]
 # What leaks from the machinery: typer's type labels (<str>, <list[str]>, <int range>), its {required} braces,
 # click's range notes (x>=1), counters' [default: 0], and summaries cut with "..." after a word.
 LEAKS = [

@@ -17,6 +17,7 @@ from fakes import HashingEncoder
 from test_cli import one_error_line
 
 from dsearch.indexer import build_index
+from dsearch.manifest import FORMAT_VERSION
 from dsearch.search import Query, run_search
 from dsearch.store import OpenIndex, index_lock
 
@@ -141,7 +142,7 @@ def test_update_refuses_an_older_format(tmp_path, capsys):
     cli = Runner(capsys)
     assert cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx").exit_code == 0
     manifest = tmp_path / "idx" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 0'))
+    manifest.write_text(manifest.read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 0'))
     one_error_line(
         cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--update"), 1, "format version 0", "rebuild"
     )

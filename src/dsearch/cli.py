@@ -256,6 +256,31 @@ Snippet = Annotated[
     int, typer.Option("--snippet", min=1, metavar="LINES", help="Lines of passage text per hit in the table.")
 ]
 Full = Annotated[bool, typer.Option("--full", help="Whole passages in the table, not snippets.")]
+IndexTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--index-type",
+        metavar="TYPE",
+        help="auto|flat|hnsw|ivf|ivfpq or a FAISS factory string such as IVF4096,PQ64 [default: auto; on --update "
+        "the index's]",
+    ),
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory", metavar="SIZE", help="Memory budget of the index, e.g. 2G; auto fits it [default: half the RAM]"
+    ),
+]
+NProbeOpt = Annotated[
+    int | None, typer.Option("--nprobe", min=1, metavar="N", help="IVF lists probed [default: chosen at build time]")
+]
+EfOpt = Annotated[
+    int | None, typer.Option("--ef", min=1, metavar="N", help="HNSW efSearch [default: chosen at build time]")
+]
+EffortOpt = Annotated[
+    float | None,
+    typer.Option("--effort", min=0.01, metavar="X", help="Multiply the build-time nprobe/ef (2 = more recall, slower)"),
+]
 Precision = Annotated[
     str | None,
     typer.Option(
@@ -536,6 +561,8 @@ def index(
         ),
     ] = None,
     trust_remote_code: TrustRemote = False,
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -550,6 +577,7 @@ def index(
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_precision(precision)
+    budget = _check_index_type(index_type, memory, count_records(corpus) if memory else None)
     if corpus.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     if split is False and overlap is not None:
@@ -610,6 +638,8 @@ def index(
             on_resume=progress.resumed,
             chunk_encoder=chunk_encoder,
             lexical=lexical,
+            index_type=index_type,
+            memory=budget,
         )
     finally:
         progress.close()
@@ -656,6 +686,29 @@ def _check_precision(precision: str | None) -> None:
 
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def _check_index_type(index_type: str | None, memory: str | None, passages: int | None) -> int | None:
+    """Refuse a malformed --index-type or an impossible --memory before any passage is read; the budget in bytes."""
+    from dsearch.vector_index import INDEX_TYPES, looks_like_factory, minimum_bytes, parse_memory
+
+    if index_type is not None and index_type.lower() not in INDEX_TYPES and not looks_like_factory(index_type):
+        raise UsageError(
+            f"unknown --index-type {index_type!r}; choose one of {', '.join(INDEX_TYPES)} or a FAISS factory "
+            "string such as IVF4096,PQ64"
+        )
+    if memory is None:
+        return None
+    try:
+        budget = parse_memory(memory)
+    except ValueError as exc:
+        raise UsageError(f"--memory: {exc}") from None
+    if passages is not None and minimum_bytes(passages) > budget:
+        raise UsageError(
+            f"--memory {memory} cannot hold an index of {passages} passages (at least "
+            f"{minimum_bytes(passages):,} bytes even compressed); raise --memory"
+        )
+    return budget
 
 
 def _output_format(out_format: str | None) -> str:
@@ -758,6 +811,9 @@ def query(
     precision: QueryPrecision = None,
     batch_size: BatchSize = 32,
     trust_remote_code: TrustRemote = False,
+    nprobe: NProbeOpt = None,
+    ef: EfOpt = None,
+    effort: EffortOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -814,6 +870,7 @@ def query(
     opened, encoder, mode = _open_for_mode(
         deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
     )
+    opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
     allowed = _allowed_rows(opened, where)
     from dsearch.hybrid import run as run_mode
 
@@ -975,6 +1032,8 @@ def describe_index(opened: Any) -> dict[str, Any]:
         "lexical": _has_lexical(opened),
         "fields": m.corpus.get("field_types") or {},
         "index_type": m.index_type,
+        "index_params": m.index_params,
+        "recall_at_10": m.index_params.get("recall_at_10", 1.0 if m.index_type == "IndexFlatIP" else None),
         "segments": len(m.segments),
         "size_bytes": opened.size_on_disk(),
         "created_at": m.created_at,
@@ -1011,7 +1070,8 @@ def info(
         "passages": f"{data['passages']:,}"
         + (f" in {data['rows']:,} windows" if data["rows"] > data["passages"] else ""),
         "long passages": f"split, overlap {data['split']['overlap']} tokens" if data["split"] else "truncated",
-        "index type": data["index_type"],
+        "index type": " ".join([data["index_type"], *[f"({f})" for f in [data["index_params"].get("factory")] if f]]),
+        "recall@10": _describe_recall(data),
         "lexical index": "BM25 (bm25s)" if data["lexical"] else "none (--mode dense only)",
         "fields": ", ".join(f"{name} {kind}" for name, kind in data["fields"].items()) or "none",
         "precision": data["precision"],
@@ -1021,6 +1081,42 @@ def info(
         "format": f"{data['format']} v{data['format_version']}",
     }
     render_mapping(str(directory), words, sys.stdout, color=_color())
+
+
+def _describe_recall(data: dict[str, Any]) -> str:
+    params = data["index_params"]
+    if "recall_at_10" not in params:
+        return "1 (exact search)"
+    knobs = ", ".join(f"{k} {params[k]}" for k in ("nprobe", "efSearch") if k in params)
+    return f"{params['recall_at_10']} on {params.get('recall_sample')} of its own vectors" + (
+        f" ({knobs})" if knobs else ""
+    )
+
+
+@app.command("reindex", cls=_HelpCommand, short_help="Rebuild an index's ANN structure from its stored vectors.")
+@_guard
+def reindex_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", parser=_path, help="Index directory.")],
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Rebuild the ANN structure of DIR from its stored vectors (no model, no encoding); atomic."""
+    _setup(verbose, quiet, debug)
+    from dsearch.manifest import read_manifest
+    from dsearch.vector_index import reindex
+
+    budget = _check_index_type(index_type, memory, None)
+    requested = index_type or read_manifest(directory).index_params.get("requested", "auto")
+    started = time.perf_counter()
+    manifest = reindex(directory, requested, budget)
+    recall = manifest.index_params.get("recall_at_10")
+    _info(
+        f"reindexed {directory} as {manifest.index_type} in {time.perf_counter() - started:.1f} s"
+        + (f"; recall@10 {recall}" if recall is not None else " (exact search)")
+    )
 
 
 # --- status ------------------------------------------------------------------------------------------
@@ -1112,6 +1208,9 @@ def eval_command(
     alpha: Alpha = None,
     where: Where = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    nprobe: NProbeOpt = None,
+    ef: EfOpt = None,
+    effort: EffortOpt = None,
     model: QueryModelOpt = None,
     precision: QueryPrecision = None,
     batch_size: BatchSize = 32,
@@ -1139,6 +1238,7 @@ def eval_command(
     opened, encoder, mode = _open_for_mode(
         deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
     )
+    opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
     allowed = _allowed_rows(opened, where)
     report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target, mode, alpha, allowed)
     if report.queries_without_judgements:

@@ -39,7 +39,7 @@ from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
 from dsearch.filters import field_types
 from dsearch.lexical import build_lexical, has_lexical
-from dsearch.manifest import FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
+from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
 from dsearch.store import (
     INDEX_TYPE,
     PASSAGES_FILE,
@@ -299,7 +299,7 @@ def _check_compatible(
         raise IndexDirError(
             f"the index's long passages were cut with {describe(stored_split)}, not {describe(wanted_split)}{hint}"
         )
-    if manifest.format_version != FORMAT_VERSION:
+    if not OLDEST_FORMAT_VERSION <= manifest.format_version <= FORMAT_VERSION:
         raise IndexDirError(f"index format version {manifest.format_version} is not the current {FORMAT_VERSION}{hint}")
     if model_name is not None and model_name != manifest.model.name:
         raise IndexDirError(f"the index was built with model {manifest.model.name!r}, not {model_name!r}{hint}")
@@ -466,6 +466,8 @@ def build_index(
     keep_split: bool = False,
     chunk_encoder: ChunkEncoder | None = None,
     lexical: bool | None = None,
+    index_type: str | None = None,
+    memory: int | None = None,
 ) -> BuildSummary:
     """Encode the corpus and publish the index at ``target``; nothing is published unless the run completes.
 
@@ -497,6 +499,7 @@ def build_index(
             keep_split=keep_split,
             chunk_encoder=chunk_encoder or LocalEncoder(),
             lexical=lexical,
+            ann=(index_type, memory),
         )
     except OSError as exc:
         fix = _DISK_FIXES.get(exc.errno or 0)
@@ -536,6 +539,7 @@ def _locked_build(
     keep_split: bool,
     chunk_encoder: ChunkEncoder,
     lexical: bool | None,
+    ann: tuple[str | None, int | None] = (None, None),
 ) -> BuildSummary:
     started = time.perf_counter()
     if update and "-" in corpus.paths:
@@ -592,11 +596,13 @@ def _locked_build(
                 )
         signature = _signature(corpus, model_name, precision, base.manifest if base else None)
         guard = _Guard(limit, existing, update=base is not None)
+        # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
+        requested = ann[0] or (base.manifest.index_params.get("requested", "auto") if base else "auto")
         with staging_area(target, signature, restart) as staging:
             try:
                 return _build(
                     corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
-                    started, guard, on_resume, split, chunk_encoder, lexical,
+                    started, guard, on_resume, split, chunk_encoder, lexical, (requested, ann[1]),
                 )  # fmt: skip
             except KeyboardInterrupt:
                 if staging.published:  # past the point of no return: the new index is live
@@ -645,6 +651,7 @@ def _build(
     split: SplitSpec | None,
     chunk_encoder: ChunkEncoder,
     lexical: bool = True,
+    ann: tuple[str, int | None] = ("auto", None),
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
@@ -756,6 +763,7 @@ def _build(
     if worker_precision is not None and worker_precision != info.precision:  # fp16 on GPU workers
         info = replace(info, precision=worker_precision)
     manifest = new_manifest(info, segment, corpus_info, stats_info)
+    manifest.index_type, manifest.index_params = build_segment_index(staging.segment_dir, segment, *ann)
     staging.result = _summary(
         staging.target, info, done, counts, stats, resumed_at, started, removed=removed, windows=segment.rows,
         load_seconds=lazy.load_seconds,
@@ -794,6 +802,28 @@ def _with_window(row: dict[str, Any], span: tuple[int, int] | None) -> dict[str,
     start, end = span if span is not None else (None, None)
     return {**row, "window_start": start, "window_end": end}
 
+
+
+def build_segment_index(
+    segment_dir: Path, segment: Segment, requested: str, memory: int | None
+) -> tuple[str, dict[str, Any]]:
+    """Choose and build the segment's ANN file (if any) from its stored vectors; adds it to ``segment.files``."""
+    from dsearch.store import INDEX_FILE, FlatVectors, file_info
+    from dsearch.vector_index import FLAT, build_ann, default_memory, plan_index
+
+    budget = memory if memory is not None else default_memory()
+    raw = FlatVectors(segment_dir / INDEX_FILE)
+    try:
+        plan = plan_index(requested, segment.rows, raw.d, budget)
+    except ValueError as exc:
+        raise UsageError(f"cannot build the index: {exc}") from None
+    log.info("index type %s (%s): %s", plan.index_type, plan.factory or "exact", plan.reason)
+    params: dict[str, Any] = {"requested": requested, "reason": plan.reason}
+    if plan.index_type == FLAT:
+        return FLAT, params
+    name, built = build_ann(segment_dir, raw, plan)
+    segment.files[name] = file_info(segment_dir / name)
+    return plan.index_type, {**params, **built}
 
 
 def _checked(lazy: _LazyEncoder, info: ModelInfo) -> Encoder:

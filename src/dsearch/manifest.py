@@ -18,7 +18,10 @@ from typing import Any
 from dsearch.errors import IndexDirError
 
 FORMAT_NAME = "dsearch-index"
-FORMAT_VERSION = 1
+# 2: ANN index types (an ann-*.faiss file per segment beside the exact vectors) and ``index_params``.
+# A format-1 index is a format-2 flat index without ``index_params``: it loads, queries and updates as before.
+FORMAT_VERSION = 2
+OLDEST_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 # A segment is a plain child directory of DIR with this form: never "..", ".", an absolute path or a nested path,
 # because cleanup deletes segments by these names and must never reach outside DIR.
@@ -74,6 +77,8 @@ class Manifest:
     versions: dict[str, str]
     corpus: dict[str, Any] = field(default_factory=dict)  # sources and reading options, for status/update
     stats: dict[str, Any] = field(default_factory=dict)  # what the build skipped and truncated
+    # ANN parameters: factory string, nprobe/efSearch defaults, rerank, recall_at_10 (see vector_index.py)
+    index_params: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -162,6 +167,7 @@ class Manifest:
             versions=_typed(data, "versions", dict),
             corpus=corpus,
             stats=stats,
+            index_params=_typed(data, "index_params", dict) if "index_params" in data else {},
             format_version=version,
         )
 

@@ -713,6 +713,7 @@ class OpenSegment:
     vectors: FlatVectors
     table: Any  # pyarrow.parquet.ParquetFile
     group_starts: list[int]  # local row where each Parquet row group starts
+    ann: Any = None  # vector_index.FaissIndex when the segment has an ANN file; else the exact scan
 
 
 class OpenIndex:
@@ -736,6 +737,7 @@ class OpenIndex:
                     ) from None
                 raise
         self.rows = self.manifest.rows
+        self.search_params: dict[str, Any] = {}  # query-time ANN knobs (nprobe, efSearch, effort)
         self._group_cache: dict[tuple[int, int, tuple[str, ...]], Any] = {}  # insertion order = recency
 
     def _open_segments(self, verify: bool) -> list[OpenSegment]:
@@ -752,7 +754,9 @@ class OpenIndex:
                     raise IndexDirError(
                         f"{path}: does not match the manifest (corrupt or truncated); rebuild the index"
                     )
-            if self.manifest.index_type != INDEX_TYPE:
+            from dsearch.vector_index import KNOWN_TYPES, ann_file, open_ann
+
+            if self.manifest.index_type not in KNOWN_TYPES:
                 raise IndexDirError(f"{seg_dir}: index type {self.manifest.index_type} needs a newer dsearch")
             try:
                 table = pq.ParquetFile(seg_dir / PASSAGES_FILE)  # holds the file open, even if it is replaced
@@ -770,11 +774,13 @@ class OpenIndex:
                     f"{seg_dir}: vectors have dimension {index.d}, manifest says "
                     f"{self.manifest.model.dim}; rebuild the index"
                 )
+            ann_name = ann_file(segment.files)
+            ann = open_ann(seg_dir / ann_name, index, self.manifest.index_params) if ann_name else None
             starts, total = [], 0
             for g in range(table.metadata.num_row_groups):
                 starts.append(total)
                 total += table.metadata.row_group(g).num_rows
-            opened.append(OpenSegment(segment, first_row, index, table, starts))
+            opened.append(OpenSegment(segment, first_row, index, table, starts, ann))
             first_row += segment.rows
         if first_row != self.manifest.rows:
             raise IndexDirError(f"{self.directory}: segment rows do not add up to the manifest's; rebuild the index")
@@ -797,7 +803,11 @@ class OpenIndex:
             if seg.segment.rows == 0 or fetch == 0:
                 continue
             local = None if allowed_rows is None else allowed_rows[seg.first_row : seg.first_row + seg.segment.rows]
-            scores, rows = seg.vectors.search(queries, min(fetch, seg.segment.rows), local)
+            if seg.ann is not None:
+                kept = None if local is None else np.flatnonzero(local)  # FAISS selects by row numbers
+                scores, rows = seg.ann.search(queries, min(fetch, seg.segment.rows), self.search_params, kept)
+            else:
+                scores, rows = seg.vectors.search(queries, min(fetch, seg.segment.rows), local)
             all_scores.append(scores)
             all_rows.append(np.where(rows >= 0, rows + seg.first_row, -1))
         if not all_scores:

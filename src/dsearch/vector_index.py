@@ -1,0 +1,541 @@
+"""Approximate (ANN) and compressed FAISS indexes beside each segment's exact vectors.
+
+A segment's ``index.faiss`` (an exact ``IndexFlatIP``, float32, memory-mapped) stays the raw vector store and
+the source of truth: ``--update`` reuses its vectors, compressed indexes re-rank their candidates exactly from
+it, and ``dsearch reindex`` rebuilds the ANN file from it without the model. An ANN segment adds one file,
+``ann-<token>.faiss``, listed in the manifest with its checksum like every other file.
+
+Everything here imports faiss lazily: ``dsearch --help`` and flat queries never load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from dsearch.errors import IndexDirError
+
+log = logging.getLogger("dsearch")
+
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+FLAT = "IndexFlatIP"  # the manifest's name for an exact index: format 1's only type, kept for flat
+ANN_PREFIX = "ann-"
+KNOWN_TYPES = (FLAT, "hnsw", "ivf", "ivfpq", "factory")  # what a manifest's index_type may say
+# Below this many passages an exact scan costs about 1 ms a query at 384-d here (MEASUREMENTS.md): no ANN.
+FLAT_BELOW = 100_000
+RECALL_TARGET = 0.95
+RECALL_SAMPLE = 1000  # own vectors used as queries to measure recall@10 at build time
+RECALL_K = 10
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80  # MEASUREMENTS.md: HNSW32/efC 80 reaches 0.985-0.998 top-10 overlap
+# FAISS prints a warning (on stderr, unconditionally) below 39 training points per centroid: stay above it.
+MIN_POINTS_PER_CENTROID = 39
+MAX_TRAIN = 200_000  # training points read at most: 200k x 384 floats is 300 MB
+ADD_CHUNK = 65_536  # vectors added to the ANN index at a time: bounds the build's extra memory
+RERANK_FACTOR = 10  # compressed indexes fetch this many times k candidates, re-ranked exactly
+NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+EF_STEPS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+# --- choosing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class IndexPlan:
+    """What to build: the manifest's ``index_type``, the FAISS factory string, and why."""
+
+    index_type: str  # FLAT, "hnsw", "ivf", "ivfpq" or "factory"
+    factory: str | None
+    reason: str
+    requested: str
+    estimated_bytes: int
+
+    @property
+    def compressed(self) -> bool:
+        return self.factory is not None and bool(re.search(r"PQ|SQ|LSH|RaBitQ", self.factory))
+
+
+def parse_memory(text: str) -> int:
+    """``2G``, ``512M``, ``1.5G``, ``300000K`` or a plain byte count → bytes; ValueError when it is none of these."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 2G, 512M, 1.5G)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+    value = int(float(match.group(1)) * scale)
+    if value <= 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return value
+
+
+def default_memory() -> int:
+    """Half of this machine's RAM: the other half stays for the page cache, the model and other processes."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def ivf_lists(n: int) -> int:
+    """autofaiss's rule of thumb, about 4·sqrt(n) lists (a power of two), with enough training points per list."""
+    lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    return max(1, min(lists, n // MIN_POINTS_PER_CENTROID))
+
+
+def pq_bits(n: int) -> int:
+    """8-bit PQ codes, fewer on a tiny corpus so that each code book has enough training points."""
+    return max(1, min(8, int(math.log2(max(2, n // MIN_POINTS_PER_CENTROID)))))
+
+
+def _pq_choices(dim: int) -> list[int]:
+    """Sub-quantizer counts that divide ``dim`` (even, as fast-scan wants), from dim/4 down to 4."""
+    return [m for m in range(dim // 4, 3, -1) if dim % m == 0 and m % 2 == 0] or [1]
+
+
+def pq_codes(n: int, m: int) -> tuple[str, float]:
+    """The PQ part of the factory string and its bytes a vector.
+
+    4-bit fast-scan codes (``x4fs``): MEASUREMENTS.md found IVF-PQ48x4fs with an exact re-rank at 0.95-0.98
+    recall@10 and 19-25x the flat scan on real 384-d embeddings, and they train in a fraction of 8-bit PQ's
+    time. A tiny corpus cannot train 16 centroids a sub-quantizer and gets fewer bits instead.
+    """
+    if n >= 16 * MIN_POINTS_PER_CENTROID:
+        return f"PQ{m}x4fs", m / 2
+    bits = pq_bits(n)
+    return f"PQ{m}x{bits}", m * bits / 8
+
+
+def estimate_bytes(kind: str, n: int, dim: int, m: int = 0) -> int:
+    """Resident memory of a searched index (FAISS's own structures; the raw store is paged in only for re-rank)."""
+    if kind == FLAT:
+        return n * dim * 4
+    if kind == "hnsw":
+        return n * (dim * 4 + HNSW_M * 2 * 4 + 16)  # vectors + level-0 links (+ a few upper levels)
+    nlist = ivf_lists(n)
+    if kind == "ivf":
+        return n * (dim * 4 + 8) + nlist * dim * 4
+    # ivfpq: codes + ids + centroids + code books
+    return int(n * (pq_codes(n, m)[1] + 8)) + nlist * dim * 4 + 256 * dim * 4
+
+
+def plan_index(requested: str, n: int, dim: int, budget: int) -> IndexPlan:
+    """Pick the index for ``n`` vectors of ``dim`` within ``budget`` bytes; ValueError when none fits.
+
+    ``auto`` follows autofaiss's shape: exact while small; IVF when it fits the budget (its inverted lists
+    memory-map, so a cold query reads only the lists it probes; HNSW's graph must be loaded whole and takes
+    minutes to build on two cores); IVF-PQ with the largest codes that fit when the vectors do not.
+    """
+    kind = requested.strip()
+    lower = kind.lower()
+    nlist = ivf_lists(n)
+    smallest_m = min(_pq_choices(dim) or [dim])
+    floor = estimate_bytes("ivfpq", n, dim, smallest_m)
+    if lower == "auto":
+        if n < FLAT_BELOW and estimate_bytes(FLAT, n, dim) <= budget:
+            return IndexPlan(FLAT, None, f"{n} passages: an exact scan is fast enough", kind, n * dim * 4)
+        if estimate_bytes("ivf", n, dim) <= budget:
+            size = estimate_bytes("ivf", n, dim)
+            why = f"{n} passages: IVF with {nlist} lists fits the memory budget ({_gib(size)} of {_gib(budget)})"
+            return IndexPlan("ivf", f"IVF{nlist},Flat", why, kind, size)
+        lower = "ivfpq"
+    if lower == "flat":
+        return _fits(IndexPlan(FLAT, None, "asked for", kind, estimate_bytes(FLAT, n, dim)), budget, floor)
+    if lower == "hnsw":
+        plan = IndexPlan("hnsw", f"HNSW{HNSW_M}", "asked for", kind, estimate_bytes("hnsw", n, dim))
+        return _fits(plan, budget, floor)
+    if lower == "ivf":
+        plan = IndexPlan("ivf", f"IVF{nlist},Flat", "asked for", kind, estimate_bytes("ivf", n, dim))
+        return _fits(plan, budget, floor)
+    if lower == "ivfpq":
+        fitting = [m for m in _pq_choices(dim) if estimate_bytes("ivfpq", n, dim, m) <= budget]
+        if not fitting:
+            raise ValueError(
+                f"{_gib(budget)} cannot hold {n} vectors of dimension {dim} even compressed to "
+                f"{pq_codes(n, smallest_m)[1]:g} bytes each (needs {_gib(floor)})"
+            )
+        # dim/8 bytes a vector (48 at 384-d) re-ranks to about 0.95 recall (MEASUREMENTS.md); more if it fits.
+        m = max(m for m in fitting if m <= max(dim // 8, min(fitting)))
+        size = estimate_bytes("ivfpq", n, dim, m)
+        codes, per_vector = pq_codes(n, m)
+        why = (
+            f"{n} x {dim}-d vectors ({_gib(n * dim * 4)}) compressed to {per_vector:g} bytes each "
+            f"(budget {_gib(budget)}), re-ranked exactly from the stored vectors"
+        )
+        return IndexPlan("ivfpq", f"IVF{nlist},{codes}", why, kind, size)
+    return _factory_plan(kind, dim)
+
+
+def _fits(plan: IndexPlan, budget: int, floor: int) -> IndexPlan:
+    if plan.estimated_bytes > budget:
+        hint = "; use --index-type ivfpq or auto" if floor <= budget else ""
+        raise ValueError(
+            f"a {plan.index_type} index of these vectors needs about {_gib(plan.estimated_bytes)}, more than "
+            f"the memory budget of {_gib(budget)}{hint}"
+        )
+    return plan
+
+
+def _factory_plan(factory: str, dim: int) -> IndexPlan:
+    """An expert's FAISS factory string, checked by FAISS itself before any passage is read."""
+    if not looks_like_factory(factory):
+        choices = ", ".join(INDEX_TYPES)
+        raise ValueError(f"unknown index type {factory!r}; choose one of {choices} or a FAISS factory string")
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except Exception as exc:  # faiss raises RuntimeError with a C++ message
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"FAISS cannot build {factory!r} ({detail[:120]})") from None
+    return IndexPlan("factory", factory, "FAISS factory string", factory, 0)
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB" if size >= 1 << 28 else f"{size / (1 << 20):.1f} MiB"
+
+
+# --- searching ---------------------------------------------------------------------------------------
+
+
+class VectorIndex(Protocol):
+    """One segment's vectors, searched: per query the best ``k`` (scores, local rows), in no particular order."""
+
+    def search(
+        self, queries: Any, k: int, params: dict[str, Any] | None = None, allowed_rows: Any = None
+    ) -> tuple[Any, Any]: ...
+
+
+class FlatIndex:
+    """The exact scan over the raw store (numpy, no faiss import): what a flat segment is searched with."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def search(
+        self, queries: Any, k: int, params: dict[str, Any] | None = None, allowed_rows: Any = None
+    ) -> tuple[Any, Any]:
+        import numpy as np
+
+        if allowed_rows is None:
+            return self.raw.search(queries, k)
+        allowed = np.asarray(allowed_rows, dtype=np.int64)
+        if len(allowed) == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        scores = queries @ self.raw.take(allowed).T
+        keep = min(k, len(allowed))
+        top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        return np.take_along_axis(scores, top, 1), allowed[top]
+
+
+@dataclass
+class FaissIndex:
+    """An ANN file searched by FAISS; compressed types re-rank ``RERANK_FACTOR``·k candidates from the raw store."""
+
+    index: Any
+    raw: Any  # store.FlatVectors of the same segment
+    defaults: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch chosen at build time
+    rerank: bool = False
+
+    def search(
+        self, queries: Any, k: int, params: dict[str, Any] | None = None, allowed_rows: Any = None
+    ) -> tuple[Any, Any]:
+        import faiss
+        import numpy as np
+
+        knobs = {**self.defaults, **{key: v for key, v in (params or {}).items() if v is not None}}
+        effort = float(knobs.pop("effort", 1.0) or 1.0)
+        fetch = min(self.index.ntotal, k * RERANK_FACTOR if self.rerank else k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        search_params = self._params(faiss, knobs, effort, allowed_rows)
+        if search_params is not None:
+            scores, rows = self.index.search(queries, fetch, params=search_params)
+        else:
+            scores, rows = self.index.search(queries, fetch)
+        if self.rerank:
+            scores, rows = self._rerank(queries, rows, k)
+        return scores, rows.astype(np.int64)
+
+    def _params(self, faiss: Any, knobs: dict[str, Any], effort: float, allowed_rows: Any) -> Any:
+        """FAISS search parameters: the query-time knobs (scaled by effort) and an allowed-rows selector."""
+        import numpy as np
+
+        selector = None
+        if allowed_rows is not None:
+            selector = faiss.IDSelectorBatch(np.asarray(allowed_rows, dtype=np.int64))
+        ivf = _ivf_of(faiss, self.index)
+        if ivf is not None:
+            nprobe = max(1, min(ivf.nlist, round(int(knobs.get("nprobe", 1)) * effort)))
+            if isinstance(faiss.downcast_index(self.index), faiss.IndexIVF):  # (SWIG wrappers: no `is`)
+                return faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+            ivf.nprobe = nprobe  # wrapped (e.g. a pre-transform): set it on the IVF inside
+        hnsw = _hnsw_of(faiss, self.index)
+        if hnsw is not None:
+            ef = max(1, round(int(knobs.get("efSearch", 16)) * effort))
+            return faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
+        if selector is not None:
+            return faiss.SearchParameters(sel=selector)
+        return None
+
+    def _rerank(self, queries: Any, candidates: Any, k: int) -> tuple[Any, Any]:
+        """Exact inner products of each query's candidates, from the raw store: printed scores are exact."""
+        import numpy as np
+
+        n = len(queries)
+        keep = min(k, candidates.shape[1])
+        out_scores = np.full((n, keep), -np.inf, dtype=np.float32)
+        out_rows = np.full((n, keep), -1, dtype=np.int64)
+        for i in range(n):
+            rows = candidates[i][candidates[i] >= 0]
+            if len(rows) == 0:
+                continue
+            exact = self.raw.take(np.sort(rows)) @ queries[i]
+            rows = np.sort(rows)
+            order = np.lexsort((rows, -exact))[:keep]
+            out_scores[i, : len(order)] = exact[order]
+            out_rows[i, : len(order)] = rows[order]
+        return out_scores, out_rows
+
+
+def _ivf_of(faiss: Any, index: Any) -> Any:
+    try:
+        return faiss.extract_index_ivf(index)
+    except Exception:  # not an IVF index
+        return None
+
+
+def _hnsw_of(faiss: Any, index: Any) -> Any:
+    index = faiss.downcast_index(index)
+    return index if hasattr(index, "hnsw") else None
+
+
+def ann_file(files: dict[str, Any]) -> str | None:
+    """The name of a segment's ANN file among its manifest-listed files, if it has one."""
+    return next((name for name in sorted(files) if name.startswith(ANN_PREFIX)), None)
+
+
+def open_ann(path: Path, raw: Any, params: dict[str, Any]) -> FaissIndex:
+    """Open an ANN file memory-mapped: IVF lists stay on disk and a query reads only the lists it probes."""
+    import faiss
+
+    try:
+        try:
+            # Zero-copy mapping: searching an IVF index mapped this way ran as fast as one read into memory
+            # (1.2 ms a query at 110k, nprobe 32), where plain IO_FLAG_MMAP took 3.7-6 ms; HNSW's vectors map too.
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # a structure FAISS cannot map zero-copy
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except Exception as exc:
+        raise IndexDirError(
+            f"{path}: the ANN index file is corrupt or unreadable; rebuild it from the stored vectors with "
+            f"'dsearch reindex {path.parent.parent}'"
+        ) from exc
+    if index.ntotal != raw.ntotal or index.d != raw.d:
+        raise IndexDirError(
+            f"{path}: the ANN index holds {index.ntotal} x {index.d} vectors, the segment {raw.ntotal} x {raw.d}; "
+            f"rebuild it with 'dsearch reindex {path.parent.parent}'"
+        )
+    defaults = {key: params[key] for key in ("nprobe", "efSearch") if key in params}
+    return FaissIndex(index, raw, defaults, bool(params.get("rerank")))
+
+
+# --- measuring recall --------------------------------------------------------------------------------
+
+
+def recall_at_k(truth: Any, found: Any, k: int = RECALL_K) -> float:
+    """Mean over queries of |found's first k ∩ truth's first k| / |truth's first k| (rows < 0 are padding)."""
+    total, counted = 0.0, 0
+    for true_rows, found_rows in zip(truth, found, strict=True):
+        expected = {int(r) for r in list(true_rows)[:k] if r >= 0}
+        if not expected:
+            continue
+        got = {int(r) for r in list(found_rows)[:k] if r >= 0}
+        total += len(expected & got) / len(expected)
+        counted += 1
+    return total / counted if counted else 1.0
+
+
+def _without_self(sample: Any, scores: Any, rows: Any, k: int) -> Any:
+    """Each query's rows best first, its own row dropped, cut to k (ties by row, as queries break them)."""
+    import numpy as np
+
+    out = np.full((len(sample), k), -1, dtype=np.int64)
+    for i, own in enumerate(sample):
+        order = np.lexsort((rows[i], -scores[i]))
+        ranked = [int(r) for r in rows[i][order] if r >= 0 and r != own][:k]
+        out[i, : len(ranked)] = ranked
+    return out
+
+
+def sample_rows(n: int, size: int, seed: int = 0) -> Any:
+    """A uniform sample of rows without replacement, in row order (sequential reads of the memmap)."""
+    import numpy as np
+
+    if n <= size:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def measure_recall(index: VectorIndex, raw: Any, params: dict[str, Any], sample: Any, truth: Any) -> float:
+    """recall@10 of ``index`` (with ``params``) against the exact top-10 ``truth`` of the sample rows."""
+    queries = raw.take(sample)
+    scores, rows = index.search(queries, RECALL_K + 1, params)
+    return recall_at_k(truth, _without_self(sample, scores, rows, RECALL_K), RECALL_K)
+
+
+def exact_truth(raw: Any, sample: Any) -> Any:
+    """The exact top-10 of each sample row's own vector, its own row excluded."""
+    scores, rows = raw.search(raw.take(sample), min(raw.ntotal, RECALL_K + 1))
+    return _without_self(sample, scores, rows, RECALL_K)
+
+
+def tune(index: FaissIndex, raw: Any, sample: Any, truth: Any) -> tuple[dict[str, Any], float]:
+    """The smallest nprobe / efSearch whose recall@10 on the sample reaches RECALL_TARGET (else the largest tried)."""
+    import faiss
+
+    ivf = _ivf_of(faiss, index.index)
+    if ivf is not None:
+        knob, steps = "nprobe", [s for s in NPROBE_STEPS if s < ivf.nlist] + [ivf.nlist]
+    elif _hnsw_of(faiss, index.index) is not None:
+        knob, steps = "efSearch", list(EF_STEPS)
+    else:
+        return {}, measure_recall(index, raw, {}, sample, truth)
+    recall = 0.0
+    for position, value in enumerate(steps):
+        recall = measure_recall(index, raw, {knob: value}, sample, truth)
+        log.debug("recall@10 with %s=%d: %.4f", knob, value, recall)
+        if recall >= RECALL_TARGET:
+            # One step more as the default: real queries lie farther from the corpus than its own vectors.
+            # On SciFact, nprobe 16 (0.96 on own vectors) lost 0.045 nDCG@10 to the exact index; 32 lost 0.0002.
+            if position + 1 < len(steps):
+                value = steps[position + 1]
+                recall = measure_recall(index, raw, {knob: value}, sample, truth)
+            break
+    return {knob: value}, recall
+
+
+# --- building ----------------------------------------------------------------------------------------
+
+
+def build_ann(segment_dir: Path, raw: Any, plan: IndexPlan, seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """Build the ANN file of one segment from its raw vectors; returns its file name and the manifest params.
+
+    The training set is a uniform sample of the stored rows (the vectors are already on disk when this runs,
+    so a sample of rows is the reservoir sample without its bookkeeping); vectors are added ADD_CHUNK at a time.
+    Peak memory: the training sample (at most MAX_TRAIN vectors) plus the index being built, which FAISS holds
+    whole until it is written (about ``plan.estimated_bytes``).
+    """
+    import faiss
+    import numpy as np
+
+    started = time.perf_counter()
+    assert plan.factory is not None
+    index = faiss.index_factory(raw.d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    hnsw = _hnsw_of(faiss, index)
+    if hnsw is not None:
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    inner = _ivf_of(faiss, index)
+    if inner is not None:
+        inner = faiss.downcast_index(inner)
+        # FAISS prints a warning on stderr below 39 points a centroid; ivf_lists/pq_codes size for that already,
+        # and a tiny corpus (fewer passages than that) is still searched correctly: keep stderr for our messages.
+        inner.cp.min_points_per_centroid = 1
+        if hasattr(inner, "pq"):
+            inner.pq.cp.min_points_per_centroid = 1
+        if hasattr(inner, "do_polysemous_training"):
+            # The factory turns on polysemous training, which tripled 8-bit PQ's training time; search never uses it.
+            inner.do_polysemous_training = False
+    if not index.is_trained:
+        ivf = _ivf_of(faiss, index)
+        lists = ivf.nlist if ivf is not None else 1
+        wanted = min(raw.ntotal, max(64 * lists, 256 * MIN_POINTS_PER_CENTROID), MAX_TRAIN)
+        train = raw.take(sample_rows(raw.ntotal, wanted, seed))
+        log.info("training %s on %d sampled vectors", plan.factory, len(train))
+        index.train(np.ascontiguousarray(train))
+        del train
+    for start in range(0, raw.ntotal, ADD_CHUNK):
+        index.add(raw.rows(start, ADD_CHUNK))
+    name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"
+    faiss.write_index(index, str(segment_dir / name))
+    built = time.perf_counter() - started
+    del index
+    opened = open_ann(segment_dir / name, raw, {"rerank": plan.compressed})
+    sample = sample_rows(raw.ntotal, RECALL_SAMPLE, seed + 1)
+    truth = exact_truth(raw, sample)
+    knobs, recall = tune(opened, raw, sample, truth)
+    if recall < RECALL_TARGET:
+        log.warning(
+            "%s reaches recall@10 %.3f at most on a sample of its own vectors (target %.2f)",
+            plan.factory,
+            recall,
+            RECALL_TARGET,
+        )
+    params = {
+        "factory": plan.factory,
+        **knobs,
+        "rerank": plan.compressed,
+        "recall_at_10": round(recall, 4),
+        "recall_sample": len(sample),
+        "build_seconds": round(built, 3),
+    }
+    log.info("built %s in %.1f s: recall@10 %.4f with %s", plan.factory, built, recall, knobs or "defaults")
+    return name, params
+
+
+# --- reindexing --------------------------------------------------------------------------------------
+
+
+def reindex(target: Path, requested: str, memory: int | None) -> Any:
+    """Rebuild every segment's ANN file from its stored vectors (no model, no encoding); swap the manifest.
+
+    Under the index's write lock. The old ANN files are not opened (they may be the corrupt thing being
+    replaced); the raw vectors are checked against their checksums first. The new files get new names, the
+    manifest is replaced in one rename, and only then are the old files removed: a reader sees the old index
+    or the new one, and one that opened the old files keeps them (POSIX).
+    """
+    from dsearch.indexer import build_segment_index
+    from dsearch.manifest import MANIFEST_FILE, read_manifest
+    from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, file_info, index_lock
+
+    with index_lock(target):
+        manifest = read_manifest(target)
+        old_files: list[Path] = []
+        index_type, params = manifest.index_type, manifest.index_params
+        for segment in manifest.segments:
+            seg_dir = target / segment.path
+            raw_path = seg_dir / INDEX_FILE
+            if not raw_path.exists() or file_info(raw_path) != segment.files.get(INDEX_FILE):
+                raise IndexDirError(
+                    f"{raw_path}: the stored vectors are missing or corrupt, so the ANN index cannot be rebuilt "
+                    "from them; rebuild the index with 'dsearch index'"
+                )
+            for name in [n for n in segment.files if n.startswith(ANN_PREFIX)]:
+                del segment.files[name]
+                old_files.append(seg_dir / name)
+            index_type, params = build_segment_index(seg_dir, segment, requested, memory)
+        manifest.index_type, manifest.index_params = index_type, params
+        from dsearch.manifest import FORMAT_VERSION
+
+        manifest.format_version = FORMAT_VERSION
+        _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
+        _fsync_dir(target)
+        for path in old_files:
+            path.unlink(missing_ok=True)
+        return manifest
+
+
+def looks_like_factory(text: str) -> bool:
+    """A plausible FAISS factory string (checked fully by FAISS once the dimension is known)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_,.x=]+", text)) and bool(
+        re.search(r"IVF|HNSW|PQ|SQ|Flat|LSH|NSG", text)
+    )
+
+
+def minimum_bytes(n: int) -> int:
+    """The least memory any index type could search ``n`` vectors in: its 8-byte ids alone."""
+    return n * 8

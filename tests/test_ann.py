@@ -1,0 +1,294 @@
+"""ANN and compressed index types: choice, recall measurement, build/query/update/reindex, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+from test_cli import one_error_line
+
+from dsearch.manifest import read_manifest
+from dsearch.store import FlatIndexFileWriter, FlatVectors, OpenIndex
+from dsearch.vector_index import (
+    FLAT,
+    FlatIndex,
+    exact_truth,
+    measure_recall,
+    parse_memory,
+    plan_index,
+    recall_at_k,
+)
+
+TYPES = ["hnsw", "ivf", "ivfpq", "IVF4,SQ8"]
+QUERIES = ["what causes the northern lights", "how long is a marathon race", "bread dough yeast"]
+
+
+# --- recall measurement, against known answers -------------------------------------------------------
+
+
+def test_recall_at_k_counts_the_overlap_of_the_first_k():
+    truth = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    found = [[4, 3, 9, 9], [5, 6, 7, 8]]  # 2 of 4, then 4 of 4
+    assert recall_at_k(truth, found, k=4) == pytest.approx(0.75)
+    assert recall_at_k([[1, 2, -1]], [[2, 1, 5]], k=3) == 1.0  # padding (-1) is not a true neighbour
+
+
+def _raw_store(tmp_path: Path, vectors: np.ndarray) -> FlatVectors:
+    writer = FlatIndexFileWriter(tmp_path / "raw.faiss", vectors.shape[1])
+    writer.add(vectors)
+    writer.close()
+    return FlatVectors(tmp_path / "raw.faiss")
+
+
+class _DropsTenth:
+    """Exact search that loses each query's 10th-best other row: recall@10 is exactly 0.9."""
+
+    def __init__(self, raw: FlatVectors) -> None:
+        self.exact = FlatIndex(raw)
+
+    def search(self, queries, k, params=None, allowed_rows=None):
+        scores, rows = self.exact.search(queries, k)
+        order = np.argsort(-scores, axis=1)
+        scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        rows[:, 10] = -1  # position 0 is the query's own row, excluded from recall
+        return scores, rows
+
+
+def test_measured_recall_excludes_the_query_row_and_matches_a_known_answer(tmp_path):
+    vectors = np.random.default_rng(3).standard_normal((500, 16)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    sample = np.arange(0, 500, 5)
+    truth = exact_truth(raw, sample)
+    assert not any(own in row for own, row in zip(sample, truth, strict=True))  # own row never counted
+    assert measure_recall(FlatIndex(raw), raw, {}, sample, truth) == 1.0
+    assert measure_recall(_DropsTenth(raw), raw, {}, sample, truth) == pytest.approx(0.9)
+
+
+# --- choosing the type -------------------------------------------------------------------------------
+
+
+def test_auto_is_flat_when_small_ivf_when_it_fits_and_pq_when_it_does_not():
+    assert plan_index("auto", 50_000, 384, 8 << 30).index_type == FLAT
+    ivf = plan_index("auto", 1_000_000, 384, 8 << 30)
+    assert (ivf.index_type, ivf.factory) == ("ivf", "IVF4096,Flat")
+    pq = plan_index("auto", 10_000_000, 768, 8 << 30)  # MS MARCO scale: 28.6 GiB of float32 vectors
+    assert pq.index_type == "ivfpq" and pq.estimated_bytes <= 8 << 30 and pq.compressed
+    with pytest.raises(ValueError, match="cannot hold"):
+        plan_index("auto", 10_000_000, 768, 50 << 20)
+    with pytest.raises(ValueError, match="more than the memory budget"):
+        plan_index("hnsw", 1_000_000, 384, 1 << 30)
+
+
+def test_parse_memory():
+    assert parse_memory("2G") == 2 << 30 and parse_memory("512M") == 512 << 20 and parse_memory("1000") == 1000
+    for bad in ("lots", "0", "-1G", ""):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+# --- every type round-trips through the command line -------------------------------------------------
+
+
+def _hits(cli, directory, *extra):
+    result = cli("query", directory, *QUERIES, "-k", "5", "--format", "jsonl", *extra)
+    assert result.exit_code == 0, result.stderr
+    return [(h["qid"], h["id"], h["score"]) for h in map(json.loads, result.stdout.splitlines())]
+
+
+def _same(hits, expected):
+    """Same ids in the same order, scores equal up to float32 rounding (FAISS and numpy sum in other orders)."""
+    assert [(q, i) for q, i, _ in hits] == [(q, i) for q, i, _ in expected]
+    assert [s for _, _, s in hits] == pytest.approx([s for _, _, s in expected], abs=1e-5)
+
+
+@pytest.fixture
+def flat_index(cli, tmp_path) -> Path:
+    target = tmp_path / "flat"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target).exit_code == 0
+    return target
+
+
+@pytest.mark.parametrize("index_type", TYPES)
+def test_each_type_builds_queries_updates_and_reindexes(cli, tmp_path, flat_index, index_type):
+    target = tmp_path / "ann"
+    built = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", index_type)
+    assert built.exit_code == 0, built.stderr
+    info = json.loads(cli("info", target, "--json").stdout)
+    assert info["format_version"] == 2 and info["index_params"]["factory"]
+    assert info["index_type"] == ("factory" if "," in index_type else index_type)
+    assert 0.9 <= info["recall_at_10"] <= 1.0 and info["index_params"]["recall_sample"] == 200
+    exact = _hits(cli, flat_index)
+    # Probing everything makes the search exhaustive: the same hits and scores as the exact index.
+    if index_type != "ivfpq":  # PQ's candidates are approximate even when exhaustive; checked below
+        _same(_hits(cli, target, "--effort", "1000"), exact)
+    # Printed scores are exact inner products, whatever the index type (compressed ones re-rank).
+    exact_scores = {(q, i): s for q, i, s in _hits(cli, flat_index, "-k", "200")}
+    assert all(exact_scores[(q, i)] == pytest.approx(s, abs=1e-5) for q, i, s in _hits(cli, target))
+    # --update keeps the type and rebuilds the ANN file for the new rows.
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((SAMPLE / "passages.jsonl").read_text() + '{"id": "new-1", "text": "aurora borealis"}\n')
+    updated = cli("index", corpus, "-o", target, "--update", "--json")
+    assert updated.exit_code == 0, updated.stderr
+    assert json.loads(updated.stdout)["added"] == 1
+    manifest = read_manifest(target)
+    assert manifest.index_type == info["index_type"] and manifest.rows == 201
+    found = cli("query", target, "aurora borealis", "-k", "1", "--format", "ids", "--effort", "1000")
+    assert (found.exit_code, found.stdout) == (0, "new-1\n")
+    # reindex changes the type from the stored vectors alone: no model is loaded.
+    cli.loaded.clear()
+    again = cli("reindex", target, "--index-type", "flat")
+    assert again.exit_code == 0 and again.stdout == "" and "reindexed" in again.stderr
+    assert cli.loaded == []
+    assert read_manifest(target).index_type == FLAT
+    assert not list(target.glob("seg-*/ann-*"))  # the old ANN file is gone
+    assert cli("status", target).exit_code == 0
+
+
+def test_reindex_rebuilds_a_corrupt_ann_file(cli, tmp_path, flat_index):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    (ann,) = target.glob("seg-*/ann-*.faiss")
+    data = bytearray(ann.read_bytes())
+    data[:8] = b"garbage!"  # same size, unreadable header
+    ann.write_bytes(bytes(data))
+    one_error_line(cli("query", target, "aurora"), 1, str(ann), "corrupt", "dsearch reindex")
+    status = cli("status", target)
+    assert status.exit_code == 6 and status.stdout.startswith("corrupt:")
+    fixed = cli("reindex", target)
+    assert fixed.exit_code == 0, fixed.stderr
+    assert read_manifest(target).index_type == "ivf"  # the type it was asked for, kept
+    assert not ann.exists()
+    assert cli("status", target).exit_code == 0
+    _same(_hits(cli, target, "--effort", "1000"), _hits(cli, flat_index))
+
+
+def test_query_knobs_change_the_search(cli, tmp_path):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    # One list probed of several: fewer distinct candidates than probing them all.
+    one = _hits(cli, target, "--nprobe", "1", "-k", "50")
+    every = _hits(cli, target, "--nprobe", "1000", "-k", "50")
+    assert len(one) < len(every) == 150
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_index_type_is_a_usage_error(cli, tmp_path):
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "x", "--index-type", "fast"), 2, "fast")
+    assert not (tmp_path / "x").exists()
+
+
+def test_factory_string_faiss_rejects_is_a_usage_error(cli, tmp_path):
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "x", "--index-type", "IVF4,PQ7")  # 64 % 7
+    one_error_line(result, 2, "IVF4,PQ7")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("memory", "fragment"),
+    [("lots", "not a size"), ("1K", "cannot hold"), ("20K", "more than the memory budget")],
+)
+def test_impossible_memory_is_a_usage_error_and_nothing_is_written(cli, tmp_path, memory, fragment):
+    target = tmp_path / "x"
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "flat", "--memory", memory)
+    one_error_line(result, 2, fragment)
+    assert not target.exists() and not list(tmp_path.glob(".x.staging-*"))
+
+
+def test_a_format_1_index_still_updates_and_reindexes(cli, tmp_path):
+    copy = tmp_path / "golden"
+    shutil.copytree(Path(__file__).parent / "golden" / "index-v1", copy)
+    assert cli("reindex", copy, "--index-type", "hnsw").exit_code == 0
+    manifest = read_manifest(copy)
+    assert (manifest.format_version, manifest.index_type) == (2, "hnsw")
+    assert cli("info", copy, "--verify").exit_code == 0
+    hits = cli("query", copy, "volcano on mars", "-k", "1", "--format", "ids", "--effort", "1000")
+    assert hits.exit_code == 0 and hits.stdout.strip()
+
+
+def test_golden_format_2_ivf_index_loads_verifies_and_answers_like_a_fresh_build(cli, tmp_path):
+    """tests/golden/index-v2-ivf: built from tests/golden/corpus.jsonl with the hashing encoder, --index-type ivf
+    (``build_index([...], Path('golden/index-v2-ivf'), HashingEncoder(), index_type='ivf')`` in tests/)."""
+    golden = Path(__file__).parent / "golden"
+    copy = tmp_path / "golden"
+    shutil.copytree(golden / "index-v2-ivf", copy)
+    opened = OpenIndex(copy, verify=True)
+    assert (opened.manifest.format_version, opened.manifest.index_type) == (2, "ivf")
+    assert opened.segments[0].ann is not None and opened.rows == 30
+    fresh = tmp_path / "fresh"
+    assert cli("index", golden / "corpus.jsonl", "-o", fresh).exit_code == 0
+    for text in ("volcano on mars", "gravity of black holes", "DNA base pairs"):
+        _same(
+            _hits_for(cli, copy, text),
+            _hits_for(cli, fresh, text),
+        )
+
+
+def _hits_for(cli, directory, text):
+    result = cli("query", directory, text, "-k", "5", "--format", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    return [(h["qid"], h["id"], h["score"]) for h in map(json.loads, result.stdout.splitlines())]
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
+def test_a_tiny_corpus_trains_without_faiss_warnings_on_stderr(tmp_path, capfd, index_type):
+    from fakes import HashingEncoder
+
+    from dsearch.indexer import build_index
+
+    corpus = Path(__file__).parent / "golden" / "corpus.jsonl"  # 30 passages: fewer than 39 a centroid
+    build_index([str(corpus)], tmp_path / "idx", HashingEncoder(), index_type=index_type)
+    assert capfd.readouterr().err == ""
+    assert read_manifest(tmp_path / "idx").index_type == index_type
+
+
+def test_allowed_rows_restrict_every_index_type(tmp_path):
+    """The VectorIndex protocol's filter seam: only allowed rows come back, best first among them."""
+    from dsearch.vector_index import build_ann, open_ann
+
+    vectors = np.random.default_rng(5).standard_normal((2000, 16)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    allowed = np.arange(1, 2000, 7)
+    queries = vectors[:5]
+    best = np.argsort(-(queries @ vectors[allowed].T), axis=1)[:, :3]
+    expected = [set(allowed[row]) for row in best]
+    indexes = [FlatIndex(raw)]
+    for kind in ("hnsw", "ivf"):
+        name, params = build_ann(tmp_path, raw, plan_index(kind, 2000, 16, 1 << 30))
+        indexes.append(open_ann(tmp_path / name, raw, params))
+    for index in indexes:
+        scores, rows = index.search(queries, 3, {"effort": 100}, allowed_rows=allowed)
+        assert [set(r.tolist()) for r in rows] == expected
+
+
+def test_default_nprobe_is_one_step_past_the_first_reaching_the_target(tmp_path):
+    from dsearch.vector_index import NPROBE_STEPS, RECALL_TARGET, build_ann, open_ann, sample_rows, tune
+
+    vectors = np.random.default_rng(9).standard_normal((4000, 16)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    name, params = build_ann(tmp_path, raw, plan_index("ivf", 4000, 16, 1 << 30))
+    index = open_ann(tmp_path / name, raw, params)
+    sample = sample_rows(4000, 300, 2)
+    truth = exact_truth(raw, sample)
+    knobs, recall = tune(index, raw, sample, truth)
+    chosen = NPROBE_STEPS.index(knobs["nprobe"])
+    assert chosen >= 1 and recall == measure_recall(index, raw, knobs, sample, truth)
+    reached = measure_recall(index, raw, {"nprobe": NPROBE_STEPS[chosen - 1]}, sample, truth)
+    assert reached >= RECALL_TARGET
+    if chosen >= 2:
+        assert measure_recall(index, raw, {"nprobe": NPROBE_STEPS[chosen - 2]}, sample, truth) < RECALL_TARGET
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_where_filters_an_ann_index_like_a_flat_one(cli, tmp_path, flat_index, index_type):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", index_type).exit_code == 0
+    where = ("--where", "topic = 'astronomy'")
+    filtered = _hits(cli, target, *where, "--effort", "1000")
+    assert filtered and all(i.startswith("astronomy-") for _, i, _ in filtered)
+    _same(filtered, _hits(cli, flat_index, *where))

@@ -179,3 +179,16 @@ def test_int8_update_equals_a_rebuild_with_the_real_encoder(tmp_path, tiny_seed_
     answers = [cli("query", index, "--queries", queries, "-k", "10", "--format", "tsv") for index in indexes]
     assert all(a.exit_code == 0 for a in answers) and answers[0].stdout.count("\n") >= 10
     assert answers[0].stdout == answers[1].stdout
+
+
+def test_int8_keeps_the_feed_forward_down_projections_in_fp32(tiny_seed_model):
+    """The FFN down-projections (DistilBERT's lin2: hidden_dim → dim) stay fp32 MatMuls; the rest is int8."""
+    import onnx
+
+    encoder = SentenceTransformerEncoder(str(tiny_seed_model))
+    directory = lean.export(encoder, "int8")
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    float_matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
+    assert any(n.op_type == "MatMulInteger" for n in graph.node)  # the other projections are quantised
+    weighted = [name for name in float_matmuls if "lin2" in name]
+    assert len(weighted) == 2  # one per layer of the tiny model, found by the weight's shape, not its name

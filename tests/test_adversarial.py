@@ -320,3 +320,21 @@ def test_status_of_an_index_built_from_stdin_gives_an_update_command_with_a_corp
     assert command == shlex.join(["dsearch", "index", str(corpus), "-o", str(index), "--update"])
     result = cli(*shlex.split(command)[1:])  # the command it prints works as printed
     assert result.exit_code == 0, result.stderr
+
+
+def test_a_field_type_in_the_manifest_cannot_smuggle_sql_into_where(tmp_path, cli):
+    """--where pastes each recorded field type into SQL: a manifest type that is SQL is corruption, not run."""
+    corpus = tmp_path / "c.jsonl"
+    rows = ({"id": f"d{i}", "text": f"text {i}", "year": 2000 + i} for i in range(5))
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    planted = tmp_path / "planted.csv"
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["corpus"]["field_types"] == {"year": "BIGINT"}
+    manifest["corpus"]["field_types"]["year"] = f"BIGINT) AS year FROM stored; COPY (SELECT 1) TO '{planted}'; --"
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("query", index, "text", "--where", "year > 2001", "-f", "ids")
+    one_error_line(result, 1, "field_types")
+    assert not planted.exists()
+    assert cli("status", index).exit_code == 6

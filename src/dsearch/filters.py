@@ -26,6 +26,9 @@ BUILTIN = ("id", "title", "source")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
 READ_BATCH = 5000
+# Every type field_types can record. A manifest is input: a type outside this set would be pasted into SQL.
+SCALAR_TYPES = ("BOOLEAN", "BIGINT", "DOUBLE", "DATE", "TIMESTAMP", "VARCHAR")
+FIELD_TYPES = frozenset((*SCALAR_TYPES, "JSON", *(f"{kind}[]" for kind in SCALAR_TYPES)))
 
 
 def _scalar_type(value: Any) -> str:
@@ -122,6 +125,8 @@ def allowed_rows(index: Any, where: str) -> Any:
             "run 'dsearch index … --update' (or rebuild it) first"
         )
     types: dict[str, str] = index.manifest.corpus["field_types"]
+    if any(kind not in FIELD_TYPES for kind in types.values()):  # read_manifest refuses these; never trust SQL to it
+        raise UsageError(f"{index.directory}: the manifest's field types are damaged; rebuild the index")
     # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only the
     # small columns; file_row_number + the segment's first row is the row.
     scans = [

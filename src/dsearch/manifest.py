@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsearch.errors import IndexDirError
+from dsearch.filters import FIELD_TYPES
 
 FORMAT_NAME = "dsearch-index"
 # 2: ANN index types (an ann-*.faiss file per segment beside the exact vectors) and ``index_params``.
@@ -154,6 +155,11 @@ class Manifest:
             isinstance(split, dict) and list(split) == ["overlap"] and _typed(split, "overlap", int) >= 0
         ):
             raise ValueError(f"corpus.split {split!r} is neither null nor {{'overlap': TOKENS}}")  # update reuses it
+        field_types = corpus.get("field_types", {})
+        if not isinstance(field_types, dict) or not all(
+            isinstance(name, str) and kind in FIELD_TYPES for name, kind in field_types.items()
+        ):  # each type is pasted into the SQL that --where runs: only the names dsearch records
+            raise ValueError("corpus.field_types must map field names to the types dsearch records")
         if "passages" in stats:
             passages = _typed(stats, "passages", int)
             if not (0 < passages <= rows or passages == rows == 0):

@@ -25,6 +25,7 @@ from dsearch.search import (
     _hit,
     check_hits,
     check_query_vectors,
+    exact_search,
     run_search,
 )
 from dsearch.store import OpenIndex
@@ -78,29 +79,34 @@ def lexical_ranking(lex: Lexical, text: str, depth: int, allowed: Any = None) ->
 def dense_rankings(
     index: OpenIndex, starts: Any, vectors: Any, depth: int, allowed_rows: Any = None
 ) -> list[list[tuple[int, float, int]]]:
-    """Per query vector, (passage, score, best row), best first: each passage once, by its best window."""
+    """Per query vector, (passage, score, best row), best first: each passage once, by its best window.
+
+    A query whose windows crowd out ``depth`` passages is searched again deeper, alone (as ``search._rank`` does),
+    so its ranking never depends on its batch-mates.
+    """
     import numpy as np
 
     passages = max(1, len(starts))
     fetch = depth * max(1, -(-index.rows // passages))  # rows per passage, rounded up
-    while True:
+    rankings: list[list[tuple[int, float, int]]] = [[] for _ in range(len(vectors))]
+    todo = list(range(len(vectors)))
+    while todo:
         fetch = min(fetch, index.rows)
-        scores, rows = index.search(vectors, fetch, allowed_rows=allowed_rows)
-        rankings, more = [], False
-        for query_scores, query_rows in zip(scores, rows, strict=True):
+        scores, rows = exact_search(index, vectors if len(todo) == len(vectors) else vectors[todo], fetch, allowed_rows)
+        short = []
+        for i, query_scores, query_rows in zip(todo, scores, rows, strict=True):
             valid = query_rows >= 0  # -1: no more rows (all fetched, or filtered out)
             docs = np.searchsorted(starts, query_rows[valid], side="right") - 1
             _, first = np.unique(docs, return_index=True)
             first = np.sort(first)[:depth]  # each passage at its best window, in score order
             kept_scores, kept_rows = query_scores[valid][first], query_rows[valid][first]
-            rankings.append(
-                [(int(d), float(s), int(r)) for d, s, r in zip(docs[first], kept_scores, kept_rows, strict=True)]
-            )
-            if len(first) < depth and valid.all():
-                more = True  # fewer passages than wanted, but rows left: windows of the same passages filled it
-        if not more or fetch >= index.rows:
-            return rankings
+            kept = zip(docs[first], kept_scores, kept_rows, strict=True)
+            rankings[i] = [(int(d), float(s), int(r)) for d, s, r in kept]
+            if len(first) < depth and valid.all() and fetch < index.rows:
+                short.append(i)  # fewer passages than wanted, but rows left: windows of the same passages filled it
+        todo = short
         fetch *= 4
+    return rankings
 
 
 def search(
@@ -114,18 +120,20 @@ def search(
     min_score: float | None = None,
     stats: SearchStats | None = None,
     allowed_rows: Any = None,
+    lex: Lexical | None = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
     """Yield each query with its hits for ``mode`` lexical or hybrid, best first.
 
     Hybrid fuses the two rankings by reciprocal rank (RRF, k = 60), or with ``alpha`` by ``alpha`` × the
     min-max-normalised dense score + (1 − ``alpha``) × the normalised BM25 score. ``score`` is the fused score
     (hybrid) or the BM25 score (lexical); ``min_score`` applies to it. Each hit carries each retriever's rank.
+    ``lex``: the index's BM25 side already opened (a ``Searcher`` keeps it between searches).
     """
     import numpy as np
 
     stats = stats if stats is not None else SearchStats()
     started = time.perf_counter()
-    lex = Lexical(index)
+    lex = lex if lex is not None else Lexical(index)
     allowed = None if allowed_rows is None else np.asarray(allowed_rows)[lex.starts]
     stats.search += time.perf_counter() - started
     depth = max(CANDIDATES, k + 1)
@@ -213,9 +221,10 @@ def run(
     min_score: float | None = None,
     stats: SearchStats | None = None,
     allowed_rows: Any = None,
+    lex: Lexical | None = None,
 ) -> Iterator[tuple[Query, list[Hit]]]:
     """Search in any mode: dense through ``search.run_search``, lexical and hybrid here."""
     if mode == "dense":
         assert encoder is not None
         return run_search(index, encoder, queries, k, exclude_self, min_score, stats, allowed_rows)
-    return search(index, encoder, queries, k, mode, alpha, exclude_self, min_score, stats, allowed_rows)
+    return search(index, encoder, queries, k, mode, alpha, exclude_self, min_score, stats, allowed_rows, lex)

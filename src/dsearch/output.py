@@ -25,19 +25,8 @@ Results = Iterable[tuple[Query, list[Hit]]]
 
 
 def hit_record(hit: Hit) -> dict[str, Any]:
-    """The JSON Lines object for one hit."""
-    return {
-        "qid": hit.qid,
-        "query": hit.query,
-        "rank": hit.rank,
-        "score": round(float(hit.score), 6),
-        "id": hit.id,
-        "title": hit.title,
-        "text": hit.text,
-        "source": hit.source,
-        "fields": hit.fields,
-        "window": list(hit.window) if hit.window else None,
-    } | ({"retrievers": hit.retrievers} if hit.retrievers is not None else {})
+    """The JSON Lines object for one hit (``Hit.to_dict``, which the Python API shares)."""
+    return hit.to_dict()
 
 
 # One reversible scheme for every line-oriented format (tsv, trec, ids): a backslash escapes itself, tab,

@@ -19,6 +19,10 @@ log = logging.getLogger("dsearch")
 
 # Queries encoded and searched together: large enough to amortise each BLAS call and row-group read.
 QUERY_BATCH = 256
+# Candidates beyond those asked for that a flat index re-scores exactly (see exact_search); a cap on the stored
+# vectors gathered at once while doing it (16 MiB of float32).
+RESCORE_MARGIN = 8
+RESCORE_FLOATS = 1 << 22
 # How far a cosine score or a stored vector's norm may stray from what is possible before we call the
 # vectors corrupt: float32 rounding of unit vectors stays below 1e-5; a flipped byte moves it far more.
 COSINE_TOLERANCE = 1e-3
@@ -26,6 +30,8 @@ COSINE_TOLERANCE = 1e-3
 
 @dataclass(slots=True)
 class Query:
+    """One query: its id (``qid`` in every output format) and its text."""
+
     qid: str
     text: str
 
@@ -47,6 +53,26 @@ class Hit:
     window: tuple[int, int] | None = None  # the span of ``text`` that matched, when the passage was split
     # Lexical and hybrid modes: each retriever's rank of this passage (None: that retriever did not find it).
     retrievers: dict[str, int | None] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The hit as ``--format jsonl`` prints it: the same fields, names and rounding (README: Output formats)."""
+        from dsearch.output import json_safe
+
+        record = {
+            "qid": self.qid,
+            "query": self.query,
+            "rank": self.rank,
+            "score": round(float(self.score), 6),
+            "id": self.id,
+            "title": self.title,
+            "text": self.text,
+            "source": self.source,
+            "fields": self.fields,
+            "window": list(self.window) if self.window else None,
+        }
+        if self.retrievers is not None:
+            record["retrievers"] = self.retrievers
+        return json_safe(record)  # type: ignore[no-any-return]
 
 
 def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:
@@ -173,6 +199,38 @@ def run_search(
         yield from _rank(index, batch, vectors, k, min_score, stats, exclude_self=exclude_self, allowed=allowed_rows)
 
 
+def exact_search(index: OpenIndex, vectors: Any, k: int, allowed_rows: Any = None) -> tuple[Any, Any]:
+    """``index.search``, with a flat index's scores exact and independent of the other queries searched with it.
+
+    BLAS picks its kernels by the batch's size and a query's place in it, so one query's float32 scores differ in
+    the last bits from batch to batch (measured: up to 5e-5 on 384-d vectors), and two passages that tie swap
+    places with the batch-mates. The candidates (a few more than ``k``) are re-scored one query at a time in
+    float64 (products of float32 are exact there, the summation order is fixed), then ordered by score and row.
+    ANN indexes keep their own scores: FAISS searches each query on its own.
+    """
+    import numpy as np
+
+    from dsearch.store import INDEX_TYPE
+
+    if index.manifest.index_type != INDEX_TYPE or k == 0:
+        return index.search(vectors, k, allowed_rows=allowed_rows)
+    _, rows = index.search(vectors, min(k + RESCORE_MARGIN, index.rows), allowed_rows=allowed_rows)
+    queries = np.asarray(vectors, dtype=np.float64)
+    exact = np.full(rows.shape, -np.inf)
+    per = max(1, RESCORE_FLOATS // max(1, rows.shape[1] * queries.shape[1]))  # queries re-scored per gather
+    for start in range(0, len(rows), per):
+        block = rows[start : start + per]
+        valid = block >= 0
+        if valid.any():
+            owners = np.nonzero(valid)[0] + start  # the query of each valid candidate, in row-major order
+            stored = index.vectors_at(block[valid]).astype(np.float64)
+            exact[start : start + per][valid] = (stored * queries[owners]).sum(axis=1)
+    key = -exact
+    key[np.isnan(key)] = -np.inf  # a corrupt vector's NaN score goes first, where check_hits sees it
+    order = np.lexsort((rows, key), axis=1)[:, :k]
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
+
+
 def find_rows(index: OpenIndex, ids: Iterable[str]) -> dict[str, int]:
     """The rows of the given passage ids that are in the index (one pass over the id column)."""
     wanted = set(ids)
@@ -231,16 +289,20 @@ def _rank(
     """Search one batch of query vectors and turn the rows into hits, one per passage.
 
     A split passage has a row per window: it is ranked by its best window ("MaxP") and its other windows are
-    skipped, so more rows than ``k`` may be needed; the search is repeated with more until each query has ``k``.
+    skipped, so more rows than ``k`` may be needed; a query short of ``k`` passages is searched again with more,
+    alone, so that no query's hits depend on how deep its batch-mates had to look (an ANN index's answers do).
     """
     passages = index.manifest.passages
     fetch = k + 1 if exclude_self or exclude_id is not None else k  # room for the dropped hit
     if passages < index.rows:
         fetch *= 2  # some rows are further windows of passages already found
-    while True:
+    ranked: list[list[Hit]] = [[] for _ in batch]
+    todo = list(range(len(batch)))  # queries still short of k passages
+    while todo:
         fetch = min(fetch, index.rows)
         started = time.perf_counter()
-        scores, rows = index.search(vectors, fetch, allowed_rows=allowed)
+        queries = [batch[i] for i in todo]
+        scores, rows = exact_search(index, vectors if len(todo) == len(batch) else vectors[todo], fetch, allowed)
         stats.search += time.perf_counter() - started
         if min_score is not None:
             rows = rows.copy()
@@ -248,15 +310,14 @@ def _rank(
         started = time.perf_counter()
         metadata = index.lookup(rows.ravel())
         stats.lookup += time.perf_counter() - started
-        check_hits(index, batch, scores, rows, metadata)
-        ranked = [
-            _passages_hit(query, query_scores, query_rows, metadata, k, exclude_self, exclude_id)
-            for query, query_scores, query_rows in zip(batch, scores.tolist(), rows.tolist(), strict=True)
-        ]
-        # A query is done with k passages, or once its candidates ran out (-1: none left, or below --min-score).
-        done = [len(hits) == k or -1 in query_rows for hits, query_rows in zip(ranked, rows.tolist(), strict=True)]
-        if fetch >= index.rows or all(done):
-            break
+        check_hits(index, queries, scores, rows, metadata)
+        short = []
+        for i, query_scores, query_rows in zip(todo, scores.tolist(), rows.tolist(), strict=True):
+            ranked[i] = _passages_hit(batch[i], query_scores, query_rows, metadata, k, exclude_self, exclude_id)
+            # A query is done with k passages, or once its candidates ran out (-1: none left, or below --min-score).
+            if len(ranked[i]) < k and -1 not in query_rows and fetch < index.rows:
+                short.append(i)
+        todo = short
         fetch *= 4
     stats.queries += len(batch)
     yield from zip(batch, ranked, strict=True)

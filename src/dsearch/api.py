@@ -1,0 +1,525 @@
+"""The Python API: open an index and search it (``Searcher``), or build one (``build_index``).
+
+The command line stands on these same calls (``dsearch query``, ``eval``, ``get``, ``info``, ``index``), so a
+program gets the CLI's results, errors and guarantees without starting a process per question. Errors are the
+typed ones of ``dsearch.errors``; their messages say what is wrong (the CLI adds which flag fixes it).
+
+Heavy libraries are imported when first needed, as everywhere in dsearch: a lexical-only Searcher never loads a
+model (nor torch), and ``import dsearch`` imports none of this module until a name from it is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dsearch.errors import DsearchError, ModelError, UsageError
+from dsearch.search import Hit, Query, SearchStats
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from dsearch.encoder import Encoder
+    from dsearch.hybrid import Lexical
+    from dsearch.manifest import Manifest, ModelInfo
+    from dsearch.store import OpenIndex
+
+log = logging.getLogger("dsearch")
+
+MODES = ("dense", "lexical", "hybrid")
+# --where masks kept per Searcher: a server sees the same few filters again and again; each mask is a byte a row.
+WHERE_CACHE = 16
+
+
+class EncoderLoader(Protocol):
+    """How a ``Searcher`` loads a model: by name (a ``model=`` override) or an index's own model (query side).
+
+    The default loads real models; the CLI passes its injected one (tests use a tiny hashing encoder).
+    """
+
+    def load_encoder(self, name: str | None, **options: Any) -> Encoder: ...
+
+    def query_encoder(self, model: ModelInfo, **options: Any) -> Encoder: ...
+
+
+class _DefaultLoader:
+    def load_encoder(self, name: str | None, **options: Any) -> Encoder:
+        from dsearch.encoder import load_encoder
+
+        return load_encoder(name, **options)
+
+    def query_encoder(self, model: ModelInfo, **options: Any) -> Encoder:
+        from dsearch.encoder import load_query_encoder
+
+        return load_query_encoder(model, **options)
+
+
+def check_precision(precision: str | None) -> None:
+    """Refuse a precision dsearch does not know (``None`` and ``auto`` are always fine)."""
+    from dsearch.encoder import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def manifest_version(manifest: Manifest) -> str:
+    """A short stamp of one published version of an index: it changes with every publish (new segments,
+    checksums and creation time), and is the same for every reader of the same version."""
+    return hashlib.sha256(manifest.to_json().encode("utf-8")).hexdigest()[:16]
+
+
+def index_version(directory: str | os.PathLike[str]) -> str:
+    """The version stamp of the index published at ``directory`` now (cheap: reads the manifest only).
+
+    Compare it with ``Searcher.version`` to tell that a new version was published since the Searcher opened.
+    """
+    from dsearch.manifest import read_manifest
+
+    return manifest_version(read_manifest(Path(directory)))
+
+
+class Searcher:
+    """An opened index, ready to answer queries: what ``dsearch query`` does, without a process per question.
+
+    ``Searcher(DIR)`` opens the published index at DIR and keeps it open (the files of that version stay
+    readable even when a new version is published; open a new Searcher for it). The model is the one that built
+    the index, loaded on the first dense or hybrid search (``load_encoder=True``: now; ``False``: never, for
+    lexical-only use). ``model=``/``precision=`` override the index's model and precision for queries; a model
+    whose vectors have another dimension is refused (``ModelError``), another fingerprint or similarity only
+    warned about. ``encoder=`` reuses an encoder already loaded (checked the same way). ``loader=`` decides how
+    models are loaded (the CLI passes its own). ``verify=True`` also checks every file's checksum on opening.
+    ``load_lexical=True`` opens the BM25 index now rather than at the first lexical or hybrid search (a server
+    does, so that the version it opened stays searchable after a newer publish has removed its files).
+
+    A Searcher can serve several threads: searches share the opened files and the loaded model and keep their
+    options (mode, filters, ANN knobs) to themselves.
+    """
+
+    directory: Path
+    version: str
+    rows: int
+    passages: int
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        precision: str | None = None,
+        trust_remote_code: bool = False,
+        batch_size: int = 32,
+        encoder: Encoder | None = None,
+        load_encoder: bool | None = None,
+        loader: EncoderLoader | None = None,
+        verify: bool = False,
+        load_lexical: bool = False,
+    ) -> None:
+        from dsearch.store import OpenIndex
+
+        self.directory = Path(directory)
+        started = time.perf_counter()
+        self._index: OpenIndex | None = OpenIndex(self.directory, verify=verify)
+        log.info("load index: %s, %d passages (%.3f s)", directory, self._index.rows, time.perf_counter() - started)
+        check_precision(precision)
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+        manifest = self._index.manifest
+        self.version = manifest_version(manifest)
+        self.rows = self._index.rows
+        self.passages = manifest.passages
+        self._model = model
+        self._precision = precision
+        self._options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": batch_size}
+        self._loader: EncoderLoader = loader if loader is not None else _DefaultLoader()
+        self._may_load = load_encoder is not False
+        self._encoder: Encoder | None = None
+        self._lock = threading.Lock()  # one model load, one BM25 open, however many threads ask at once
+        self._lexical: Lexical | None = None
+        self._masks: OrderedDict[str, Any] = OrderedDict()
+        if encoder is not None:
+            self._encoder = self._checked(encoder)
+        elif load_encoder:
+            _ = self.encoder
+        if load_lexical:
+            from dsearch.lexical import has_lexical
+
+            if has_lexical(self._index):
+                self._lexical_side()
+
+    # --- the model ---------------------------------------------------------------------------------------
+
+    @property
+    def encoder(self) -> Encoder:
+        """The query encoder, loaded on first use (``ModelError`` when it does not fit the index)."""
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    if not self._may_load:
+                        raise UsageError(
+                            f"{self.directory}: this Searcher was opened with load_encoder=False; dense and hybrid "
+                            "search need the model (search in lexical mode, or open it without load_encoder=False)"
+                        )
+                    self._encoder = self._checked(self._load())
+        return self._encoder
+
+    @property
+    def encoder_loaded(self) -> bool:
+        """Whether the model is loaded (a lexical-only user never loads one)."""
+        return self._encoder is not None
+
+    def _load(self) -> Encoder:
+        info = self._open().manifest.model
+        started = time.perf_counter()
+        if self._model:
+            encoder = self._loader.load_encoder(
+                self._model, **{**self._options, "precision": self._precision or info.precision}
+            )
+        else:
+            encoder = self._loader.query_encoder(info, **self._options)
+        log.info(
+            "load model: %s, precision %s (%.3f s)",
+            encoder.name,
+            getattr(encoder, "precision", self._precision or info.precision),
+            time.perf_counter() - started,
+        )
+        return encoder
+
+    def _checked(self, encoder: Encoder) -> Encoder:
+        """The encoder, if its vectors fit the index; a different model or similarity is only warned about."""
+        info = self._open().manifest.model
+        if encoder.dim != info.dim:
+            raise ModelError(
+                f"model {encoder.name!r} makes {encoder.dim}-d vectors but the index holds {info.dim}-d ones "
+                f"(built with {info.name!r}); query with that model or rebuild the index"
+            )
+        if encoder.fingerprint != info.fingerprint:
+            log.warning(
+                "model %s differs from the one that built the index (fingerprint %s, index has %s); "
+                "scores may be meaningless",
+                encoder.name,
+                encoder.fingerprint[:12],
+                info.fingerprint[:12],
+            )
+        if encoder.similarity != info.similarity:
+            log.warning("model similarity %s differs from the index's %s", encoder.similarity, info.similarity)
+        return encoder
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Query vectors, one row per text, for ``search(..., vectors=)``; a text's vector does not depend on the
+        other texts of the call (the encoders are batch-independent), so a caller may batch freely."""
+        from dsearch.search import check_query_vectors
+
+        texts = [_query_text(t, i) for i, t in enumerate(texts)]
+        vectors = self.encoder.encode_queries(texts)
+        check_query_vectors(vectors, [Query(str(i + 1), t) for i, t in enumerate(texts)])
+        return vectors
+
+    # --- describing --------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """What ``dsearch info --json`` prints: model, dimension, similarity, passages, size, index type…"""
+        from dsearch.lexical import has_lexical
+
+        index = self._open()
+        m = index.manifest
+        return {
+            "path": str(index.directory),
+            "model": m.model.name,
+            "model_fingerprint": m.model.fingerprint,
+            "dim": m.model.dim,
+            "similarity": m.model.similarity,
+            "normalized": m.model.similarity == "cosine",
+            "max_seq_length": m.model.max_seq_length,
+            "precision": m.model.precision,
+            "prompts": m.model.prompts,
+            "passages": m.passages,
+            "rows": m.rows,
+            "split": m.corpus.get("split"),
+            "lexical": has_lexical(index),
+            "fields": m.corpus.get("field_types") or {},
+            "index_type": m.index_type,
+            "index_params": m.index_params,
+            "recall_at_10": m.index_params.get("recall_at_10", 1.0 if m.index_type == "IndexFlatIP" else None),
+            "segments": len(m.segments),
+            "size_bytes": index.size_on_disk(),
+            "created_at": m.created_at,
+            "format": m.format,
+            "format_version": m.format_version,
+            "versions": m.versions,
+            "stats": m.stats,
+        }
+
+    def iter_ids(self) -> Iterator[str]:
+        """Every passage id in the index, in row order (a split passage's id once per window)."""
+        for record in self._open().iter_rows(("id",)):
+            yield record["id"]
+
+    # --- searching ---------------------------------------------------------------------------------------
+
+    def resolve_mode(self, mode: str | None = None, alpha: float | None = None) -> str:
+        """The mode a search with these options runs in: ``mode``; else hybrid when ``alpha`` weighs its two sides;
+        else dense. Refuses an unknown mode, a bad ``alpha``, and lexical/hybrid on an index without BM25."""
+        from dsearch.hybrid import DEFAULT_MODE, Lexical
+        from dsearch.lexical import has_lexical
+
+        if mode is not None and mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if alpha is not None:
+            if not 0 <= alpha <= 1:
+                raise UsageError(f"alpha {alpha} is not a weight between 0 and 1")
+            if mode in ("dense", "lexical"):
+                raise UsageError(f"alpha weighs the two retrievers of hybrid mode; it does not go with mode {mode}")
+        resolved = mode if mode is not None else DEFAULT_MODE if alpha is None else "hybrid"
+        if resolved != "dense" and not has_lexical(self._open()):
+            Lexical(self._open())  # raises the error that says what to do
+        return resolved
+
+    def search(
+        self,
+        queries: str | Sequence[str] | Sequence[Query],
+        k: int = 10,
+        *,
+        mode: str | None = None,
+        alpha: float | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        nprobe: int | None = None,
+        ef: int | None = None,
+        effort: float | None = None,
+        vectors: np.ndarray | None = None,
+        exclude_self: bool = False,
+    ) -> list[list[Hit]]:
+        """The ``k`` best passages for each query, best first: one list per query, in the order given.
+
+        ``queries``: a text (one query), texts (numbered ``1``, ``2``… as ``qid``), or ``Query`` objects.
+        ``mode``: ``dense`` (default), ``lexical`` (BM25) or ``hybrid`` (both fused: reciprocal ranks, or with
+        ``alpha`` a weighted sum). ``where``: an SQL condition on the passages' fields, id, title and source,
+        applied before the top-k. ``min_score`` drops weaker hits (a query may get fewer than ``k``).
+        ``nprobe``/``ef``/``effort``: an ANN index's search knobs for this call. ``vectors``: the queries'
+        dense vectors already encoded (row i for query i, as ``encode_queries`` makes them), so the model is not
+        run again. ``exclude_self`` drops a hit whose id is its query's id (BEIR's convention).
+        A query's hits never depend on the other queries of the call.
+        """
+        batch = _as_queries(queries)
+        if vectors is not None:
+            vectors = self._check_vectors(vectors, len(batch))
+        options = {"mode": mode, "alpha": alpha, "where": where, "min_score": min_score, "nprobe": nprobe, "ef": ef}
+        results = self._run(batch, k, **options, effort=effort, vectors=vectors, exclude_self=exclude_self)
+        return [hits for _, hits in results]
+
+    def iter_search(
+        self,
+        queries: Iterable[Query | str],
+        k: int = 10,
+        *,
+        mode: str | None = None,
+        alpha: float | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        nprobe: int | None = None,
+        ef: int | None = None,
+        effort: float | None = None,
+        exclude_self: bool = False,
+        stats: SearchStats | None = None,
+    ) -> Iterator[tuple[Query, list[Hit]]]:
+        """Like ``search``, lazily: each query with its hits as soon as its batch is answered, reading ``queries``
+        only as far as needed (a stdin pipeline gets each answer as its query arrives). Options are checked
+        before the first query is read. ``stats`` (``search.SearchStats``) adds up where the time went."""
+        numbered = (q if isinstance(q, Query) else Query(str(i + 1), _query_text(q, i)) for i, q in enumerate(queries))
+        return self._run(
+            numbered, k, mode=mode, alpha=alpha, where=where, min_score=min_score, nprobe=nprobe, ef=ef,
+            effort=effort, exclude_self=exclude_self, stats=stats,
+        )  # fmt: skip
+
+    def _run(
+        self,
+        queries: Iterable[Query],
+        k: int,
+        *,
+        mode: str | None,
+        alpha: float | None,
+        where: str | None,
+        min_score: float | None,
+        nprobe: int | None,
+        ef: int | None,
+        effort: float | None,
+        vectors: Any = None,
+        exclude_self: bool = False,
+        stats: SearchStats | None = None,
+    ) -> Iterator[tuple[Query, list[Hit]]]:
+        """Check every option, settle the mode, filter and model, then hand back the lazy search."""
+        from dsearch.hybrid import run
+
+        _check_k(k)
+        _check_min_score(min_score)
+        mode = self.resolve_mode(mode, alpha)
+        index = self._tuned(nprobe, ef, effort)
+        allowed = self.allowed_rows(where)
+        encoder: Any = None
+        if mode != "lexical":
+            encoder = _GivenVectors(vectors) if vectors is not None else self.encoder
+        lex = self._lexical_side() if mode != "dense" else None
+        return run(index, encoder, queries, k, mode, alpha, exclude_self, min_score, stats, allowed, lex)
+
+    def like(
+        self,
+        passage_id: str,
+        k: int = 10,
+        *,
+        where: str | None = None,
+        min_score: float | None = None,
+        stats: SearchStats | None = None,
+    ) -> list[Hit]:
+        """More like this: the passages most similar to a stored passage (by its stored vector, no model),
+        itself left out. An id not in the index is an ``InputError``."""
+        from dsearch.search import like_search
+
+        _check_k(k)
+        _check_min_score(min_score)
+        index = self._open()
+        allowed = self.allowed_rows(where)
+        return [hits for _, hits in like_search(index, passage_id, k, min_score, stats, allowed)][0]
+
+    def get(self, ids: Sequence[str]) -> tuple[list[Hit], list[str]]:
+        """Stored passages by id, in the order asked (``rank`` 0, ``score`` 0), and the ids not in the index."""
+        from dsearch.search import get_passages
+
+        if isinstance(ids, str):
+            ids = [ids]
+        return get_passages(self._open(), list(ids))
+
+    def allowed_rows(self, where: str | None) -> Any:
+        """The boolean row mask of a ``where`` condition (None: no filter); masks are kept for reuse."""
+        if where is None:
+            return None
+        with self._lock:
+            mask = self._masks.get(where)
+            if mask is not None:
+                self._masks.move_to_end(where)
+                return mask
+        from dsearch.filters import allowed_rows
+
+        index = self._open()
+        started = time.perf_counter()
+        mask = allowed_rows(index, where)
+        mask.flags.writeable = False  # shared between searches
+        kept = int(mask.sum())
+        log.info("--where kept %d of %d rows (%.3f s)", kept, index.rows, time.perf_counter() - started)
+        if not kept:
+            log.info("--where matched no passage: no hits")
+        with self._lock:
+            self._masks[where] = mask
+            while len(self._masks) > WHERE_CACHE:
+                self._masks.popitem(last=False)
+        return mask
+
+    def _tuned(self, nprobe: int | None, ef: int | None, effort: float | None) -> OpenIndex:
+        """The index with this call's ANN knobs: a shallow copy, so concurrent searches keep their own."""
+        index = self._open()
+        for name, value in (("nprobe", nprobe), ("ef", ef)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"{name} must be a whole number of at least 1, not {value!r}")
+        if effort is not None and not (isinstance(effort, int | float) and math.isfinite(effort) and effort > 0):
+            raise UsageError(f"effort must be a positive number, not {effort!r}")
+        if nprobe is None and ef is None and effort is None:
+            return index
+        tuned = copy.copy(index)
+        tuned.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
+        return tuned
+
+    def _lexical_side(self) -> Lexical:
+        if self._lexical is None:
+            from dsearch.hybrid import Lexical
+
+            with self._lock:
+                if self._lexical is None:
+                    self._lexical = Lexical(self._open())
+        return self._lexical
+
+    def _check_vectors(self, vectors: Any, count: int) -> Any:
+        import numpy as np
+
+        array = np.asarray(vectors, dtype=np.float32)
+        dim = self._open().manifest.model.dim
+        if array.shape != (count, dim):
+            raise UsageError(f"vectors has shape {array.shape}; {count} queries of this index need ({count}, {dim})")
+        return np.ascontiguousarray(array)
+
+    # --- life cycle --------------------------------------------------------------------------------------
+
+    def _open(self) -> OpenIndex:
+        if self._index is None:
+            raise DsearchError(f"{self.directory}: this Searcher is closed; open a new one")
+        return self._index
+
+    def close(self) -> None:
+        """Let go of the index's files (the model stays with whoever else holds it). Searching after is an error."""
+        index, self._index = self._index, None
+        self._lexical = None
+        self._masks.clear()
+        if index is not None:
+            for segment in index.segments:
+                closer: Callable[[], None] | None = getattr(segment.table, "close", None)
+                if closer is not None:
+                    closer()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._index is None else f"{self.passages} passages"
+        return f"Searcher({str(self.directory)!r}, version {self.version}, {state})"
+
+
+class _GivenVectors:
+    """Stands in for the encoder when the caller encoded the queries: hands out their rows in order."""
+
+    def __init__(self, vectors: Any) -> None:
+        self.vectors = vectors
+        self.next = 0
+
+    def encode_queries(self, texts: list[str]) -> Any:
+        rows = self.vectors[self.next : self.next + len(texts)]
+        self.next += len(texts)
+        return rows
+
+
+def _query_text(text: Any, position: int) -> str:
+    if not isinstance(text, str):
+        raise UsageError(f"query {position + 1} is a {type(text).__name__}, not a text")
+    if not text.strip():
+        raise UsageError(f"query {position + 1} is empty; give every query some text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"query {position + 1} is not valid Unicode text (a lone surrogate)") from None
+    return text.strip()
+
+
+def _as_queries(queries: str | Sequence[str] | Sequence[Query]) -> list[Query]:
+    """A text, texts or Query objects → Query objects; texts are numbered 1, 2… by position."""
+    if isinstance(queries, str | Query):
+        queries = [queries]  # type: ignore[list-item]
+    return [q if isinstance(q, Query) else Query(str(i + 1), _query_text(q, i)) for i, q in enumerate(queries)]
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"k must be a whole number of at least 1, not {k!r}")
+
+
+def _check_min_score(min_score: float | None) -> None:
+    if min_score is not None and not (isinstance(min_score, int | float) and math.isfinite(min_score)):
+        raise UsageError(f"min_score {min_score!r} is not a finite number")

@@ -1,0 +1,250 @@
+"""Issue 14 (part 1): the Python API. ``Searcher`` answers as ``dsearch query`` does, typed errors, no cross-talk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+from fakes import HashingEncoder
+
+from dsearch.api import Searcher, index_version
+from dsearch.errors import DsearchError, IndexDirError, InputError, ModelError, UsageError
+from dsearch.search import Query
+
+QUERIES = [
+    "which planet is closest to the sun",
+    "volcano eruption lava",
+    "how do vaccines train the immune system",
+    "the largest ocean on earth",
+    "nuclear fusion in stars",
+]
+SUN = "The Sun is a G-type main-sequence star that holds about 99.8 percent of the mass of the Solar System"
+# (CLI flags, the same options for Searcher.search)
+MODES = [
+    ((), {}),
+    (("--mode", "lexical"), {"mode": "lexical"}),
+    (("--mode", "hybrid"), {"mode": "hybrid"}),
+    (("--alpha", "0.3"), {"alpha": 0.3}),
+    (("--where", "topic = 'astronomy'"), {"where": "topic = 'astronomy'"}),
+    (("--mode", "hybrid", "--where", "topic <> 'astronomy'"), {"mode": "hybrid", "where": "topic <> 'astronomy'"}),
+    (("--min-score", "0.3"), {"min_score": 0.3}),
+    (("--mode", "lexical", "--min-score", "2", "--where", "title LIKE 'M%'"),
+     {"mode": "lexical", "min_score": 2.0, "where": "title LIKE 'M%'"}),
+]  # fmt: skip
+
+
+def searcher(directory: Path, **options) -> Searcher:
+    return Searcher(directory, encoder=HashingEncoder(), **options)
+
+
+def cli_records(cli, index: Path, *args: str) -> list[dict]:
+    result = cli("query", index, *QUERIES, "-k", "7", "--format", "jsonl", *args)
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize(("flags", "options"), MODES, ids=[" ".join(f) or "dense" for f, _ in MODES])
+def test_search_equals_the_cli_jsonl_in_every_mode(cli, sample_index, flags, options):
+    expected = cli_records(cli, sample_index, *flags)
+    with searcher(sample_index) as s:
+        results = s.search(QUERIES, 7, **options)
+    assert len(results) == len(QUERIES)
+    got = [hit.to_dict() for hits in results for hit in hits]
+    assert got == expected
+    assert got, "the comparison must not be between two empty lists"
+    # Query ids are the positions, as the CLI numbers its arguments; each list belongs to its query.
+    for number, (text, hits) in enumerate(zip(QUERIES, results, strict=True), 1):
+        assert all(h.qid == str(number) and h.query == text for h in hits)
+
+
+def test_vectors_give_the_same_hits_as_texts(sample_index):
+    with searcher(sample_index) as s:
+        vectors = s.encode_queries(QUERIES)
+        assert vectors.shape == (len(QUERIES), 64)
+        for options in ({}, {"mode": "hybrid"}, {"where": "topic = 'astronomy'"}):
+            by_text = s.search(QUERIES, 5, **options)
+            by_vector = s.search(QUERIES, 5, vectors=vectors, **options)
+            assert [[h.to_dict() for h in hits] for hits in by_vector] == [
+                [h.to_dict() for h in hits] for hits in by_text
+            ]
+
+
+def test_vectors_are_actually_used(sample_index):
+    """Vectors that belong to other queries give those queries' rankings: the texts were not re-encoded."""
+    with searcher(sample_index) as s:
+        swapped = s.encode_queries(list(reversed(QUERIES)))
+        by_vector = s.search(QUERIES, 5, vectors=swapped)
+        by_text = s.search(list(reversed(QUERIES)), 5)
+    assert [[h.id for h in hits] for hits in by_vector] == [[h.id for h in hits] for hits in by_text]
+
+
+def test_a_querys_hits_do_not_depend_on_the_other_queries(sample_index):
+    with searcher(sample_index) as s:
+        for options in ({}, {"mode": "lexical"}, {"mode": "hybrid"}, {"where": "topic <> 'biology'"}):
+            together = s.search(QUERIES, 6, **options)
+            alone = [s.search(q, 6, **options)[0] for q in QUERIES]
+            shuffled = s.search(QUERIES[::-1], 6, **options)[::-1]
+            ids = [[(h.id, round(h.score, 6)) for h in hits] for hits in together]
+            assert ids == [[(h.id, round(h.score, 6)) for h in hits] for hits in alone]
+            assert ids == [[(h.id, round(h.score, 6)) for h in hits] for hits in shuffled]
+
+
+def test_split_passages_need_no_deeper_search_from_batch_mates(cli, tmp_path):
+    """A query whose windows crowd its top rows is searched deeper alone; its batch-mate keeps its own answer."""
+    long_text = " ".join(f"alpha word{i}" for i in range(200))  # many windows, all about "alpha"
+    rows = [{"id": "long", "text": long_text}] + [{"id": f"p{i}", "text": f"alpha beta note {i}"} for i in range(30)]
+    rows += [{"id": f"g{i}", "text": f"gamma delta item {i}"} for i in range(30)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("index", corpus, "-o", tmp_path / "idx").exit_code == 0
+    with searcher(tmp_path / "idx") as s:
+        assert s.rows > s.passages  # the long passage was split
+        together = s.search(["alpha", "gamma delta"], 10)
+        alone = [s.search("alpha", 10)[0], s.search("gamma delta", 10)[0]]
+    assert [[h.id for h in hits] for hits in together] == [[h.id for h in hits] for hits in alone]
+    assert len(together[0]) == 10 and len({h.id for h in together[0]}) == 10
+
+
+def test_like_and_get_equal_the_cli(cli, sample_index):
+    expected = [json.loads(line) for line in cli("query", sample_index, "--like", "astronomy-01", "-k", "4",
+                                                 "--where", "topic = 'astronomy'").stdout.splitlines()]  # fmt: skip
+    got = cli("get", sample_index, "astronomy-02", "astronomy-01", "-f", "jsonl")
+    with Searcher(sample_index, load_encoder=False) as s:
+        like = s.like("astronomy-01", 4, where="topic = 'astronomy'")
+        found, missing = s.get(["astronomy-02", "nope", "astronomy-01"])
+        assert not s.encoder_loaded  # neither needs the model
+    assert [h.to_dict() for h in like] == expected and len(like) == 4
+    assert [p.id for p in found] == ["astronomy-02", "astronomy-01"] and missing == ["nope"]
+    assert [{"id": p.id, "title": p.title, "text": p.text, "source": p.source, "fields": p.fields} for p in found] == [
+        json.loads(line) for line in got.stdout.splitlines()
+    ]
+
+
+def test_info_is_what_info_json_prints(cli, sample_index):
+    printed = json.loads(cli("info", sample_index, "--json").stdout)
+    with Searcher(sample_index) as s:
+        assert s.info() == printed
+        assert (s.rows, s.passages) == (printed["rows"], printed["passages"]) == (200, 200)
+        assert sorted(set(s.iter_ids())) == sorted(json.loads(line)["_id"] for line in
+                                                   (SAMPLE / "passages.jsonl").read_text().splitlines())  # fmt: skip
+
+
+def test_lexical_search_never_loads_a_model(sample_index):
+    loaded = []
+
+    class Loader:
+        def load_encoder(self, name, **options):
+            loaded.append(name)
+            return HashingEncoder(name)
+
+        def query_encoder(self, model, **options):
+            loaded.append(model.name)
+            return HashingEncoder(model.name)
+
+    with Searcher(sample_index, loader=Loader()) as s:
+        assert s.search("volcano", 3, mode="lexical")[0]
+        assert loaded == [] and not s.encoder_loaded
+        assert s.search("volcano", 3)[0]  # the first dense search loads it, once
+        s.search("lava", 3, mode="hybrid")
+        assert loaded == ["hash-test"]
+    with Searcher(sample_index, loader=Loader(), load_encoder=True):
+        assert loaded == ["hash-test", "hash-test"]
+
+
+def test_version_changes_with_each_publish(cli, sample_index, tmp_path):
+    first = Searcher(sample_index, load_encoder=False, load_lexical=True)
+    assert first.version == index_version(sample_index) and len(first.version) == 16
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", sample_index).exit_code == 0  # same corpus, new publish
+    assert index_version(sample_index) != first.version
+    second = Searcher(sample_index, load_encoder=False)
+    assert second.version == index_version(sample_index)
+    # The old Searcher still answers from the version it opened, until it is closed.
+    assert first.search("volcano", 3, mode="lexical")[0]
+    first.close()
+    with pytest.raises(DsearchError, match="closed"):
+        first.search("volcano", 3, mode="lexical")
+    second.close()
+
+
+# --- errors: typed, one line, saying what is wrong ----------------------------------------------------------
+
+
+def test_missing_index_is_an_index_dir_error(tmp_path):
+    with pytest.raises(IndexDirError, match="not a dsearch index"):
+        Searcher(tmp_path / "nothing-here")
+
+
+def test_dimension_mismatch_is_a_model_error(sample_index):
+    with pytest.raises(ModelError, match="makes 32-d vectors but the index holds 64-d ones"):
+        Searcher(sample_index, encoder=HashingEncoder(dim=32))
+
+    class Loader:
+        def load_encoder(self, name, **options):
+            return HashingEncoder(name, dim=16)
+
+        query_encoder = None
+
+    s = Searcher(sample_index, model="other", loader=Loader())  # lazy: the model is loaded at the first search
+    with pytest.raises(ModelError, match="16-d vectors"):
+        s.search("volcano")
+    assert s.search("volcano", mode="lexical")[0]  # the index itself is fine
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"mode": "sparse"}, UsageError, "unknown mode 'sparse'; choose one of dense, lexical, hybrid"),
+        ({"alpha": 1.5}, UsageError, "alpha 1.5 is not a weight between 0 and 1"),
+        ({"mode": "lexical", "alpha": 0.5}, UsageError, "it does not go with mode lexical"),
+        ({"where": "yeer > 2020"}, UsageError, "unknown field 'yeer'"),
+        ({"where": "topic = "}, UsageError, "topic = "),
+        ({"min_score": float("nan")}, UsageError, "min_score nan is not a finite number"),
+        ({"nprobe": 0}, UsageError, "nprobe must be a whole number of at least 1"),
+    ],
+)
+def test_bad_options_are_typed_errors(sample_index, options, error, message):
+    with searcher(sample_index) as s, pytest.raises(error) as raised:
+        s.search("volcano", **options)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_bad_queries_and_vectors_are_usage_errors(sample_index):
+    with searcher(sample_index) as s:
+        with pytest.raises(UsageError, match="query 2 is empty"):
+            s.search(["volcano", "  "])
+        with pytest.raises(UsageError, match="k must be a whole number of at least 1, not 0"):
+            s.search("volcano", 0)
+        with pytest.raises(UsageError, match=r"vectors has shape \(1, 3\); 2 queries of this index need \(2, 64\)"):
+            s.search(["a", "b"], vectors=np.zeros((1, 3)))
+        with pytest.raises(ModelError, match="NaN or infinite"):
+            s.search(["a"], vectors=np.full((1, 64), np.nan))
+        with pytest.raises(InputError, match="no passage with this id"):
+            s.like("no-such-id")
+
+
+def test_lexical_mode_on_an_index_without_bm25_says_what_to_do(cli, tmp_path):
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--no-lexical").exit_code == 0
+    with searcher(tmp_path / "idx") as s, pytest.raises(IndexDirError, match="no lexical"):
+        s.search("volcano", mode="hybrid")
+
+
+def test_query_objects_keep_their_ids(sample_index):
+    with searcher(sample_index) as s:
+        [hits] = s.search([Query("q-7", "volcano")], 2)
+        keep = s.search([Query("astronomy-01", SUN)], 3)[0]
+        drop = s.search([Query("astronomy-01", SUN)], 3, exclude_self=True)[0]
+    assert [h.qid for h in hits] == ["q-7", "q-7"]
+    assert keep[0].id == "astronomy-01" and "astronomy-01" not in [h.id for h in drop] and len(drop) == 3
+
+
+def test_a_corrupt_index_is_refused_on_opening(sample_index, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sample_index, broken)
+    (broken / "manifest.json").write_text("{")
+    with pytest.raises(IndexDirError, match="not valid JSON"):
+        Searcher(broken)

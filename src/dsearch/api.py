@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dsearch")
 
-MODES = ("dense", "lexical", "hybrid")
 # --where masks kept per Searcher: a server sees the same few filters again and again; each mask is a byte a row.
 WHERE_CACHE = 16
 
@@ -268,7 +267,7 @@ class Searcher:
     def resolve_mode(self, mode: str | None = None, alpha: float | None = None) -> str:
         """The mode a search with these options runs in: ``mode``; else hybrid when ``alpha`` weighs its two sides;
         else dense. Refuses an unknown mode, a bad ``alpha``, and lexical/hybrid on an index without BM25."""
-        from dsearch.hybrid import DEFAULT_MODE, Lexical
+        from dsearch.hybrid import DEFAULT_MODE, MODES, Lexical
         from dsearch.lexical import has_lexical
 
         if mode is not None and mode not in MODES:

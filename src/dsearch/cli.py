@@ -30,7 +30,6 @@ from dsearch.errors import (
     DsearchError,
     IncompleteError,
     IndexDirError,
-    ModelError,
     UsageError,
 )
 
@@ -721,53 +720,6 @@ def _output_format(out_format: str | None) -> str:
     return fmt
 
 
-def open_index_and_encoder(
-    deps: Deps,
-    directory: Path,
-    model: str | None,
-    precision: str | None,
-    trust_remote_code: bool,
-    batch_size: int,
-    opened: Any = None,
-) -> tuple[Any, Encoder]:
-    """Open the index (unless given), then load the model it was built with (or a compatible override)."""
-    from dsearch.store import OpenIndex
-
-    _check_precision(precision)
-    started = time.perf_counter()
-    opened = OpenIndex(directory) if opened is None else opened
-    log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
-    info = opened.manifest.model
-    options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": batch_size}
-    started = time.perf_counter()
-    if model:
-        encoder = deps.load_encoder(model, **{**options, "precision": precision or info.precision})
-    else:
-        encoder = deps.query_encoder(info, **options)
-    log.info(
-        "load model: %s, precision %s (%.3f s)",
-        encoder.name,
-        getattr(encoder, "precision", precision or info.precision),
-        time.perf_counter() - started,
-    )
-    if encoder.dim != info.dim:
-        raise ModelError(
-            f"model {encoder.name!r} makes {encoder.dim}-d vectors but the index holds {info.dim}-d ones "
-            f"(built with {info.name!r}); query with that model or rebuild the index"
-        )
-    if encoder.fingerprint != info.fingerprint:
-        log.warning(
-            "model %s differs from the one that built the index (fingerprint %s, index has %s); "
-            "scores may be meaningless",
-            encoder.name,
-            encoder.fingerprint[:12],
-            info.fingerprint[:12],
-        )
-    if encoder.similarity != info.similarity:
-        log.warning("model similarity %s differs from the index's %s", encoder.similarity, info.similarity)
-    return opened, encoder
-
-
 @app.command(cls=_HelpCommand, short_help="Search an index and print ranked passages.")
 @_guard
 def query(
@@ -826,7 +778,7 @@ def query(
         SearchStats,
         check_query_arguments,
         decode_lines,
-        like_search,
+        like_query,
         queries_from_texts,
         read_query_file,
     )
@@ -847,12 +799,11 @@ def query(
             raise UsageError("--like uses the stored vectors and loads no model: drop --model/--precision")
         if mode not in (None, "dense") or alpha is not None:
             raise UsageError("--like ranks by a stored vector (dense): it takes no --mode lexical/hybrid or --alpha")
-        started = time.perf_counter()
-        opened = _open_index(directory)
-        log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
-        allowed = _allowed_rows(opened, where)
-        results = like_search(opened, like, top_k, min_score, stats, allowed)
-        written = render(results, fmt, sys.stdout, color=_color(), table=table)
+        from dsearch.api import Searcher
+
+        with Searcher(directory, load_encoder=False) as searcher:
+            hits = searcher.like(like, top_k, where=where, min_score=min_score, stats=stats)
+            written = render([(like_query(like), hits)], fmt, sys.stdout, color=_color(), table=table)
         _log_search(stats, written)
         return
     if queries_file is not None and texts:
@@ -867,18 +818,14 @@ def query(
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
         query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
-    opened, encoder, mode = _open_for_mode(
-        deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
-    )
-    opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
-    allowed = _allowed_rows(opened, where)
-    from dsearch.hybrid import run as run_mode
-
-    results = run_mode(
-        opened, encoder, query_list, top_k, mode, alpha, min_score=min_score, stats=stats, allowed_rows=allowed
-    )
-    retrievers = () if mode == "dense" else ("lexical",) if mode == "lexical" else ("dense", "lexical")
-    written = render(results, fmt, sys.stdout, color=_color(), table=table, retrievers=retrievers)
+    searcher, mode = _open_searcher(deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha)
+    with searcher:
+        results = searcher.iter_search(
+            query_list, top_k, mode=mode, alpha=alpha, where=where, min_score=min_score, nprobe=nprobe, ef=ef,
+            effort=effort, stats=stats,
+        )  # fmt: skip
+        retrievers = () if mode == "dense" else ("lexical",) if mode == "lexical" else ("dense", "lexical")
+        written = render(results, fmt, sys.stdout, color=_color(), table=table, retrievers=retrievers)
     _log_search(stats, written)
 
 
@@ -894,7 +841,7 @@ def _check_mode_options(mode: str | None, alpha: float | None) -> None:
             raise UsageError(f"--alpha weighs the two retrievers of --mode hybrid; it does not go with --mode {mode}")
 
 
-def _open_for_mode(
+def _open_searcher(
     deps: Deps,
     directory: Path,
     mode: str | None,
@@ -903,44 +850,28 @@ def _open_for_mode(
     trust_remote_code: bool,
     batch_size: int,
     alpha: float | None = None,
-) -> tuple[Any, Encoder | None, str]:
-    """Open the index, settle the mode (the default depends on the index), and load the model unless lexical."""
-    from dsearch.hybrid import resolve_mode
+) -> tuple[Any, str]:
+    """A Searcher on the index with the flags' model options, the mode settled (its default depends on the
+    index), and the model loaded now unless lexical: a model that does not fit fails before any query is read."""
+    from dsearch.api import Searcher
 
-    started = time.perf_counter()
-    opened = _open_index(directory)
-    mode = resolve_mode(opened, mode, alpha)
-    if mode == "lexical":
-        if model or precision:
-            raise UsageError("--mode lexical loads no model: drop --model/--precision")
-        log.info("load index: %s, %d passages (%.3f s)", directory, opened.rows, time.perf_counter() - started)
-        return opened, None, mode
-    opened, encoder = open_index_and_encoder(
-        deps, directory, model, precision, trust_remote_code, batch_size, opened=opened
-    )
-    log.info("search mode: %s", mode)
-    return opened, encoder, mode
-
-
-def _allowed_rows(opened: Any, where: str | None) -> Any:
-    """The rows a --where condition allows (None: no filter); under -v, how many passages it kept."""
-    if where is None:
-        return None
-    from dsearch.filters import allowed_rows
-
-    started = time.perf_counter()
-    mask = allowed_rows(opened, where)
-    kept = int(mask.sum())
-    log.info("--where kept %d of %d rows (%.3f s)", kept, opened.rows, time.perf_counter() - started)
-    if not kept:
-        log.info("--where matched no passage: no hits")
-    return mask
-
-
-def _open_index(directory: Path) -> Any:
-    from dsearch.store import OpenIndex
-
-    return OpenIndex(directory)
+    _check_precision(precision)
+    searcher = Searcher(
+        directory, model=model, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size,
+        loader=deps,
+    )  # fmt: skip
+    try:
+        mode = searcher.resolve_mode(mode, alpha)
+        if mode == "lexical":
+            if model or precision:
+                raise UsageError("--mode lexical loads no model: drop --model/--precision")
+        else:
+            searcher.encoder  # noqa: B018 (loads the model)
+            log.info("search mode: %s", mode)
+    except BaseException:
+        searcher.close()
+        raise
+    return searcher, mode
 
 
 def _plural(count: int, noun: str) -> str:
@@ -986,7 +917,7 @@ def get(
     """Print stored passages by id; ids not in the index are an error after the others are printed."""
     _setup(verbose, quiet, debug)
     from dsearch.output import render_passages, unescape_field
-    from dsearch.search import check_query_arguments, decode_lines, get_passages
+    from dsearch.search import check_query_arguments, decode_lines
 
     fmt = _output_format(out_format)
     if fmt == "trec":
@@ -996,8 +927,10 @@ def get(
         ids = [unescape_field(line.rstrip("\r\n")) for line in decode_lines(_deps(ctx).stdin_bytes(), "<stdin>", "ids")]
         ids = [i for i in ids if i]
     check_query_arguments(ids, "id argument")
-    opened = _open_index(directory)
-    passages, missing = get_passages(opened, ids)
+    from dsearch.api import Searcher
+
+    with Searcher(directory, load_encoder=False) as searcher:
+        passages, missing = searcher.get(ids)
     render_passages(passages, fmt, sys.stdout, color=_color())
     if missing:
         others = f" (and {_plural(len(missing) - 1, 'other id')})" if len(missing) > 1 else ""
@@ -1006,42 +939,6 @@ def get(
 
 
 # --- info --------------------------------------------------------------------------------------------
-
-
-def _has_lexical(opened: Any) -> bool:
-    from dsearch.lexical import has_lexical
-
-    return has_lexical(opened)
-
-
-def describe_index(opened: Any) -> dict[str, Any]:
-    m = opened.manifest
-    return {
-        "path": str(opened.directory),
-        "model": m.model.name,
-        "model_fingerprint": m.model.fingerprint,
-        "dim": m.model.dim,
-        "similarity": m.model.similarity,
-        "normalized": m.model.similarity == "cosine",
-        "max_seq_length": m.model.max_seq_length,
-        "precision": m.model.precision,
-        "prompts": m.model.prompts,
-        "passages": m.passages,
-        "rows": m.rows,
-        "split": m.corpus.get("split"),
-        "lexical": _has_lexical(opened),
-        "fields": m.corpus.get("field_types") or {},
-        "index_type": m.index_type,
-        "index_params": m.index_params,
-        "recall_at_10": m.index_params.get("recall_at_10", 1.0 if m.index_type == "IndexFlatIP" else None),
-        "segments": len(m.segments),
-        "size_bytes": opened.size_on_disk(),
-        "created_at": m.created_at,
-        "format": m.format,
-        "format_version": m.format_version,
-        "versions": m.versions,
-        "stats": m.stats,
-    }
 
 
 @app.command(cls=_HelpCommand, short_help="Describe an index: model, dimension, passages, size.")
@@ -1056,10 +953,11 @@ def info(
 ) -> None:
     """Describe the index at DIR: model, dimension, similarity, passages, size."""
     _setup(verbose, quiet, debug)
+    from dsearch.api import Searcher
     from dsearch.output import human_bytes, render_mapping
-    from dsearch.store import OpenIndex
 
-    data = describe_index(OpenIndex(directory, verify=verify))
+    with Searcher(directory, verify=verify, load_encoder=False) as searcher:
+        data = searcher.info()
     if as_json:
         print(json.dumps(data, ensure_ascii=False))
         return
@@ -1234,13 +1132,14 @@ def eval_command(
                 raise UsageError(f"--run {run_file} is the {flag} file; give --run another path")
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
-    deps = _deps(ctx)
-    opened, encoder, mode = _open_for_mode(
-        deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha
+    searcher, mode = _open_searcher(
+        _deps(ctx), directory, mode, model, precision, trust_remote_code, batch_size, alpha
     )
-    opened.search_params = {"nprobe": nprobe, "efSearch": ef, "effort": effort}
-    allowed = _allowed_rows(opened, where)
-    report = evaluate(opened, encoder, queries, qrels, top_k, measures, keep_self, run_target, mode, alpha, allowed)
+    with searcher:
+        report = evaluate(
+            searcher, queries, qrels, top_k, measures, keep_self, run_target, mode=mode, alpha=alpha, where=where,
+            nprobe=nprobe, ef=ef, effort=effort,
+        )  # fmt: skip
     if report.queries_without_judgements:
         log.warning("%d queries have no judgements; left out of the means", report.queries_without_judgements)
     if report.judged_queries_missing:

@@ -9,13 +9,14 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dsearch.encoder import Encoder
 from dsearch.errors import DsearchError, InputError, UsageError
 from dsearch.output import trec_line
 from dsearch.search import Query
-from dsearch.store import OpenIndex
+
+if TYPE_CHECKING:
+    from dsearch.api import Searcher
 
 log = logging.getLogger("dsearch")
 
@@ -154,19 +155,17 @@ def score_run(
 
 
 def evaluate(
-    index: OpenIndex,
-    encoder: Encoder,
+    searcher: Searcher,
     queries: list[Query],
     qrels: Qrels,
     k: int,
     metrics: list[tuple[str, Any]],
     keep_self: bool = False,
     run_target: RunTarget | None = None,
-    mode: str = "dense",
-    alpha: float | None = None,
-    allowed_rows: Any = None,
+    **search_options: Any,
 ) -> EvalReport:
-    """Run the judged queries (in ``mode``, within ``allowed_rows``), optionally save the TREC run, and score it."""
+    """Run the judged queries (with ``Searcher.iter_search``'s options: mode, where…), optionally save the TREC
+    run, and score it."""
     judged = [q for q in queries if q.qid in qrels]
     if not judged:
         # Means over no query would print 0.0 for every metric, as if the index found nothing.
@@ -177,14 +176,11 @@ def evaluate(
         )
     query_ids = {q.qid for q in queries}
     run: Run = {}
-    from dsearch.hybrid import run as run_mode
-
-    searched = run_mode(index, encoder, judged, k, mode, alpha, not keep_self, allowed_rows=allowed_rows)
-    for query, hits in searched:
+    for query, hits in searcher.iter_search(judged, k, exclude_self=not keep_self, **search_options):
         run[query.qid] = {hit.id: float(hit.score) for hit in hits}
     if run_target is not None:
         write_trec_run(run, run_target)
-    index_ids = {row["id"] for row in index.iter_rows(("id",))}
+    index_ids = set(searcher.iter_ids())
     judged_ids = {doc for docs in qrels.values() for doc in docs}
     means, per_query = score_run(run, qrels, metrics)
     return EvalReport(

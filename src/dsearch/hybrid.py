@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Any
 
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError, UsageError
+from dsearch.errors import IndexDirError
 from dsearch.fusion import rrf, weighted
 from dsearch.lexical import LexicalSegment, has_lexical
 from dsearch.search import (
@@ -197,17 +197,6 @@ def search(
                 hits.append(hit)
             yield query, hits
         stats.queries += len(batch)
-
-
-def resolve_mode(index: OpenIndex, mode: str | None, alpha: float | None = None) -> str:
-    """The mode asked for; else hybrid when ``alpha`` weighs its two sides, else dense (README: why)."""
-    if mode is None:
-        mode = DEFAULT_MODE if alpha is None else "hybrid"
-    if mode not in MODES:
-        raise UsageError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode != "dense" and not has_lexical(index):
-        Lexical(index)  # raises the error that says what to do
-    return mode
 
 
 def run(

@@ -252,6 +252,11 @@ def get_passages(index: OpenIndex, ids: list[str]) -> tuple[list[Hit], list[str]
     return passages, [i for i in ids if i not in rows]
 
 
+def like_query(passage_id: str) -> Query:
+    """The query a --like search answers: the passage's id as qid, ``like:ID`` as text."""
+    return Query(passage_id, f"like:{passage_id}")
+
+
 def like_search(
     index: OpenIndex,
     passage_id: str,
@@ -267,7 +272,7 @@ def like_search(
     if row is None:
         raise InputError(passage_id, "no passage with this id in the index", "check the id with 'dsearch get'")
     vectors = index.vectors_at([row])
-    query = Query(passage_id, f"like:{passage_id}")
+    query = like_query(passage_id)
     if not np.isfinite(vectors).all():
         _corrupt(index, row, {row: {"id": passage_id}}, "has a stored vector with NaN or infinite values")
     yield from _rank(

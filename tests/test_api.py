@@ -358,3 +358,52 @@ def test_build_refuses_to_wipe_an_index_with_an_empty_iterable(tmp_path):
     assert index_version(tmp_path / "idx") == before
     with pytest.raises(UsageError, match="unknown precision 'fp8'"):
         build_index(tmp_path / "idx", sample_records(), precision="fp8", encoder=HashingEncoder())
+
+
+# --- the public surface -----------------------------------------------------------------------------------
+
+
+def test_import_dsearch_stays_light():
+    """``import dsearch`` and the API's names load no model stack: no torch, FAISS, ONNX Runtime, DuckDB or Ray."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "faiss", "onnxruntime", "duckdb", "ray", "sentence_transformers", "transformers")
+    code = (
+        "import sys, dsearch; first = set(sys.modules); "
+        "from dsearch import Searcher, build_index, Hit, Query, BuildSummary, DsearchError; "
+        f"heavy = {heavy!r}; "
+        "print(sorted(m for m in first if m.split('.')[0] in heavy + ('numpy', 'pyarrow'))); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["[]", "[]"], result.stdout + result.stderr
+
+
+def test_every_public_name_resolves_is_documented_and_typed():
+    import inspect
+
+    import dsearch
+
+    assert dsearch.__all__[0] == "__version__" and dsearch.__version__ == "0.1.0"
+    assert set(dsearch.__all__) == {"__version__", *dsearch._EXPORTS}
+    assert set(dsearch.__all__) <= set(dir(dsearch))
+    for name in dsearch.__all__[1:]:
+        value = getattr(dsearch, name)
+        doc = value.__doc__ or ""
+        assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring of its own"
+        callables = [value] if inspect.isfunction(value) else [
+            member for member_name, member in vars(value).items()
+            if inspect.isfunction(member) and (not member_name.startswith("_") or member_name == "__init__")
+        ]  # fmt: skip
+        for function in callables:
+            signature = inspect.signature(function)
+            where = f"{name}.{function.__name__}"
+            assert signature.return_annotation is not inspect.Signature.empty, f"{where} has no return type"
+            for parameter in signature.parameters.values():
+                if parameter.name != "self":
+                    assert parameter.annotation is not inspect.Parameter.empty, f"{where}({parameter.name}) untyped"
+    assert issubclass(dsearch.UsageError, dsearch.DsearchError) and dsearch.Searcher.__module__ == "dsearch.api"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        dsearch.nothing  # noqa: B018
+    assert (Path(dsearch.__file__).parent / "py.typed").is_file()

@@ -407,3 +407,18 @@ def test_every_public_name_resolves_is_documented_and_typed():
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         dsearch.nothing  # noqa: B018
     assert (Path(dsearch.__file__).parent / "py.typed").is_file()
+
+
+def test_the_readme_lists_exactly_the_public_names():
+    import re
+
+    from conftest import ROOT
+
+    import dsearch
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    section = section[: section.index("\n## ", 1)]
+    promise = section[section.index("**What is public") :]
+    listed = re.findall(r"`(\w+)`", promise[: promise.index("with\nthe arguments")])
+    assert listed == [name for name in dsearch.__all__ if name != "__version__"] + ["__version__"]

@@ -102,8 +102,9 @@ class Searcher:
     ``load_lexical=True`` opens the BM25 index now rather than at the first lexical or hybrid search (a server
     does, so that the version it opened stays searchable after a newer publish has removed its files).
 
-    A Searcher can serve several threads: searches share the opened files and the loaded model and keep their
-    options (mode, filters, ANN knobs) to themselves.
+    Its own state is thread-safe (one model load, one BM25 open, cached ``where`` masks, ANN knobs per call), but
+    the BM25 stemmer and the Parquet readers it searches with are not checked for concurrent use: run one search
+    at a time per Searcher (a lock), or open one per thread.
     """
 
     directory: Path

@@ -645,10 +645,23 @@ class FlatVectors:
             if ntotal
             else np.zeros((0, dim), np.float32)
         )
+        self.in_memory = False
+
+    def load(self) -> None:
+        """Hold the vectors in memory, aligned (a copy of the file, 4 × dim bytes a row), for a long-lived reader:
+        a search then reads them in place instead of copying each block of the mapped file (one query over 100k ×
+        384 on the loaded 2-core machine: 92 ms → 18 ms, see RESULTS.md, Python API)."""
+        import numpy as np
+
+        if not self.in_memory:
+            self._data = np.array(self._data, dtype=np.float32)
+            self.in_memory = True
 
     def rows(self, first: int, count: int) -> Any:
         import numpy as np
 
+        if self.in_memory:
+            return self._data[first : first + count]  # aligned already: a view
         return np.array(self._data[first : first + count], dtype=np.float32)
 
     def take(self, rows: Any) -> Any:

@@ -153,6 +153,11 @@ def test_lexical_search_never_loads_a_model(sample_index):
         assert loaded == ["hash-test"]
     with Searcher(sample_index, loader=Loader(), load_encoder=True):
         assert loaded == ["hash-test", "hash-test"]
+    with Searcher(sample_index, loader=Loader(), load_encoder=False) as s:
+        assert s.search("volcano", 3, mode="lexical")[0]
+        with pytest.raises(UsageError, match="opened with load_encoder=False"):
+            s.search("volcano", 3)
+    assert loaded == ["hash-test", "hash-test"]
 
 
 def test_version_changes_with_each_publish(cli, sample_index, tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -550,3 +552,34 @@ def test_bundled_model_serves_what_query_prints(tmp_path):
             thread.join()
         served_hits = [(h["query"], h["id"], h["rank"], h["score"]) for q in QUERIES for h in hits_of(answers[q])]
         assert served_hits == [(h["query"], h["id"], h["rank"], h["score"]) for h in jsonl(expected.stdout)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the README's examples use curl and jq")
+def test_readme_serving_examples_run_as_shown(tmp_path):
+    """The ```console-serve blocks of README.md, against `dsearch serve sample.idx` (the bundled model)."""
+    text = (ROOT / "README.md").read_text()
+    examples: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console-serve\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                examples.append((line[2:], []))
+            elif examples:
+                examples[-1][1].append(line)
+    assert len(examples) >= 4
+    env = {k: v for k, v in os.environ.items() if k != "DSEARCH_TEST_ENCODER"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    (tmp_path / "sample_corpus").symlink_to(SAMPLE)
+    done = subprocess.run(
+        [sys.executable, "-m", "dsearch", "index", "sample_corpus/passages.jsonl", "-o", "sample.idx", "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with serving(tmp_path / "sample.idx", env=env) as served:
+        for command, shown in examples:
+            result = subprocess.run(
+                ["bash", "-o", "pipefail", "-c", command.replace("http://127.0.0.1:8000", served.url)],
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 0, f"{command}\n{result.stderr}"
+            assert result.stdout.splitlines() == shown, command

@@ -1220,6 +1220,7 @@ def serve(
     from dsearch import serve as serving
 
     serving.check_installed()
+    serving.DEBUG = debug
     _check_precision(precision)
     token = _read_token(token_file) if token_file is not None else None
     if not serving.is_loopback(host) and token is None:

@@ -52,6 +52,7 @@ MODES = ("dense", "lexical", "hybrid")
 POLL_SECONDS = 1.0  # an idle server still notices a publish (and lets go of the old files) this soon
 RETRY_AFTER_SECONDS = 1
 PROC_FD = Path("/proc/self/fd")
+DEBUG = False  # --debug: a bug's traceback goes to the log (never to a client)
 
 
 @dataclass
@@ -453,7 +454,7 @@ def _unflag(message: str) -> str:
 
 
 def _log_unexpected(exc: Exception) -> None:
-    log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+    log.error("unexpected %s: %s (rerun with --debug and report it)", type(exc).__name__, exc, exc_info=DEBUG)
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

@@ -187,6 +187,26 @@ def test_health_is_503_when_the_index_goes(cli, sample_index, tmp_path):
         assert status == 200
 
 
+def test_a_version_that_does_not_open_keeps_the_old_one_serving(cli, sample_index):
+    with serving(sample_index) as served:
+        status, before = served.search(q="volcano", k=3)
+        broken = sample_index / "manifest.tmp"
+        broken.write_text("{not a manifest")
+        broken.replace(sample_index / "manifest.json")  # as a publish swaps it
+        status, after = served.search(q="volcano", k=3)
+        assert status == 200 and after == before  # the version it has, whole
+        status, _, health = served.request("/health")
+        assert status == 503 and "manifest" in health["indexes"]["sample-index"]["error"]
+        assert cli("index", SAMPLE / "passages.jsonl", "-o", sample_index).exit_code == 0  # a good publish
+        status, _, health = served.request("/health")
+        assert status == 200
+        status, now = served.search(q="volcano", k=3)
+        assert status == 200 and now["version"] != before["version"] and hits_of(now) == hits_of(before)
+    warnings = [line for line in served.lines if "still serving the version opened before" in line]
+    assert len(warnings) == 1, served.stderr  # said once, not on every request
+    assert "Traceback" not in served.stderr
+
+
 def test_several_indexes(cli, sample_index, tmp_path):
     other = tmp_path / "other"
     corpus = tmp_path / "c.jsonl"

@@ -197,10 +197,12 @@ class Slot:
         self.name = name
         self.directory = directory
         self._open = open_version
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards current and the reference counts
+        self._refreshing = threading.Lock()  # one refresh at a time (the worker and /health both refresh)
         self._stamp = self._manifest_stamp()
         self.current = open_version(directory)
         self.error: str | None = None  # why the newest published version could not be opened
+        self._failed_stamp: tuple[int, ...] | None = None
         self._failed_at = 0.0
 
     def _manifest_stamp(self) -> tuple[int, ...] | None:
@@ -212,19 +214,28 @@ class Slot:
 
     def refresh(self) -> None:
         """Open the newest published version if the manifest changed since the current one (a stat when not)."""
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         stamp = self._manifest_stamp()
         if stamp == self._stamp:
             self.error = None  # (again) the version being served is the one published
             return
-        if self.error is not None and time.monotonic() - self._failed_at < POLL_SECONDS:
-            return  # a version that would not open: try again a little later, not on every batch
+        if stamp == self._failed_stamp and time.monotonic() - self._failed_at < POLL_SECONDS:
+            return  # the version that would not open: try it again a little later, not on every batch
         if stamp is None:
-            self._failed(f"{self.directory}: the index is gone (no {MANIFEST}); still serving the version opened")
+            gone = f"{self.directory}: the index is gone (no {MANIFEST}); still serving the version opened"
+            self._failed(stamp, gone)
             return
         try:
             new = self._open(self.directory)
         except DsearchError as exc:
-            self._failed(f"{exc}; still serving the version opened before")
+            self._failed(stamp, f"{exc}; still serving the version opened before")
+            return
+        except Exception as exc:  # a full /tmp, a bug: the server goes on with the version it has
+            _log_unexpected(exc)
+            self._failed(stamp, f"{self.directory}: cannot open the new version ({type(exc).__name__}: {exc})")
             return
         with self._lock:
             old, self.current = self.current, new
@@ -232,10 +243,10 @@ class Slot:
         log.info("%s: now serving version %s (%d passages)", self.name, new.id[:12], new.info.get("passages", 0))
         self.release(old)
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, stamp: tuple[int, ...] | None, message: str) -> None:
         if message != self.error:
             log.warning("%s", message)
-        self.error, self._failed_at = message, time.monotonic()
+        self.error, self._failed_stamp, self._failed_at = message, stamp, time.monotonic()
 
     def acquire(self) -> Version:
         with self._lock:

@@ -603,3 +603,20 @@ def test_readme_serving_examples_run_as_shown(tmp_path):
             )  # fmt: skip
             assert result.returncode == 0, f"{command}\n{result.stderr}"
             assert result.stdout.splitlines() == shown, command
+
+
+@pytest.mark.parametrize("damage", ["missing", "fifo"])
+def test_a_damaged_version_is_refused_at_once(sample_index, damage):
+    """A listed file that is gone, or a FIFO in its place (which would block a plain open), is a one-line
+    IndexDirError; nothing is left open."""
+    from dsearch.errors import IndexDirError
+    from dsearch.serve import PinnedFiles
+
+    [segment] = [p for p in sample_index.iterdir() if p.name.startswith("seg-")]
+    (segment / "passages.parquet").unlink()
+    if damage == "fifo":
+        os.mkfifo(segment / "passages.parquet")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(IndexDirError, match="missing|not a regular file"):
+        PinnedFiles(sample_index)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -35,6 +35,7 @@ import os
 import queue
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -105,20 +106,31 @@ class PinnedFiles:
                 if attempt == 4 or _read_manifest_text(directory) == text:
                     missing = f"{directory}: a file the manifest lists is missing; rebuild the index"
                     raise IndexDirError(missing) from None
-        self.shadow = Path(tempfile.mkdtemp(prefix="dsearch-serve-"))
-        (self.shadow / MANIFEST).write_text(text, encoding="utf-8")
-        for relative, fd in links:
-            target = self.shadow / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(PROC_FD / str(fd), target)
+            except BaseException:
+                self._close_fds()
+                raise
+        try:
+            self.shadow = Path(tempfile.mkdtemp(prefix="dsearch-serve-"))
+            (self.shadow / MANIFEST).write_text(text, encoding="utf-8")
+            for relative, fd in links:
+                target = self.shadow / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(PROC_FD / str(fd), target)
+        except BaseException:
+            self.close()
+            raise
         self.path = self.shadow
 
     def _open_files(self, directory: Path, manifest: Any) -> list[tuple[str, int]]:
         links = []
         for segment in manifest.segments:
             for name in segment.files:
-                fd = os.open(directory / segment.path / name, os.O_RDONLY | os.O_CLOEXEC)
+                path = directory / segment.path / name
+                # Non-blocking, and only regular files: a FIFO planted under a listed name must not hang us.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
                 self.fds.append(fd)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise IndexDirError(f"{path}: not a regular file; rebuild the index")
                 links.append((f"{segment.path}/{name}", fd))
         return links
 

@@ -248,3 +248,177 @@ def test_a_corrupt_index_is_refused_on_opening(sample_index, tmp_path):
     (broken / "manifest.json").write_text("{")
     with pytest.raises(IndexDirError, match="not valid JSON"):
         Searcher(broken)
+
+
+# --- build_index ------------------------------------------------------------------------------------------
+
+
+def sample_records() -> list[dict]:
+    return [json.loads(line) for line in (SAMPLE / "passages.jsonl").read_text().splitlines()]
+
+
+def stored(directory: Path) -> tuple[list[dict], np.ndarray]:
+    from dsearch.store import OpenIndex
+
+    index = OpenIndex(directory)
+    rows = [
+        {k: row[k] for k in ("id", "title", "text", "fields", "content_hash", "window_start", "window_end")}
+        for row in index.iter_rows()
+    ]
+    return rows, index.vectors_at(list(range(index.rows)))
+
+
+def test_building_from_dicts_equals_building_from_the_jsonl_file(tmp_path):
+    from dsearch.api import build_index
+
+    from_file = build_index(tmp_path / "file", SAMPLE / "passages.jsonl", encoder=HashingEncoder())
+    from_dicts = build_index(tmp_path / "dicts", iter(sample_records()), encoder=HashingEncoder())
+    file_rows, file_vectors = stored(tmp_path / "file")
+    dict_rows, dict_vectors = stored(tmp_path / "dicts")
+    assert dict_rows == file_rows and len(dict_rows) == 200
+    assert np.array_equal(dict_vectors, file_vectors)
+    assert (from_dicts.indexed, from_dicts.windows, from_dicts.encoded) == (200, 200, 200)
+    assert (from_file.indexed, from_file.encoded) == (200, 200)
+    # The same answers, through the same Searcher.
+    with searcher(tmp_path / "file") as a, searcher(tmp_path / "dicts") as b:
+        assert [h.id for h in a.search("volcano lava", 5)[0]] == [h.id for h in b.search("volcano lava", 5)[0]]
+        assert b.search("volcano", 3, where="topic = 'geography'")[0]  # fields are filterable
+
+
+def test_build_from_a_path_and_from_passage_objects(cli, tmp_path):
+    from dsearch.api import build_index
+    from dsearch.corpus import Passage
+
+    summary = build_index(str(tmp_path / "a"), str(SAMPLE / "passages.jsonl"), encoder=HashingEncoder())
+    assert summary.indexed == 200 and summary.index == str(tmp_path / "a")
+    passages = [Passage("p1", "Lava flows from the volcano", "Volcano", fields={"year": 2020}),
+                Passage("p2", "Bread rises with yeast")]  # fmt: skip
+    build_index(tmp_path / "b", passages, encoder=HashingEncoder())
+    with searcher(tmp_path / "b") as s:
+        [hit] = s.search("volcano", 1)[0]
+        assert (hit.id, hit.title, hit.fields, hit.source) == ("p1", "Volcano", {"year": 2020}, "passages")
+        assert [h.id for h in s.search("bread", 5, where="year IS NULL")[0]] == ["p2"]
+    status = cli("status", tmp_path / "b")  # passages from a program, like stdin: nothing to compare with later
+    assert status.exit_code == 0 and status.stdout.startswith("ok"), status.stdout + status.stderr
+
+
+def test_update_from_a_generator_encodes_only_what_changed(tmp_path):
+    from dsearch.api import build_index
+
+    records = sample_records()
+    build_index(tmp_path / "idx", records, encoder=HashingEncoder())
+    changed = [dict(r) for r in records[:150]]  # 50 removed
+    changed[0]["text"] += " Updated."  # re-encoded
+    changed[1]["topic"] = "other"  # metadata only
+    changed.append({"_id": "new-1", "text": "A brand new passage about comets."})
+    encoder = HashingEncoder()
+    summary = build_index(tmp_path / "idx", (r for r in changed), update=True, encoder=encoder)
+    assert (summary.added, summary.updated, summary.metadata_only, summary.removed) == (1, 1, 1, 50)
+    assert summary.encoded == encoder.encoded_documents == 2 and summary.indexed == 151
+    rebuilt = build_index(tmp_path / "fresh", changed, encoder=HashingEncoder())
+    assert rebuilt.indexed == 151
+    updated_rows, updated_vectors = stored(tmp_path / "idx")
+    fresh_rows, fresh_vectors = stored(tmp_path / "fresh")
+    assert updated_rows == fresh_rows and np.array_equal(updated_vectors, fresh_vectors)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"text": "no id"}, "passages[2]: missing id field '_id/id/docid/doc_id/pid'"),
+        ({"_id": "x", "text": 5}, "passages[2]: text field 'text' is not a string"),
+        ({"_id": "", "text": "empty id"}, "passages[2]: empty id in field '_id'"),
+        ({"_id": "astronomy-01", "text": "again"}, "passages[2]: duplicate id 'astronomy-01'"),
+        ({"_id": "s", "text": "lone \ud800 surrogate"}, "passages[2]: holds text that is not valid Unicode"),
+        ("just a string", "passages[2]: a str, not a mapping with an id and a text"),
+    ],
+)
+def test_bad_passages_raise_input_errors_and_publish_nothing(tmp_path, bad, message):
+    from dsearch.api import build_index
+
+    records = sample_records()[:2] + [bad] + sample_records()[2:5]
+    with pytest.raises(InputError) as raised:
+        build_index(tmp_path / "idx", records, encoder=HashingEncoder())
+    assert str(raised.value).startswith(message)
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+    summary = build_index(tmp_path / "idx", records, encoder=HashingEncoder(), skip_bad=True)
+    assert (summary.indexed, summary.skipped_bad) == (5, 1)
+
+
+def test_build_refuses_to_wipe_an_index_with_an_empty_iterable(tmp_path):
+    from dsearch.api import build_index
+    from dsearch.errors import TooManyRemovedError
+
+    build_index(tmp_path / "idx", sample_records(), encoder=HashingEncoder())
+    before = index_version(tmp_path / "idx")
+    with pytest.raises(TooManyRemovedError, match="refusing to remove 200"):
+        build_index(tmp_path / "idx", [], encoder=HashingEncoder())
+    with pytest.raises(TooManyRemovedError):
+        build_index(tmp_path / "idx", iter([]), update=True, encoder=HashingEncoder())
+    assert index_version(tmp_path / "idx") == before
+    with pytest.raises(UsageError, match="unknown precision 'fp8'"):
+        build_index(tmp_path / "idx", sample_records(), precision="fp8", encoder=HashingEncoder())
+
+
+# --- the public surface -----------------------------------------------------------------------------------
+
+
+def test_import_dsearch_stays_light():
+    """``import dsearch`` and the API's names load no model stack: no torch, FAISS, ONNX Runtime, DuckDB or Ray."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "faiss", "onnxruntime", "duckdb", "ray", "sentence_transformers", "transformers")
+    code = (
+        "import sys, dsearch; first = set(sys.modules); "
+        "from dsearch import Searcher, build_index, Hit, Query, BuildSummary, DsearchError; "
+        f"heavy = {heavy!r}; "
+        "print(sorted(m for m in first if m.split('.')[0] in heavy + ('numpy', 'pyarrow'))); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["[]", "[]"], result.stdout + result.stderr
+
+
+def test_every_public_name_resolves_is_documented_and_typed():
+    import inspect
+
+    import dsearch
+
+    assert dsearch.__all__[0] == "__version__" and dsearch.__version__ == "0.1.0"
+    assert set(dsearch.__all__) == {"__version__", *dsearch._EXPORTS}
+    assert set(dsearch.__all__) <= set(dir(dsearch))
+    for name in dsearch.__all__[1:]:
+        value = getattr(dsearch, name)
+        doc = value.__doc__ or ""
+        assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring of its own"
+        callables = [value] if inspect.isfunction(value) else [
+            member for member_name, member in vars(value).items()
+            if inspect.isfunction(member) and (not member_name.startswith("_") or member_name == "__init__")
+        ]  # fmt: skip
+        for function in callables:
+            signature = inspect.signature(function)
+            where = f"{name}.{function.__name__}"
+            assert signature.return_annotation is not inspect.Signature.empty, f"{where} has no return type"
+            for parameter in signature.parameters.values():
+                if parameter.name != "self":
+                    assert parameter.annotation is not inspect.Parameter.empty, f"{where}({parameter.name}) untyped"
+    assert issubclass(dsearch.UsageError, dsearch.DsearchError) and dsearch.Searcher.__module__ == "dsearch.api"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        dsearch.nothing  # noqa: B018
+    assert (Path(dsearch.__file__).parent / "py.typed").is_file()
+
+
+def test_the_readme_lists_exactly_the_public_names():
+    import re
+
+    from conftest import ROOT
+
+    import dsearch
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    section = section[: section.index("\n## ", 1)]
+    promise = section[section.index("**What is public") :]
+    listed = re.findall(r"`(\w+)`", promise[: promise.index("with\nthe arguments")])
+    assert listed == [name for name in dsearch.__all__ if name != "__version__"] + ["__version__"]

@@ -58,3 +58,23 @@ def test_readme_examples_run_as_shown(tmp_path):
         if shown:
             actual = result.stdout or result.stderr  # errors are on stderr; `status` reports on stdout
             assert actual.splitlines() == shown, command
+
+
+def readme_python_sessions() -> list[str]:
+    """The README's ```pycon blocks: Python sessions, checked by doctest as shown."""
+    return re.findall(r"```pycon\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_python_examples_run_as_shown(tmp_path):
+    """The Python API example runs, in a fresh process with the real bundled model, printing what it shows."""
+    sessions = readme_python_sessions()
+    assert sessions and sum(s.count(">>> ") for s in sessions) >= 8
+    script = tmp_path / "readme-python.txt"
+    script.write_text("\n".join(sessions))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "doctest", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "notes.idx" / "manifest.json").is_file()  # it really built the index it searched

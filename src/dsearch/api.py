@@ -18,9 +18,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from dsearch.errors import DsearchError, ModelError, UsageError
 from dsearch.search import Hit, Query, SearchStats
@@ -28,8 +28,11 @@ from dsearch.search import Hit, Query, SearchStats
 if TYPE_CHECKING:
     import numpy as np
 
+    from dsearch.corpus import Passage
+    from dsearch.distributed import ChunkEncoder
     from dsearch.encoder import Encoder
     from dsearch.hybrid import Lexical
+    from dsearch.indexer import BuildSummary, RemovalLimit
     from dsearch.manifest import Manifest, ModelInfo
     from dsearch.store import OpenIndex
 
@@ -99,8 +102,9 @@ class Searcher:
     ``load_lexical=True`` opens the BM25 index now rather than at the first lexical or hybrid search (a server
     does, so that the version it opened stays searchable after a newer publish has removed its files).
 
-    A Searcher can serve several threads: searches share the opened files and the loaded model and keep their
-    options (mode, filters, ANN knobs) to themselves.
+    Its own state is thread-safe (one model load, one BM25 open, cached ``where`` masks, ANN knobs per call), but
+    the BM25 stemmer and the Parquet readers it searches with are not checked for concurrent use: run one search
+    at a time per Searcher (a lock), or open one per thread.
     """
 
     directory: Path
@@ -522,3 +526,132 @@ def _check_k(k: int) -> None:
 def _check_min_score(min_score: float | None) -> None:
     if min_score is not None and not (isinstance(min_score, int | float) and math.isfinite(min_score)):
         raise UsageError(f"min_score {min_score!r} is not a finite number")
+
+
+# --- building ----------------------------------------------------------------------------------------------
+
+
+def build_index(
+    directory: str | os.PathLike[str],
+    passages: Iterable[Mapping[str, Any] | Passage] | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    model: str | None = None,
+    update: bool = False,
+    precision: str | None = None,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+    fmt: str | None = None,
+    id_field: str | None = None,
+    text_field: str | None = None,
+    title_field: str | None = None,
+    skip_bad: bool = False,
+    split: bool | None = None,
+    overlap: int | None = None,
+    lexical: bool | None = None,
+    index_type: str | None = None,
+    memory: int | None = None,
+    max_remove: int | str | RemovalLimit | None = None,
+    restart: bool = False,
+    encoder: Encoder | None = None,
+    loader: EncoderLoader | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
+    stdin: IO[bytes] | None = None,
+    chunk_encoder: ChunkEncoder | None = None,
+) -> BuildSummary:
+    """Encode passages and publish them as the index at ``directory``: what ``dsearch index`` does, with the
+    same locking, checkpoints, atomic publish, removal limit and summary.
+
+    ``passages``: an iterable of mappings (``{"id": …, "text": …, "title": …, other fields…}``, read as a JSON
+    Lines record is: ``_id``/``id``/``docid``… for the id, ``text``/``contents``… for the text, or the fields
+    named by ``id_field``/``text_field``/``title_field``) or of ``Passage`` objects; or a corpus path (or a list
+    of them; ``-`` is ``stdin``), read as the CLI reads it (``fmt`` overrides the format). A bad passage raises
+    ``InputError`` naming it (``passages[N]``), unless ``skip_bad`` counts it instead.
+    ``update=True`` encodes only new and changed passages and drops those gone (a generator is kept in a
+    temporary file for the second pass). ``model``/``precision`` choose the model (default: the bundled model,
+    or on update the index's own); ``encoder`` uses one already loaded. ``split``: cut long passages into
+    windows (default; ``False`` truncates; ``None`` keeps an updated index's choice) with ``overlap`` tokens.
+    ``lexical``: also build the BM25 index (default yes; on update the index's choice). ``index_type``/``memory``
+    (bytes): the ANN structure. ``max_remove``: how many existing passages a run may drop (a number, ``"P%"``;
+    default half), else ``TooManyRemovedError``. ``progress(n)`` hears of each chunk of passages written.
+    """
+    from dsearch.corpus import FieldNames, Records
+    from dsearch.encoder import canonical_model_name
+    from dsearch.indexer import RemovalLimit, SplitSpec
+    from dsearch.indexer import build_index as build
+
+    target = Path(directory)
+    check_precision(precision)
+    if index_type is not None:
+        from dsearch.vector_index import INDEX_TYPES, looks_like_factory
+
+        if index_type.lower() not in INDEX_TYPES and not looks_like_factory(index_type):
+            raise UsageError(
+                f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)} or a FAISS factory "
+                "string such as IVF4096,PQ64"
+            )
+    if split is False and overlap is not None:
+        raise UsageError("overlap sets how split passages are cut; it cannot go with split=False")
+    limit = max_remove if isinstance(max_remove, RemovalLimit) else RemovalLimit.parse(
+        None if max_remove is None else str(max_remove)
+    )
+    if isinstance(passages, str | os.PathLike):
+        paths: list[Any] = [os.fspath(passages)]
+    elif isinstance(passages, list | tuple) and passages and all(isinstance(p, str | os.PathLike) for p in passages):
+        paths = [os.fspath(p) for p in passages]
+    else:
+        paths = [Records(passages, spool=update)]
+    source: Any = encoder if encoder is not None else model_loader(target, model, precision, update, {
+        "trust_remote_code": trust_remote_code, "batch_size": batch_size}, loader)  # fmt: skip
+    try:
+        return build(
+            paths,
+            target,
+            source,
+            fmt=fmt,
+            names=FieldNames(id_field, text_field, title_field),
+            skip_bad=skip_bad,
+            batch_size=batch_size,
+            progress=progress,
+            stdin=stdin,
+            update=update,
+            restart=restart,
+            # What the user asked for, to check an index being updated against (None: whatever built it).
+            model_name=canonical_model_name(model) if model is not None else None,
+            precision=precision,
+            split=None if split is False else SplitSpec() if overlap is None else SplitSpec(overlap),
+            keep_split=split is None and overlap is None,
+            max_remove=limit,
+            on_resume=on_resume,
+            chunk_encoder=chunk_encoder,
+            lexical=lexical,
+            index_type=index_type,
+            memory=memory,
+        )
+    finally:
+        for path in paths:
+            if isinstance(path, Records):
+                path.close()
+
+
+def model_loader(
+    directory: Path,
+    model: str | None,
+    precision: str | None,
+    update: bool,
+    options: dict[str, Any],
+    loader: EncoderLoader | None = None,
+) -> Callable[[], Encoder]:
+    """How a build loads its model, when (if ever) it needs it: ``model`` at ``precision``; on an update without
+    a model, the index's own model (read from its manifest) at its precision."""
+
+    def load() -> Encoder:
+        from dsearch.manifest import MANIFEST_FILE, read_manifest
+
+        name, chosen = model, precision or "auto"
+        if update and name is None and (directory / MANIFEST_FILE).exists():
+            info = read_manifest(directory).model
+            name, chosen = info.name, precision or info.precision
+        return (loader or _DefaultLoader()).load_encoder(name, precision=chosen, **options)
+
+    return load

@@ -569,8 +569,9 @@ def index(
     """Encode the passages of CORPUS and publish them as the index at -o DIR: a new index, an atomic replacement
     of the one there, or with --update only what changed."""
     _setup(verbose, quiet, debug)
-    from dsearch.corpus import FORMATS, FieldNames
-    from dsearch.indexer import RemovalLimit, SplitSpec, build_index, count_records
+    from dsearch.api import build_index
+    from dsearch.corpus import FORMATS
+    from dsearch.indexer import RemovalLimit, count_records
 
     limit = RemovalLimit.parse(max_remove)
     if fmt is not None and fmt not in FORMATS:
@@ -587,21 +588,6 @@ def index(
         given = ", ".join(k for k, v in ray_options.items() if v is not None)
         raise UsageError(f"{given} sets up encoding on a Ray cluster: add --ray")
     deps = _deps(ctx)
-    from dsearch.encoder import canonical_model_name
-
-    # What the user asked for, to check an index being updated against (None: whatever it was built with).
-    model_name = canonical_model_name(model) if model is not None else None
-
-    def load() -> Encoder:
-        # On --update without --model, the index's own model (read from its manifest) is the one to load.
-        from dsearch.manifest import MANIFEST_FILE, read_manifest
-
-        name, chosen = model, precision or "auto"
-        if update and name is None and (output / MANIFEST_FILE).exists():
-            info = read_manifest(output).model
-            name, chosen = info.name, precision or info.precision
-        return deps.load_encoder(name, precision=chosen, trust_remote_code=trust_remote_code, batch_size=batch_size)
-
     chunk_encoder = None
     if ray:  # connect first: an unreachable cluster fails in seconds, before the corpus is read or a model loaded
         from dsearch.distributed import RayEncoder
@@ -618,27 +604,30 @@ def index(
     progress = _Progress(count_records(corpus) if sys.stderr.isatty() else None)
     try:
         summary = build_index(
-            corpus,
             output,
-            load,
-            fmt=fmt,
-            names=FieldNames(id_field, text_field, title_field),
-            skip_bad=skip_bad,
-            batch_size=batch_size,
-            progress=progress.advance,
-            stdin=deps.stdin_bytes(),
+            corpus,
+            model=model,
             update=update,
-            restart=restart,
-            model_name=model_name,
             precision=precision,
-            split=None if split is False else SplitSpec() if overlap is None else SplitSpec(overlap),
-            keep_split=split is None and overlap is None,
-            max_remove=limit,
-            on_resume=progress.resumed,
-            chunk_encoder=chunk_encoder,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            fmt=fmt,
+            id_field=id_field,
+            text_field=text_field,
+            title_field=title_field,
+            skip_bad=skip_bad,
+            split=split,
+            overlap=overlap,
             lexical=lexical,
             index_type=index_type,
             memory=budget,
+            max_remove=limit,
+            restart=restart,
+            loader=deps,
+            progress=progress.advance,
+            on_resume=progress.resumed,
+            stdin=deps.stdin_bytes(),
+            chunk_encoder=chunk_encoder,
         )
     finally:
         progress.close()

@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -95,6 +95,107 @@ class CorpusStats:
     first_bad: str = ""  # the first skipped record's error, for the summary
 
 
+class Records:
+    """Passages handed over as Python objects (``dsearch.build_index``): mappings, read as a JSON Lines record is
+    (the same id, text and title fields; every other key becomes a field), or ``Passage`` objects.
+
+    Where ``read_corpus`` takes paths it also takes a ``Records``. A build reads its corpus twice when it updates
+    an index: with ``spool``, a one-shot iterator (a generator) is kept in a temporary file on its first pass and
+    read back from there, so memory still does not grow with the corpus.
+    """
+
+    def __init__(self, items: Iterable[Any], label: str = "passages", spool: bool = False) -> None:
+        self.items = items
+        self.label = label
+        self.one_shot = iter(items) is items
+        self.spool = spool and self.one_shot
+        self._spooled: IO[str] | None = None
+        self._read = False
+
+    def __str__(self) -> str:
+        return self.label
+
+    def read(self, names: FieldNames) -> Iterator[Passage | InputError]:
+        """Each item as a passage (or the error that says what is wrong with it, naming ``label[N]``)."""
+        if self._spooled is not None:
+            yield from self._replay(self._spooled)
+            return
+        if self._read and self.one_shot:
+            raise InputError(self.label, "an iterator can be read only once", "pass a list, or build with spool")
+        self._read = True
+        spool = tempfile.TemporaryFile("w+", encoding="utf-8") if self.spool else None
+        complete = False
+        try:
+            for number, item in enumerate(self.items):
+                result = _record_passage(item, f"{self.label}[{number}]", self.label, names)
+                if spool is not None:
+                    spool.write(json.dumps(_spool_entry(result)) + "\n")  # ASCII: lone surrogates stay escaped
+                yield result
+            complete = True
+        finally:
+            if spool is not None and complete:
+                self._spooled = spool
+            elif spool is not None:
+                spool.close()
+
+    @staticmethod
+    def _replay(spool: IO[str]) -> Iterator[Passage | InputError]:
+        spool.seek(0)
+        for line in spool:
+            entry = json.loads(line)
+            if "passage" in entry:
+                yield Passage(*entry["passage"])
+            else:
+                where, problem, message = entry["error"]
+                error = InputError(where, problem)
+                error.args = (message,)  # the message as first made, fix included
+                yield error
+
+    def close(self) -> None:
+        """Remove the spool file, if any."""
+        if self._spooled is not None:
+            self._spooled.close()
+            self._spooled = None
+
+
+def _spool_entry(result: Passage | InputError) -> dict[str, Any]:
+    if isinstance(result, InputError):
+        return {"error": [result.where, result.problem, str(result)]}
+    return {"passage": [result.id, result.text, result.title, result.source, result.fields, result.where]}
+
+
+def _record_passage(item: Any, where: str, source: str, names: FieldNames) -> Passage | InputError:
+    """One Python item as a passage, checked as a JSON Lines record is, and its fields in their stored (JSON) form."""
+    if isinstance(item, Passage):
+        if not isinstance(item.id, str) or not item.id.strip():
+            return InputError(where, f"passage id {item.id!r} is not a non-empty string", SKIP_HINT)
+        if not isinstance(item.text, str):
+            return InputError(where, "the passage's text is not a string", SKIP_HINT)
+        title = str(item.title) if item.title not in (None, "") else None
+        passage = Passage(item.id, item.text, title, item.source or source, dict(item.fields), where)
+    elif isinstance(item, Mapping):
+        if not all(isinstance(key, str) for key in item):
+            return InputError(where, "a passage's keys must be strings", SKIP_HINT)
+        result = _passage_from_record(dict(item), where, source, names)
+        if isinstance(result, InputError):
+            return result
+        passage = result
+    else:
+        return InputError(where, f"a {type(item).__name__}, not a mapping with an id and a text", SKIP_HINT)
+    try:
+        for text in (passage.id, passage.text, passage.title or ""):
+            text.encode("utf-8")
+        # The form the index stores (store.passage_row): values JSON has no type for become their str().
+        stored = json.dumps(passage.fields, ensure_ascii=False, default=str, sort_keys=True)
+        stored.encode("utf-8")
+    except UnicodeEncodeError:
+        return InputError(where, "holds text that is not valid Unicode (a lone surrogate)", SKIP_HINT)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return InputError(where, f"has fields that cannot be stored as JSON ({exc})", SKIP_HINT)
+    passage.fields = json.loads(stored)
+    return passage
+
+
 # A function that returns the character spans of a text's tokens; used to cap text-file windows.
 TokenSpans = Callable[[str], list[tuple[int, int]]]
 
@@ -168,12 +269,12 @@ def corpus_files(
     return [path for _, path in sorted(found)]
 
 
-def needs_tokenizer(paths: Iterable[str], fmt: str | None = None, exclude: Iterable[str] = ()) -> bool:
+def needs_tokenizer(paths: Iterable[str | Records], fmt: str | None = None, exclude: Iterable[str] = ()) -> bool:
     """True when some input is plain text / Markdown, whose paragraphs are cut into windows by token count."""
     if fmt is not None:
         return fmt == "text"
     for path in paths:
-        if path == "-":
+        if not isinstance(path, str) or path == "-":
             continue
         if os.path.isdir(path):
             if any(format_of_name(f.name) == "text" for f in corpus_files(path, None, exclude)):
@@ -184,7 +285,7 @@ def needs_tokenizer(paths: Iterable[str], fmt: str | None = None, exclude: Itera
 
 
 def read_corpus(
-    paths: Iterable[str],
+    paths: Iterable[str | Records],
     fmt: str | None = None,
     names: FieldNames | None = None,
     skip_bad: bool = False,
@@ -206,7 +307,10 @@ def read_corpus(
     exclude = tuple(exclude)
     seen: set[str] = set()
     for path in paths:
-        for item in _read_path(path, fmt, names, token_spans, max_tokens, stdin, exclude):
+        items = path.read(names) if isinstance(path, Records) else _read_path(
+            path, fmt, names, token_spans, max_tokens, stdin, exclude
+        )
+        for item in items:
             if isinstance(item, InputError):
                 if not skip_bad:
                     raise item

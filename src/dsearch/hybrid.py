@@ -25,8 +25,8 @@ from dsearch.search import (
     _hit,
     check_hits,
     check_query_vectors,
-    exact_search,
     run_search,
+    stable_search,
 )
 from dsearch.store import OpenIndex
 
@@ -92,7 +92,8 @@ def dense_rankings(
     todo = list(range(len(vectors)))
     while todo:
         fetch = min(fetch, index.rows)
-        scores, rows = exact_search(index, vectors if len(todo) == len(vectors) else vectors[todo], fetch, allowed_rows)
+        searched = vectors if len(todo) == len(vectors) else vectors[todo]
+        scores, rows = stable_search(index, searched, fetch, allowed_rows)
         short = []
         for i, query_scores, query_rows in zip(todo, scores, rows, strict=True):
             valid = query_rows >= 0  # -1: no more rows (all fetched, or filtered out)

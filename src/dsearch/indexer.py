@@ -27,6 +27,7 @@ from dsearch.corpus import (
     CorpusStats,
     FieldNames,
     Passage,
+    Records,
     corpus_files,
     format_of_name,
     is_index_dir,
@@ -182,10 +183,14 @@ def describe_source(path: str, budget: int | None = None, exclude: Iterable[str]
     return source
 
 
-def describe_sources(paths: Iterable[str], exclude: Iterable[str] = ()) -> list[dict[str, object]]:
+def describe_sources(paths: Iterable[str | Records], exclude: Iterable[str] = ()) -> list[dict[str, object]]:
     """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed. A folder counts
-    the files a build reads, never an index inside it (``exclude``: the one being written)."""
-    return [{"path": "-"} if path == "-" else describe_source(path, exclude=exclude) for path in paths]
+    the files a build reads, never an index inside it (``exclude``: the one being written). Stdin and passages
+    handed over by a program are ``-``: there is nothing to check again."""
+    return [
+        {"path": "-"} if not isinstance(path, str) or path == "-" else describe_source(path, exclude=exclude)
+        for path in paths
+    ]
 
 
 def count_records(paths: list[str]) -> int | None:
@@ -311,7 +316,7 @@ def _check_compatible(
 class CorpusSpec:
     """How to read the corpus: which paths, in which format, with which field names."""
 
-    paths: list[str]
+    paths: list[str | Records]
     fmt: str | None = None
     names: FieldNames = field(default_factory=FieldNames)
     skip_bad: bool = False
@@ -366,8 +371,8 @@ def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[st
 
 def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None) -> str:
     """What a checkpoint was made from: a resumed run must read the same corpus the same way."""
-    if "-" in corpus.paths:
-        return f"stdin-{time.time_ns()}"  # stdin cannot be read again: never resume
+    if any(not isinstance(p, str) or p == "-" for p in corpus.paths):
+        return f"stream-{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
     parts = {
         "sources": describe_sources(corpus.paths),
         "format": corpus.fmt,
@@ -425,8 +430,8 @@ class RemovalLimit:
 
 
 def _no_passages(corpus: CorpusSpec, stats: CorpusStats) -> str:
-    where = ", ".join(corpus.paths)
-    folders = [p for p in corpus.paths if p != "-" and os.path.isdir(p)]
+    where = ", ".join(map(str, corpus.paths))
+    folders = [p for p in corpus.paths if isinstance(p, str) and p != "-" and os.path.isdir(p)]
     empty = [p for p in folders if not corpus_files(p, corpus.fmt, corpus.exclude)]
     if empty:  # an empty or unmounted folder, or one without files of the formats read
         kinds = " ".join(suffixes_of(corpus.fmt))
@@ -445,7 +450,7 @@ _DISK_FIXES = {
 
 
 def build_index(
-    paths: list[str],
+    paths: list[str | Records],
     target: Path,
     encoder: EncoderSource,
     *,

@@ -19,7 +19,7 @@ log = logging.getLogger("dsearch")
 
 # Queries encoded and searched together: large enough to amortise each BLAS call and row-group read.
 QUERY_BATCH = 256
-# Candidates beyond those asked for that a flat index re-scores exactly (see exact_search); a cap on the stored
+# Candidates beyond those asked for that a flat index re-scores (see stable_search); a cap on the stored
 # vectors gathered at once while doing it (16 MiB of float32).
 RESCORE_MARGIN = 8
 RESCORE_FLOATS = 1 << 22
@@ -199,14 +199,15 @@ def run_search(
         yield from _rank(index, batch, vectors, k, min_score, stats, exclude_self=exclude_self, allowed=allowed_rows)
 
 
-def exact_search(index: OpenIndex, vectors: Any, k: int, allowed_rows: Any = None) -> tuple[Any, Any]:
-    """``index.search``, with a flat index's scores exact and independent of the other queries searched with it.
+def stable_search(index: OpenIndex, vectors: Any, k: int, allowed_rows: Any = None) -> tuple[Any, Any]:
+    """``index.search``, with a flat index's scores independent of the other queries searched with it.
 
     BLAS picks its kernels by the batch's size and a query's place in it, so one query's float32 scores differ in
     the last bits from batch to batch (measured: up to 5e-5 on 384-d vectors), and two passages that tie swap
-    places with the batch-mates. The candidates (a few more than ``k``) are re-scored one query at a time in
-    float64 (products of float32 are exact there, the summation order is fixed), then ordered by score and row.
-    ANN indexes keep their own scores: FAISS searches each query on its own.
+    places with the batch-mates. The candidates (a few more than ``k``) are re-scored one query at a time with
+    a fixed order of operations (elementwise products, numpy's pairwise sum along each row: it depends on the
+    row alone), then ordered by score and row. ANN indexes keep their own scores: FAISS searches each query on
+    its own.
     """
     import numpy as np
 
@@ -215,20 +216,20 @@ def exact_search(index: OpenIndex, vectors: Any, k: int, allowed_rows: Any = Non
     if index.manifest.index_type != INDEX_TYPE or k == 0:
         return index.search(vectors, k, allowed_rows=allowed_rows)
     _, rows = index.search(vectors, min(k + RESCORE_MARGIN, index.rows), allowed_rows=allowed_rows)
-    queries = np.asarray(vectors, dtype=np.float64)
-    exact = np.full(rows.shape, -np.inf)
+    queries = np.asarray(vectors, dtype=np.float32)
+    rescored = np.full(rows.shape, -np.inf, dtype=np.float32)
     per = max(1, RESCORE_FLOATS // max(1, rows.shape[1] * queries.shape[1]))  # queries re-scored per gather
     for start in range(0, len(rows), per):
         block = rows[start : start + per]
         valid = block >= 0
         if valid.any():
             owners = np.nonzero(valid)[0] + start  # the query of each valid candidate, in row-major order
-            stored = index.vectors_at(block[valid]).astype(np.float64)
-            exact[start : start + per][valid] = (stored * queries[owners]).sum(axis=1)
-    key = -exact
+            stored = index.vectors_at(block[valid])
+            rescored[start : start + per][valid] = (stored * queries[owners]).sum(axis=1)
+    key = -rescored
     key[np.isnan(key)] = -np.inf  # a corrupt vector's NaN score goes first, where check_hits sees it
     order = np.lexsort((rows, key), axis=1)[:, :k]
-    return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
+    return np.take_along_axis(rescored, order, 1), np.take_along_axis(rows, order, 1)
 
 
 def find_rows(index: OpenIndex, ids: Iterable[str]) -> dict[str, int]:
@@ -307,7 +308,7 @@ def _rank(
         fetch = min(fetch, index.rows)
         started = time.perf_counter()
         queries = [batch[i] for i in todo]
-        scores, rows = exact_search(index, vectors if len(todo) == len(batch) else vectors[todo], fetch, allowed)
+        scores, rows = stable_search(index, vectors if len(todo) == len(batch) else vectors[todo], fetch, allowed)
         stats.search += time.perf_counter() - started
         if min_score is not None:
             rows = rows.copy()

@@ -9,8 +9,9 @@ with random unit vectors, written through dsearch's own writer (benchmarks/synth
 then for each client count runs that many client threads, each with one keep-alive connection sending
 `GET /search?q=…&k=10` back to back, for --seconds after a short warm-up: p50/p99 latency and queries/s. The load
 generator shares the machine's cores with the server: its own CPU time and the server's are both reported (per
-request), so the figures can be read with that in mind. As the baseline from the same run: a cold
-`dsearch query DIR "text"` (what a program pays per question without a server).
+request), so the figures can be read with that in mind. As baselines from the same run: a cold
+`dsearch query DIR "text"` (what a program pays per question without a server), and with --baseline-src the same
+load against a server running another checkout's src/ (an earlier version of serve).
 
 Soak: --soak seconds of 4 clients while another thread republishes the index every --publish-every seconds (a
 full rebuild of the same passages: every publish collects the previous version's files);
@@ -49,13 +50,15 @@ def build(target: Path, n: int) -> None:
     write_random_index(target, (Passage(pid, text, None, "scifact-sentences") for pid, text in scifact_sentences(n)))
 
 
-def start_server(index: Path) -> tuple[subprocess.Popen, str, list[str]]:
+def start_server(index: Path, src: Path | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+    """``dsearch serve`` on a free port; ``src``: another checkout's src/ (the baseline) instead of this one."""
+    env = {**ENV, "PYTHONPATH": str(src)} if src else ENV
     process = subprocess.Popen(
         [sys.executable, "-m", "dsearch", "serve", str(index), "--port", "0", "--queue", "1024"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=env,
     )
     lines: list[str] = []
     ready = threading.Event()
@@ -207,6 +210,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--soak", type=float, default=0, help="seconds of soak with publishes (0: none)")
     parser.add_argument("--publish-every", type=float, default=5)
+    parser.add_argument("--baseline-src", type=Path, help="also measure a server running this src/ (same run)")
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="the SciFact folder (corpus, queries)")
     args = parser.parse_args()
     synthetic.SCIFACT = args.scifact  # a git worktree sits elsewhere than ../shared
@@ -216,11 +220,17 @@ def main() -> None:
         build(index, args.passages)
         results: dict = {"passages": args.passages, "cpus": os.cpu_count()}
         results["cold_dsearch_query_s"] = round(cold_query(index, queries[0]), 3)
+        levels = [int(c) for c in args.clients.split(",") if c]
+        if args.baseline_src:
+            process, url, _ = start_server(index, args.baseline_src)
+            try:
+                results["baseline_load"] = [load(url, process.pid, queries, c, args.seconds) for c in levels]
+            finally:
+                process.terminate()
+                process.wait(60)
         process, url, lines = start_server(index)
         try:
-            results["load"] = [
-                load(url, process.pid, queries, int(c), args.seconds) for c in args.clients.split(",") if c
-            ]
+            results["load"] = [load(url, process.pid, queries, c, args.seconds) for c in levels]
             if args.soak:
                 results["soak"] = soak(url, process.pid, index, queries, args.soak, args.publish_every, args.passages)
         finally:

@@ -193,6 +193,10 @@ def version_opener(load_encoder: Callable[[Any], Any]) -> Callable[[Path], Versi
         try:
             manifest = read_manifest(files.path)
             searcher = Searcher(files.path, encoder=load_encoder(manifest.model), load_lexical=True)
+            # Flat vectors in aligned memory: a search of the few queries a batch holds is then one pass over
+            # RAM instead of a copy of the whole file (store.FlatVectors.load). The Searcher has no option for
+            # it yet, hence its index here.
+            searcher._open().load_vectors()
             info = {**searcher.info(), "path": str(directory)}
         except BaseException:
             files.close()
@@ -400,6 +404,8 @@ class Batcher:
                 slot.release(version)
 
     def _search(self, version: Version, slot: Slot, jobs: list[Job]) -> None:
+        import numpy as np
+
         searcher = version.searcher
         dense = [job for job in jobs if job.mode != "lexical"]
         vectors: dict[int, Any] = {}
@@ -417,32 +423,44 @@ class Batcher:
                 for job in dense:
                     vectors[id(job)] = encoded[start : start + len(job.queries)]
                     start += len(job.queries)
+        # Requests with the same options are searched in one call: a flat index is then read once for all of
+        # them, and the Searcher's hits for a query do not depend on the other queries of a call.
+        groups: dict[tuple[Any, ...], list[Job]] = {}
         for job in jobs:
+            groups.setdefault((job.k, job.mode, job.alpha, job.where, job.min_score), []).append(job)
+        for (k, mode, alpha, where, min_score), group in groups.items():
+            queries = [q for job in group for q in job.queries]
+            given = [vectors[id(job)] for job in group if id(job) in vectors]
             try:
                 results = searcher.search(
-                    job.queries,
-                    job.k,
-                    mode=job.mode,
-                    alpha=job.alpha,
-                    where=job.where,
-                    min_score=job.min_score,
-                    vectors=vectors.get(id(job)),
+                    queries,
+                    k,
+                    mode=mode,
+                    alpha=alpha,
+                    where=where,
+                    min_score=min_score,
+                    vectors=np.concatenate(given) if given else None,
                 )
             except Exception as exc:
                 status, message = _error_response(exc, version, slot)
-                job.finish(status, {"error": message})
+                for job in group:
+                    job.finish(status, {"error": message})
                 continue
-            job.finish(
-                200,
-                {
-                    "index": slot.name,
-                    "version": version.id,
-                    "results": [
-                        {"qid": q.qid, "query": q.text, "hits": [_hit_record(h) for h in hits]}
-                        for q, hits in zip(job.queries, results, strict=True)
-                    ],
-                },
-            )
+            start = 0
+            for job in group:
+                mine = results[start : start + len(job.queries)]
+                start += len(job.queries)
+                job.finish(
+                    200,
+                    {
+                        "index": slot.name,
+                        "version": version.id,
+                        "results": [
+                            {"qid": q.qid, "query": q.text, "hits": [_hit_record(h) for h in hits]}
+                            for q, hits in zip(job.queries, mine, strict=True)
+                        ],
+                    },
+                )
 
 
 def _hit_record(hit: Any) -> dict[str, Any]:

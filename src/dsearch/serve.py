@@ -9,8 +9,9 @@ How a request flows:
 1. A handler on the event loop checks the request (auth, size, parameters) and answers bad ones with a JSON 4xx
    at once. A good one becomes a ``Job`` on a bounded queue (full: 503 with ``Retry-After``).
 2. One worker thread takes every job waiting (up to ``batch`` queries), encodes all their texts in ONE
-   ``encode_queries`` call per index (the encoder's vectors do not depend on batch-mates), then searches each job
-   on its own with ``vectors=``, so no hit or score depends on what else was in the batch.
+   ``encode_queries`` call per index (the encoder's vectors do not depend on batch-mates), then searches the jobs
+   with the same options in one ``search(..., vectors=)`` call (the Searcher's hits for a query do not depend on
+   the other queries of a call), so no hit or score depends on what else was in the batch.
 3. The job's asyncio future gets the JSON body; the handler sends it.
 
 Hot swap: before each batch (and once a second when idle) the worker stats DIR/manifest.json; a new file there

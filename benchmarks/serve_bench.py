@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--soak", type=float, default=0, help="seconds of soak with publishes (0: none)")
     parser.add_argument("--publish-every", type=float, default=5)
+    parser.add_argument("--index-type", help="rebuild the ANN structure with `dsearch reindex --index-type` first")
     parser.add_argument("--baseline-src", type=Path, help="also measure a server running this src/ (same run)")
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="the SciFact folder (corpus, queries)")
     args = parser.parse_args()
@@ -218,7 +219,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         index = Path(name) / "idx"
         build(index, args.passages)
-        results: dict = {"passages": args.passages, "cpus": os.cpu_count()}
+        results: dict = {"passages": args.passages, "cpus": os.cpu_count(), "index_type": "flat"}
+        if args.index_type:
+            started = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "dsearch", "reindex", str(index), "--index-type", args.index_type, "-q"],
+                env=ENV,
+                check=True,
+            )
+            results["index_type"] = args.index_type
+            results["reindex_s"] = round(time.perf_counter() - started, 1)
         results["cold_dsearch_query_s"] = round(cold_query(index, queries[0]), 3)
         levels = [int(c) for c in args.clients.split(",") if c]
         if args.baseline_src:

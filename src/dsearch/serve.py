@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,6 @@ class Job:
     min_score: float | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[tuple[int, bytes]]
-    queued_at: float = field(default_factory=time.perf_counter)
 
     def finish(self, status: int, body: dict[str, Any]) -> None:
         payload = _dumps(body)
@@ -342,7 +341,6 @@ class Batcher:
         self.limits = limits
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=limits.queue)
         self.thread = threading.Thread(target=self._run, name="dsearch-search", daemon=True)
-        self.batches = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -390,7 +388,6 @@ class Batcher:
                 return
 
     def _batch(self, jobs: list[Job]) -> None:
-        self.batches += 1
         log.debug("batch of %d queries from %d requests", sum(len(j.queries) for j in jobs), len(jobs))
         by_slot: dict[str, list[Job]] = {}
         for job in jobs:
@@ -457,20 +454,11 @@ class Batcher:
                         "index": slot.name,
                         "version": version.id,
                         "results": [
-                            {"qid": q.qid, "query": q.text, "hits": [_hit_record(h) for h in hits]}
+                            {"qid": q.qid, "query": q.text, "hits": [h.to_dict() for h in hits]}
                             for q, hits in zip(job.queries, mine, strict=True)
                         ],
                     },
                 )
-
-
-def _hit_record(hit: Any) -> dict[str, Any]:
-    to_dict = getattr(hit, "to_dict", None)
-    if to_dict is not None:
-        return to_dict()
-    from dsearch.output import hit_record
-
-    return hit_record(hit)
 
 
 def _error_response(exc: Exception, version: Version, slot: Slot) -> tuple[int, str]:

@@ -153,6 +153,11 @@ def test_lexical_search_never_loads_a_model(sample_index):
         assert loaded == ["hash-test"]
     with Searcher(sample_index, loader=Loader(), load_encoder=True):
         assert loaded == ["hash-test", "hash-test"]
+    with Searcher(sample_index, loader=Loader(), load_encoder=False) as s:
+        assert s.search("volcano", 3, mode="lexical")[0]
+        with pytest.raises(UsageError, match="opened with load_encoder=False"):
+            s.search("volcano", 3)
+    assert loaded == ["hash-test", "hash-test"]
 
 
 def test_version_changes_with_each_publish(cli, sample_index, tmp_path):
@@ -422,3 +427,15 @@ def test_the_readme_lists_exactly_the_public_names():
     promise = section[section.index("**What is public") :]
     listed = re.findall(r"`(\w+)`", promise[: promise.index("with\nthe arguments")])
     assert listed == [name for name in dsearch.__all__ if name != "__version__"] + ["__version__"]
+
+
+def test_in_memory_vectors_give_the_same_hits(sample_index):
+    with searcher(sample_index) as mapped, searcher(sample_index, in_memory=True, load_lexical=True) as held:
+        assert all(segment.vectors.in_memory for segment in held._index.segments)
+        assert not any(segment.vectors.in_memory for segment in mapped._index.segments)
+        for options in ({}, {"mode": "hybrid"}, {"where": "topic = 'astronomy'", "min_score": 0.1}):
+            assert [[h.to_dict() for h in hits] for hits in held.search(QUERIES, 8, **options)] == [
+                [h.to_dict() for h in hits] for hits in mapped.search(QUERIES, 8, **options)
+            ]
+        like = [h.to_dict() for h in held.like("astronomy-01", 5)]
+        assert like == [h.to_dict() for h in mapped.like("astronomy-01", 5)] and len(like) == 5

@@ -620,25 +620,3 @@ def test_a_damaged_version_is_refused_at_once(sample_index, damage):
     with pytest.raises(IndexDirError, match="missing|not a regular file"):
         PinnedFiles(sample_index)
     assert len(os.listdir("/proc/self/fd")) == before
-
-
-def test_loaded_vectors_search_as_the_mapped_file_does(cli, tmp_path):
-    """store.FlatVectors.load (what serve does with each version): the same rows, scores and hits, read-only."""
-    import numpy as np
-
-    from dsearch.search import stable_search
-    from dsearch.store import OpenIndex
-
-    index = tmp_path / "idx"
-    assert cli("index", write_generation(tmp_path / "g.jsonl", 1, count=300), "-o", index).exit_code == 0
-    mapped, loaded = OpenIndex(index), OpenIndex(index)
-    loaded.load_vectors()
-    [seg] = loaded.segments
-    assert not isinstance(seg.vectors._data, np.memmap) and seg.vectors._data.flags.aligned
-    assert np.array_equal(mapped.vectors(0, 300), loaded.vectors(0, 300))
-    queries = np.random.default_rng(1).standard_normal((5, mapped.manifest.model.dim)).astype(np.float32)
-    for allowed in (None, np.arange(300) % 3 == 0):
-        a, b = stable_search(mapped, queries, 7, allowed), stable_search(loaded, queries, 7, allowed)
-        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    with pytest.raises(ValueError):
-        seg.vectors.rows(0, 2)[0, 0] = 1.0  # a view of the shared array: never written through

@@ -193,11 +193,9 @@ def version_opener(load_encoder: Callable[[Any], Any]) -> Callable[[Path], Versi
         files = PinnedFiles(directory)
         try:
             manifest = read_manifest(files.path)
-            searcher = Searcher(files.path, encoder=load_encoder(manifest.model), load_lexical=True)
-            # Flat vectors in aligned memory: a search of the few queries a batch holds is then one pass over
-            # RAM instead of a copy of the whole file (store.FlatVectors.load). The Searcher has no option for
-            # it yet, hence its index here.
-            searcher._open().load_vectors()
+            # in_memory: a flat index's vectors in aligned memory, so a search of the few queries a batch holds
+            # is one pass over RAM, not a copy of the whole file. load_lexical: the BM25 arrays open now.
+            searcher = Searcher(files.path, encoder=load_encoder(manifest.model), load_lexical=True, in_memory=True)
             info = {**searcher.info(), "path": str(directory)}
         except BaseException:
             files.close()

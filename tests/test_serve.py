@@ -620,24 +620,3 @@ def test_a_damaged_version_is_refused_at_once(sample_index, damage):
     with pytest.raises(IndexDirError, match="missing|not a regular file"):
         PinnedFiles(sample_index)
     assert len(os.listdir("/proc/self/fd")) == before
-
-
-@pytest.mark.slow  # two server starts: about 10 s
-def test_the_server_runs_one_blas_thread_unless_told_otherwise(sample_index):
-    """OpenBLAS's helper threads spin on a server's small searches (RESULTS.md, Serving): serve sets one."""
-    probe = (
-        "import sys; from dsearch.cli import run; import dsearch.serve as s; "
-        "s.run_server = lambda *a, **k: print(__import__('os').environ['OPENBLAS_NUM_THREADS']); "
-        "sys.exit(run(sys.argv[1:]))"
-    )
-    for given, expected in ((None, "1"), ("2", "2")):
-        env = server_env()
-        env.pop("OPENBLAS_NUM_THREADS", None)
-        if given:
-            env["OPENBLAS_NUM_THREADS"] = given
-        done = subprocess.run(
-            [sys.executable, "-c", probe, "serve", str(sample_index), "--port", "0", "-q"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == expected

@@ -1206,10 +1206,6 @@ def serve(
     version published by 'dsearch index' is picked up without a restart. SIGTERM or Ctrl-C stops it after the
     requests in flight are answered (exit 0)."""
     _setup(verbose, quiet, debug)
-    # One BLAS thread (unless the environment says otherwise; numpy reads this when first imported, which in
-    # `dsearch serve` is later): the server's parallelism is its concurrent requests and the encoder's own
-    # threads, and OpenBLAS's spinning helper threads cost more CPU than they save (serve_bench, RESULTS.md).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from dsearch import serve as serving
 
     serving.check_installed()

@@ -620,3 +620,24 @@ def test_a_damaged_version_is_refused_at_once(sample_index, damage):
     with pytest.raises(IndexDirError, match="missing|not a regular file"):
         PinnedFiles(sample_index)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_killed_servers_private_directories_are_swept_at_the_next_start(sample_index, tmp_path):
+    """SIGKILL leaves a version's private directory in the temp folder; the next server removes it (and leaves
+    a live server's alone)."""
+    env = server_env(TMPDIR=str(tmp_path))
+    killed = start(sample_index, "--port", "0", env=env)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("dsearch-serve-*")) and time.time() < deadline:
+        time.sleep(0.1)
+    killed.kill()
+    killed.wait(30)
+    [left] = list(tmp_path.glob("dsearch-serve-*"))
+    assert left.name.startswith(f"dsearch-serve-{killed.pid}-")
+    with serving(sample_index, env=env) as served:
+        assert not left.exists()
+        [mine] = list(tmp_path.glob("dsearch-serve-*"))
+        assert mine.name.startswith(f"dsearch-serve-{served.process.pid}-")
+    assert not list(tmp_path.glob("dsearch-serve-*"))  # a clean stop leaves nothing
+    killed.stdout.close()
+    killed.stderr.close()

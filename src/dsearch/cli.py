@@ -1210,6 +1210,7 @@ def serve(
 
     serving.check_installed()
     serving.DEBUG = debug
+    serving.sweep_stale_shadows()
     _check_precision(precision)
     token = _read_token(token_file) if token_file is not None else None
     if not serving.is_loopback(host) and token is None:

@@ -54,6 +54,7 @@ MODES = ("dense", "lexical", "hybrid")
 POLL_SECONDS = 1.0  # an idle server still notices a publish (and lets go of the old files) this soon
 RETRY_AFTER_SECONDS = 1
 PROC_FD = Path("/proc/self/fd")
+SHADOW_PREFIX = "dsearch-serve-"  # + PID + "-": a version's private directory under the temp folder
 DEBUG = False  # --debug: a bug's traceback goes to the log (never to a client)
 
 
@@ -111,7 +112,7 @@ class PinnedFiles:
                 self._close_fds()
                 raise
         try:
-            self.shadow = Path(tempfile.mkdtemp(prefix="dsearch-serve-"))
+            self.shadow = Path(tempfile.mkdtemp(prefix=f"{SHADOW_PREFIX}{os.getpid()}-"))
             (self.shadow / MANIFEST).write_text(text, encoding="utf-8")
             for relative, fd in links:
                 target = self.shadow / relative
@@ -146,6 +147,26 @@ class PinnedFiles:
             shutil.rmtree(self.shadow, ignore_errors=True)
             self.shadow = None
         self._close_fds()
+
+
+def sweep_stale_shadows() -> int:
+    """Remove the private directories that servers which died without closing (SIGKILL, out of memory) left in
+    the temp folder: those whose PID is no longer running. Returns how many went."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{SHADOW_PREFIX}*-*"):
+        pid = path.name[len(SHADOW_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (ours or another server's)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def _read_manifest_text(directory: Path) -> str:

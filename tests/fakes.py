@@ -5,7 +5,9 @@ It is injected through ``dsearch.cli.Deps`` (or passed to library calls), never 
 
 from __future__ import annotations
 
+import os
 import re
+import time
 
 import numpy as np
 import xxhash
@@ -25,6 +27,7 @@ class HashingEncoder:
         similarity: str = "cosine",
         max_seq_length: int = 40,
         fail_after_batches: int | None = None,
+        query_delay: float = 0.0,
     ) -> None:
         self.name = name or "hash-test"
         self.dim = dim
@@ -33,6 +36,7 @@ class HashingEncoder:
         self.prompts: dict[str, str] = {}
         self.fingerprint = f"hashing-{dim}-{similarity}"
         self.fail_after_batches = fail_after_batches
+        self.query_delay = query_delay
         self.batches = 0
         self.encoded_documents = 0
 
@@ -58,6 +62,8 @@ class HashingEncoder:
         return np.stack([self._vector(t) for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
+        if self.query_delay:
+            time.sleep(self.query_delay)  # a slow model: requests stay in flight long enough to test shutdown
         return np.stack([self._vector(t) for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
     def count_truncated(self, texts: list[str]) -> int:
@@ -65,3 +71,9 @@ class HashingEncoder:
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         return [m.span() for m in re.finditer(r"\S+", text)]
+
+
+def hashing_encoder(name: str | None = None, **options: object) -> HashingEncoder:
+    """The factory a ``dsearch`` subprocess loads with ``DSEARCH_TEST_ENCODER=fakes:hashing_encoder``;
+    ``DSEARCH_TEST_QUERY_DELAY=SECONDS`` makes each query batch take that long."""
+    return HashingEncoder(name, query_delay=float(os.environ.get("DSEARCH_TEST_QUERY_DELAY", "0")))

@@ -10,7 +10,7 @@ import pytest
 
 from dsearch.corpus import DEFAULT_ID_FIELDS, DEFAULT_TEXT_FIELDS, DEFAULT_TITLE_FIELDS
 
-COMMANDS = ["index", "query", "get", "info", "status", "eval", "reindex"]
+COMMANDS = ["index", "query", "get", "info", "status", "eval", "reindex", "serve"]
 # What leaks from the machinery: typer's type labels (<str>, <list[str]>, <int range>), its {required} braces,
 # click's range notes (x>=1), counters' [default: 0], and summaries cut with "..." after a word.
 LEAKS = [
@@ -59,6 +59,7 @@ def test_top_level_summaries_are_whole_sentences(cli, monkeypatch, columns):
         ("info", "Usage: dsearch info [OPTIONS] DIR"),
         ("status", "Usage: dsearch status [OPTIONS] DIR"),
         ("eval", "Usage: dsearch eval [OPTIONS] DIR --queries FILE --qrels FILE"),
+        ("serve", "Usage: dsearch serve [OPTIONS] DIR..."),
     ],
 )
 def test_usage_lines_match_the_readme(cli, monkeypatch, command, usage):

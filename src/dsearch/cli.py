@@ -1162,6 +1162,112 @@ def _same_file(a: Path, b: Path) -> bool:
         return False  # one of them does not exist (yet): not the same file
 
 
+# --- serve -------------------------------------------------------------------------------------------
+
+
+@app.command(cls=_HelpCommand, short_help="Answer searches over HTTP (a JSON API) with the model kept loaded.")
+@_guard
+def serve(
+    ctx: typer.Context,
+    directories: Annotated[
+        list[Path], typer.Argument(metavar="DIR...", parser=_path, help="Index directories to serve.")
+    ],
+    host: Annotated[
+        str,
+        typer.Option("--host", metavar="ADDRESS", help="Address to listen on; anything but loopback is reachable "
+                     "from other machines (use --token-file)."),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="TCP port; 0 picks a free one.")
+    ] = 8000,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", metavar="FILE", help="Require 'Authorization: Bearer TOKEN', TOKEN being this "
+                     "file's content."),
+    ] = None,
+    max_k: Annotated[int, typer.Option("--max-k", min=1, metavar="N", help="Largest k a request may ask for.")] = 100,
+    max_queries: Annotated[
+        int, typer.Option("--max-queries", min=1, metavar="N", help="Most queries in one POST.")
+    ] = 100,
+    max_body: Annotated[
+        int, typer.Option("--max-body", min=1, metavar="BYTES", help="Largest POST body.")
+    ] = 1_000_000,
+    queue_size: Annotated[
+        int, typer.Option("--queue", min=1, metavar="N", help="Requests that may wait; more get 503 + Retry-After.")
+    ] = 256,
+    model: QueryModelOpt = None,
+    precision: QueryPrecision = None,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Serve the indexes at DIR... over HTTP: GET/POST /search, GET /info, GET /health, GET /openapi.json. A new
+    version published by 'dsearch index' is picked up without a restart. SIGTERM or Ctrl-C stops it after the
+    requests in flight are answered (exit 0)."""
+    _setup(verbose, quiet, debug)
+    from dsearch import serve as serving
+
+    serving.check_installed()
+    serving.DEBUG = debug
+    serving.sweep_stale_shadows()
+    _check_precision(precision)
+    token = _read_token(token_file) if token_file is not None else None
+    if not serving.is_loopback(host) and token is None:
+        log.warning("listening on %s without --token-file: anyone who can reach this machine can search", host)
+    names = [d.name or str(d) for d in directories]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in directories]
+    if len(set(names)) < len(names):
+        raise UsageError("the same DIR is given twice")
+    deps = _deps(ctx)
+    encoders: dict[tuple[Any, ...], Encoder] = {}
+
+    def load_encoder(info: ModelInfo) -> Encoder:
+        # One encoder per model, shared by the indexes and by each new version of an index.
+        key = (model,) if model else (info.name, info.fingerprint, info.precision)
+        if key not in encoders:
+            options = {"precision": precision, "trust_remote_code": trust_remote_code, "batch_size": 32}
+            started = time.perf_counter()
+            if model:
+                encoders[key] = deps.load_encoder(model, **{**options, "precision": precision or info.precision})
+            else:
+                encoders[key] = deps.query_encoder(info, **options)
+            log.info("load model: %s (%.3f s)", encoders[key].name, time.perf_counter() - started)
+        return encoders[key]
+
+    opener = serving.version_opener(load_encoder)
+    slots = []
+    try:
+        for name, directory in zip(names, directories, strict=True):
+            slots.append(serving.Slot(name, directory, opener))
+        limits = serving.Limits(max_k=max_k, max_queries=max_queries, max_body=max_body, queue=queue_size)
+        server = serving.Server(slots, limits, token)
+        sock = serving.bind(host, port)
+    except BaseException:
+        for slot in slots:
+            slot.close()
+        raise
+    serving.setup_logging(log.handlers[0], verbose)
+    described = ", ".join(f"{s.name} ({_passages(s.current.info.get('passages') or 0)})" for s in slots)
+
+    def ready(url: str) -> None:
+        _info(f"dsearch: serving {described} at {url}")
+
+    serving.run_server(server, sock, access_log=verbose > 0, on_ready=ready)
+    _info("dsearch: stopped")
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    if not token or any(c.isspace() for c in token):
+        raise UsageError(f"--token-file {path}: holds no token (one line, no spaces)")
+    return token
+
+
 # --- entry point -------------------------------------------------------------------------------------
 
 
@@ -1182,7 +1288,8 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
     except ValueError:  # not the main thread (tests running in threads)
         pass
     try:
-        result = app(args=args, prog_name="dsearch", standalone_mode=False, obj=deps or Deps())
+        deps = deps or _deps_from_environment() or Deps()
+        result = app(args=args, prog_name="dsearch", standalone_mode=False, obj=deps)
         sys.stdout.flush()
         return result if isinstance(result, int) else EXIT_OK
     except DsearchError as exc:
@@ -1203,6 +1310,18 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
         return _fail("aborted", EXIT_INCOMPLETE)
     except Exception as exc:  # a bug or an unexpected environment problem: still one line
         return _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", 1)
+
+
+def _deps_from_environment() -> Deps | None:
+    """Tests only: ``DSEARCH_TEST_ENCODER=MODULE:FACTORY`` makes a ``dsearch`` subprocess (a server, a build) load
+    its encoder with ``FACTORY(name, **options)``, as the in-process tests inject one through ``Deps``."""
+    spec = os.environ.get("DSEARCH_TEST_ENCODER")
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return Deps(load_encoder=getattr(importlib.import_module(module), name))
 
 
 def _fail(message: str, code: int) -> int:

@@ -299,3 +299,26 @@ def test_the_filtered_passages_file_is_the_index(typed):
     fields = pq.ParquetFile(index.directory / seg.segment.path / FIELDS_FILE)
     assert fields.metadata.num_rows == seg.segment.rows == 80
 
+
+
+def test_a_resumed_build_writes_the_same_fields_file(tmp_path, capsys, monkeypatch):
+    from conftest import Runner
+    from fakes import HashingEncoder
+
+    rows = [{"_id": f"p{i}", "text": f"volcano {i}", "year": 2000 + i % 7, "lang": ["en", "fr", None][i % 3]}
+            for i in range(300)]  # fmt: skip
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("DSEARCH_CHECKPOINT_SECONDS", "0")
+    interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
+    assert interrupted("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4").exit_code == 3
+    cli = Runner(capsys)
+    resumed = cli("index", corpus, "-o", tmp_path / "idx", "--batch-size", "4", "--json")
+    assert json.loads(resumed.stdout)["resumed_at"] > 0
+    assert cli("index", corpus, "-o", tmp_path / "fresh").exit_code == 0
+    a, b = OpenIndex(tmp_path / "idx"), OpenIndex(tmp_path / "fresh")
+    assert a.manifest.segments[0].files[FIELDS_FILE] == b.manifest.segments[0].files[FIELDS_FILE]
+    types = a.manifest.corpus["field_types"]
+    assert fast_allowed_rows(a, "year > 2003 AND lang = 'en'", types).tolist() == [
+        2000 + i % 7 > 2003 and i % 3 == 0 for i in range(300)
+    ]

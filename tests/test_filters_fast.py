@@ -322,3 +322,11 @@ def test_a_resumed_build_writes_the_same_fields_file(tmp_path, capsys, monkeypat
     assert fast_allowed_rows(a, "year > 2003 AND lang = 'en'", types).tolist() == [
         2000 + i % 7 > 2003 and i % 3 == 0 for i in range(300)
     ]
+
+
+def test_a_manifest_type_that_disagrees_with_the_file_goes_to_duckdb(typed):
+    """fields.parquet is checked against the manifest's types before its buffers are read as them."""
+    index, types = typed
+    assert fast_allowed_rows(index, "year > 2000", {**types, "year": "DOUBLE"}) is None
+    assert fast_allowed_rows(index, "lang = 'en'", {**types, "lang": "DATE"}) is None
+    assert fast_allowed_rows(index, "year > 2000", types) is not None

@@ -481,6 +481,9 @@ class _Parser:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+# How fields.parquet stores each type (read_dictionary turns strings into dictionaries of them).
+_ARROW_TYPES = {"BOOLEAN": "bool", "BIGINT": "int64", "DOUBLE": "double", "DATE": "date32[day]",
+                "VARCHAR": "dictionary<values=string, indices=int32, ordered=0>"}  # fmt: skip
 
 
 def _coerce(kind: str, literal: Literal) -> Literal:
@@ -701,8 +704,9 @@ def fast_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
                     raise _Unsupported("an index from before fields.parquet")
                 strings = [name for name in fields if used[name] == "VARCHAR"]
                 table = pq.ParquetFile(seg_dir / FIELDS_FILE, read_dictionary=strings)
-                if not set(fields) <= set(table.schema_arrow.names):
-                    raise _Unsupported("a field written without its column")
+                stored = {field.name: str(field.type) for field in table.schema_arrow}
+                if any(stored.get(name) != _ARROW_TYPES[used[name]] for name in fields):
+                    raise _Unsupported("a field written without its column, or as another type than the manifest's")
                 read = table.read(columns=fields)
                 columns.update({name: _read_column(read.column(name), used[name]) for name in fields})
             if builtin:

@@ -30,6 +30,10 @@ VALUES = {
     "day": [None, MISSING, "2020-01-01", "2021-06-15", "1999-12-31", "2020-02-29"],
     "lang": [None, MISSING, "en", "fr", "EN", "", "é", "a%b", "a_b", "it's", "zz", "en\nx", "日本"],
     "title": [None, "Alpha", "beta", "Éclair", "", "O'Neil", "alpha"],
+    "tags": [None, MISSING, [], ["en"], ["en", "fr"], ["fr", None], [None], ["é", "en", "en"], ["EN"]],
+    # (An empty list, or one of nulls, has no item type: in a field of numbers or dates it makes the field JSON.)
+    "nums": [None, MISSING, [1], [1, 2], [2, None], [-5, 2**40]],
+    "days": [MISSING, ["2020-01-01"], ["2021-06-15", None], ["2020-01-01", "1999-12-31"]],
 }
 LITERALS = {
     "year": ["2020", "2021", "-5", "0", "1999", "2020.5", "2021.0", "-4.5", "2.02e3", "1099511627776",
@@ -47,6 +51,8 @@ LITERALS = {
 PATTERNS = ["'e%'", "'%n'", "'_'", "'__'", "'%'", "''", "'a%b%'", "'%''%'", "'É%'", "'_n'", "'%\n%'", "'a_b'",
             "'%a'", "'d0%'", "'%.jsonl'", "'%1'", "'日%'", "NULL", "'EN'"]  # fmt: skip
 COMPARISONS = ["=", "==", "!=", "<>", "<", "<=", ">", ">="]
+LIST_ITEMS = {"tags": LITERALS["lang"], "nums": ["1", "2", "-5", "1099511627776", "3", "2.0", "2.5", "1e0", "NULL"],
+              "days": ["'2020-01-01'", "DATE '2021-06-15'", "'1999-12-31'", "'2000-01-01'", "NULL"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,8 @@ def typed(tmp_path_factory) -> tuple[OpenIndex, dict[str, str]]:
     assert run(["index", str(corpus), "-o", str(tmp / "idx"), "-q"], deps=deps) == 0
     index = OpenIndex(tmp / "idx")
     types = index.manifest.corpus["field_types"]
-    assert types == {"day": "DATE", "lang": "VARCHAR", "ok": "BOOLEAN", "score": "DOUBLE", "year": "BIGINT"}
+    assert types == {"day": "DATE", "days": "DATE[]", "lang": "VARCHAR", "nums": "BIGINT[]", "ok": "BOOLEAN",
+                     "score": "DOUBLE", "tags": "VARCHAR[]", "year": "BIGINT"}  # fmt: skip
     return index, types
 
 
@@ -93,6 +100,9 @@ def atoms() -> list[str]:
                 f"{column} IS NOT NULL", f"NOT {column} IS NULL"]  # fmt: skip
     for column in ("lang", "title", "id", "source"):
         out += [f"{column} LIKE {p}" for p in PATTERNS] + [f"{column} NOT LIKE {p}" for p in PATTERNS[:8]]
+    for column, items in LIST_ITEMS.items():
+        out += [f"list_contains({column}, {item})" for item in items]
+        out += [f"NOT list_contains({column}, {items[0]})", f"{column} IS NULL", f"{column} IS NOT NULL"]
     out += ["ok", "NOT ok", "NOT NOT ok", "(ok)", "ok = TRUE AND year > 2000", "-5 = year", "year = - 5"]
     return out
 
@@ -126,7 +136,8 @@ def test_every_operator_and_type_gives_duckdbs_rows(typed):
     assert len(answered) > 0.8 * len(cases)  # the subset is most of what users write
     # Each kind of column and operator was answered by the fast path at least once.
     for fragment in ("year >", "score <=", "ok =", "day >=", "lang <>", "title =", "id <", "source LIKE",
-                     "IN (", "NOT IN", "BETWEEN", "NOT LIKE", "IS NULL", "IS NOT NULL", "< YEAR"):  # fmt: skip
+                     "IN (", "NOT IN", "BETWEEN", "NOT LIKE", "IS NULL", "IS NOT NULL", "< YEAR",
+                     "list_contains(tags", "list_contains(nums", "list_contains(days"):  # fmt: skip
         assert any(fragment in w for w in answered), fragment
 
 
@@ -157,6 +168,10 @@ def test_generated_combinations_give_duckdbs_rows(typed):
     "where",
     [
         "year(day) = 2021",  # functions
+        "len(tags) = 0",
+        "list_contains(tags, lang)",
+        "tags = ['en']",
+        "list_contains(nums, '2')",  # DuckDB casts the string to a number
         "lang ILIKE 'E%'",
         "lang LIKE 'a\\%b'",  # escapes: DuckDB's rules
         "CAST(year AS VARCHAR) = '2020'",
@@ -214,6 +229,7 @@ def test_fields_file_is_listed_with_its_checksum(typed, cli):
     schema = pq.ParquetFile(path).schema_arrow
     assert {n: str(schema.field(n).type) for n in schema.names} == {
         "day": "date32[day]", "lang": "string", "ok": "bool", "score": "double", "year": "int64",
+        "tags": "list<element: string>", "nums": "list<element: int64>", "days": "list<element: date32[day]>",
     }  # fmt: skip
     assert cli("info", "--verify", index.directory).exit_code == 0
 

@@ -15,11 +15,11 @@ all apply it before their top-k.
 The fast path. Importing DuckDB and scanning the Parquet file cost a cold query about 0.1 s, more than the
 search a 1% filter saves. So the common subset of WHERE — comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS [NOT]
 NULL between one column and literals, on id, title, source and the BOOLEAN, BIGINT, DOUBLE, DATE and VARCHAR
-fields — is evaluated here with numpy, over only the columns it names: id, title and source from
+fields, and ``list_contains`` on lists of those — is evaluated here with numpy, over only the columns it names: id, title and source from
 ``passages.parquet``, the fields from ``fields.parquet``, which the build writes next to it with one typed
 column per field (so no JSON is parsed at query time). Strings are read dictionary-encoded and a condition is
 evaluated once per distinct value. Results follow SQL's three-valued logic (a NULL never matches, NOT NULL is
-NULL). Anything outside the subset — functions, casts, lists, timestamps, column against column, a literal
+NULL). Anything outside the subset — other functions, casts, timestamps, column against column, a literal
 whose type DuckDB would convert, an index without ``fields.parquet`` — goes to DuckDB as before, so both paths
 give the same rows (tests/test_filters_fast.py checks that on thousands of generated conditions).
 """
@@ -45,7 +45,8 @@ SCALAR_TYPES = ("BOOLEAN", "BIGINT", "DOUBLE", "DATE", "TIMESTAMP", "VARCHAR")
 FIELD_TYPES = frozenset((*SCALAR_TYPES, "JSON", *(f"{kind}[]" for kind in SCALAR_TYPES)))
 # Typed columns of the stored fields, one per field of a type the fast path reads (see the module's docstring).
 FIELDS_FILE = "fields.parquet"
-FAST_TYPES = ("BOOLEAN", "BIGINT", "DOUBLE", "DATE", "VARCHAR")
+FAST_SCALARS = ("BOOLEAN", "BIGINT", "DOUBLE", "DATE", "VARCHAR")
+FAST_TYPES = (*FAST_SCALARS, *(f"{kind}[]" for kind in FAST_SCALARS))  # lists: for list_contains
 
 
 def _scalar_type(value: Any) -> str:
@@ -231,6 +232,8 @@ def _typed_value(kind: str, value: Any) -> Any:
     cannot be sure of giving the same (the field then has no column and its conditions go to DuckDB)."""
     if value is None:
         return None
+    if kind.endswith("[]") and isinstance(value, list):  # TRY_CAST(json_extract(...) AS kind), item by item
+        return [_typed_value(kind[:-2], item) for item in value]
     if kind == "BOOLEAN" and isinstance(value, bool):
         return value
     if kind == "BIGINT" and isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
@@ -255,6 +258,7 @@ def write_field_columns(segment_dir: Path, passages_file: str, types: dict[str, 
 
     arrow = {"BOOLEAN": pa.bool_(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "DATE": pa.date32(),
              "VARCHAR": pa.string()}  # fmt: skip
+    arrow.update({f"{kind}[]": pa.list_(arrow[kind]) for kind in FAST_SCALARS})
     wanted = {name: kind for name, kind in types.items() if kind in FAST_TYPES and name not in BUILTIN}
     while True:
         broken: set[str] = set()
@@ -394,6 +398,14 @@ class _Parser:
             tree = self._or()
             self._expect_op(")")
             return tree
+        if self._peek()[0] == "id" and self._peek()[1].lower() == "list_contains" and self._peek(1) == ("op", "("):
+            self.at += 2
+            column = self._operand()
+            if column[0] != "col" or self._op(",") is None:
+                raise _Unsupported("list_contains")
+            item = self._literal()
+            self._expect_op(")")
+            return ("contains", column[1], item)
         left = self._operand()
         op = self._op("=", "==", "!=", "<>", "<", "<=", ">", ">=")
         if op:
@@ -482,6 +494,15 @@ _INT64 = (-(2**63), 2**63 - 1)
 # How fields.parquet stores each type (read_dictionary turns strings into dictionaries of them).
 _ARROW_TYPES = {"BOOLEAN": "bool", "BIGINT": "int64", "DOUBLE": "double", "DATE": "date32[day]",
                 "VARCHAR": "dictionary<values=string, indices=int32, ordered=0>"}  # fmt: skip
+_ARROW_TYPES.update({f"{kind}[]": f"list<{_ARROW_TYPES[kind]}>" for kind in ("BOOLEAN", "BIGINT", "DOUBLE", "DATE")})
+_ARROW_TYPES["VARCHAR[]"] = "list<string>"  # read as plain strings (read_dictionary names top-level columns)
+
+
+def _arrow_type_name(kind: Any) -> str:
+    """A column's Arrow type as _ARROW_TYPES names it (a list's element name, "item" or "element", left out)."""
+    if str(kind).startswith("list<"):
+        return f"list<{kind.value_type}>"
+    return str(kind)
 
 
 def _coerce(kind: str, literal: Literal) -> Literal:
@@ -515,8 +536,9 @@ class _Column:
     """One column of the rows being filtered: numbers (int64, float64, bool, days) with a validity mask, or
     strings as codes into their distinct values (-1: NULL)."""
 
-    def __init__(self, values: Any, valid: Any, distinct: list[str] | None = None) -> None:
+    def __init__(self, values: Any, valid: Any, distinct: list[str] | None = None, offsets: Any = None) -> None:
         self.values, self.valid, self.distinct = values, valid, distinct
+        self.offsets = offsets  # a list column: row i's elements are values[offsets[i]:offsets[i + 1]]
 
 
 def _bits(buffer: Any, offset: int, length: int) -> Any:
@@ -539,6 +561,20 @@ def _read_column(chunked: Any, kind: str) -> _Column:
     import numpy as np
 
     chunks = [c for c in chunked.chunks if len(c)]
+    if kind.endswith("[]"):  # offsets per chunk, shifted onto the elements of all chunks read one after another
+        import pyarrow as pa
+
+        offsets, elements, valid_parts, start = [np.zeros(1, np.int64)], [], [], 0
+        for chunk in chunks:
+            local = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+            first, last = int(local[0]), int(local[-1])
+            elements.append(chunk.values.slice(first, last - first))
+            offsets.append(local[1:].astype(np.int64) - first + start)
+            valid_parts.append(_valid(chunk))
+            start += last - first
+        items = _read_column(pa.chunked_array(elements, chunked.type.value_type), kind[:-2])
+        valid = np.concatenate(valid_parts) if valid_parts else np.zeros(0, bool)
+        return _Column(items, valid, offsets=np.concatenate(offsets))
     if kind == "VARCHAR" and not _is_dictionary(chunked):  # plain strings: each row its own entry
         values = chunked.to_pylist()
         valid = np.fromiter((v is not None for v in values), bool, len(values))
@@ -614,7 +650,20 @@ class _Evaluator:
         if op == "not":
             true, null = self.eval(tree[1])
             return ~true & ~null, null
-        column = self.columns[tree[1] if op in ("isnull", "truth") else tree[2 if op == "cmp" else 1]]
+        column = self.columns[tree[2] if op == "cmp" else tree[1]]
+        if op == "contains":  # list_contains: NULL for a NULL list or item, else whether an element equals it
+            literal = tree[2]
+            if literal[0] == "null":
+                return np.zeros(self.rows, bool), np.ones(self.rows, bool)
+            items = column.values  # the elements, all rows' one after another
+            equal = (
+                self._strings(items, lambda value: value == literal[1])[0]
+                if items.distinct is not None
+                else items.valid & (items.values == literal[1])
+            )
+            before = np.concatenate([[0], np.cumsum(equal)])  # equal elements before each position
+            found = before[column.offsets[1:]] > before[column.offsets[:-1]]
+            return column.valid & found, ~column.valid
         if op == "isnull":
             return ~column.valid, np.zeros(self.rows, bool)
         if op == "truth":
@@ -677,6 +726,12 @@ def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
         return (op, name)
     if op == "isnull":
         return (op, name)
+    if op == "contains":
+        if not kind.endswith("[]"):
+            raise _Unsupported("list_contains on a non-list")
+        return (op, name, _coerce(kind[:-2], tree[2]))
+    if kind.endswith("[]"):
+        raise _Unsupported("a list compared as a whole")
     if op == "like":
         if kind != "VARCHAR" or tree[2][0] not in ("str", "null"):
             raise _Unsupported("LIKE on a non-string")
@@ -708,9 +763,9 @@ def fast_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
             if fields:
                 if FIELDS_FILE not in seg.segment.files:
                     raise _Unsupported("an index from before fields.parquet")
-                strings = [name for name in fields if used[name] == "VARCHAR"]
+                strings = [name for name in fields if used[name] == "VARCHAR"]  # lists of strings stay plain
                 table = pq.ParquetFile(seg_dir / FIELDS_FILE, read_dictionary=strings)
-                stored = {field.name: str(field.type) for field in table.schema_arrow}
+                stored = {field.name: _arrow_type_name(field.type) for field in table.schema_arrow}
                 if any(stored.get(name) != _ARROW_TYPES[used[name]] for name in fields):
                     raise _Unsupported("a field written without its column, or as another type than the manifest's")
                 read = table.read(columns=fields, use_threads=False)  # one thread: 2.5 ms where a pool took 6

@@ -31,9 +31,8 @@ VALUES = {
     "lang": [None, MISSING, "en", "fr", "EN", "", "é", "a%b", "a_b", "it's", "zz", "en\nx", "日本"],
     "title": [None, "Alpha", "beta", "Éclair", "", "O'Neil", "alpha"],
     "tags": [None, MISSING, [], ["en"], ["en", "fr"], ["fr", None], [None], ["é", "en", "en"], ["EN"]],
-    # (An empty list, or one of nulls, has no item type: in a field of numbers or dates it makes the field JSON.)
-    "nums": [None, MISSING, [1], [1, 2], [2, None], [-5, 2**40]],
-    "days": [MISSING, ["2020-01-01"], ["2021-06-15", None], ["2020-01-01", "1999-12-31"]],
+    "nums": [None, MISSING, [], [1], [1, 2], [2, None], [None], [-5, 2**40]],
+    "days": [MISSING, [], ["2020-01-01"], ["2021-06-15", None], ["2020-01-01", "1999-12-31"]],
 }
 LITERALS = {
     "year": ["2020", "2021", "-5", "0", "1999", "2020.5", "2021.0", "-4.5", "2.02e3", "1099511627776",
@@ -346,3 +345,19 @@ def test_a_manifest_type_that_disagrees_with_the_file_goes_to_duckdb(typed):
     assert fast_allowed_rows(index, "year > 2000", {**types, "year": "DOUBLE"}) is None
     assert fast_allowed_rows(index, "lang = 'en'", {**types, "lang": "DATE"}) is None
     assert fast_allowed_rows(index, "year > 2000", types) is not None
+
+
+def test_an_empty_list_takes_the_type_of_the_fields_other_lists(tmp_path):
+    """[] and [null] have no item type: they fit a list of numbers or dates (before, they made the field JSON)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dsearch.filters import field_types
+
+    values = {"nums": [[], [1, 2], [None], None], "days": [["2020-01-01"], [], None, [None]],
+              "empty": [[], [None], None, []], "mixed": [[], [1], ["a"], None], "scalar": [[], 1, None, None]}
+    rows = [json.dumps({name: column[i] for name, column in values.items()}) for i in range(4)]
+    pq.write_table(pa.table({"fields": rows}), tmp_path / "p.parquet")
+    assert field_types(tmp_path / "p.parquet") == {
+        "days": "DATE[]", "empty": "VARCHAR[]", "mixed": "JSON", "nums": "BIGINT[]", "scalar": "JSON",
+    }  # fmt: skip

@@ -12,16 +12,18 @@ in memory with external access switched off once the rows are loaded, so a condi
 The mask marks every row (window) of a passage alike: they share its fields. Dense, lexical and hybrid search
 all apply it before their top-k.
 
-The fast path. Importing DuckDB and scanning the Parquet file cost a cold query about 0.1 s, more than the
-search a 1% filter saves. So the common subset of WHERE — comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS [NOT]
-NULL between one column and literals, on id, title, source and the BOOLEAN, BIGINT, DOUBLE, DATE and VARCHAR
-fields, and ``list_contains`` on lists of those — is evaluated here with numpy, over only the columns it names: id, title and source from
-``passages.parquet``, the fields from ``fields.parquet``, which the build writes next to it with one typed
-column per field (so no JSON is parsed at query time). Strings are read dictionary-encoded and a condition is
-evaluated once per distinct value. Results follow SQL's three-valued logic (a NULL never matches, NOT NULL is
-NULL). Anything outside the subset — other functions, casts, timestamps, column against column, a literal
-whose type DuckDB would convert, an index without ``fields.parquet`` — goes to DuckDB as before, so both paths
-give the same rows (tests/test_filters_fast.py checks that on thousands of generated conditions).
+The fast path. Importing DuckDB and scanning the Parquet file cost a cold query about 0.1 s, more than the search a
+1% filter saves. So the common subset of WHERE — comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS [NOT] NULL between
+one column and literals, on id, title, source and the BOOLEAN, BIGINT, DOUBLE, DATE and VARCHAR fields, and
+``list_contains`` on lists of those — is evaluated here with numpy, over only the columns it names: id, title and
+source from ``passages.parquet``, the fields from ``fields.parquet``, which the build writes next to it with one
+typed column per field (so no JSON is parsed at query time). Repeating strings (source, the fields) are read
+dictionary-encoded and a condition is evaluated once per distinct value; ids and titles as plain strings. Results
+follow SQL's three-valued logic (a NULL never matches, NOT NULL is NULL), and DuckDB's quirks where it has them
+(``list_contains([], NULL)`` is false). Anything outside the subset — other functions, casts, timestamps, column
+against column, a literal whose type DuckDB would convert, an index without ``fields.parquet`` — goes to DuckDB as
+before, so both paths give the same rows (tests/test_filters_fast.py checks that on thousands of generated
+conditions).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _value_type(value: Any) -> str:
                 inner = _merge(inner, _value_type(item))
         if inner == "JSON" or (inner or "").endswith("]"):
             return "JSON"  # lists of objects or of lists: compared as JSON
-        return f"{inner or 'VARCHAR'}[]"
+        return f"{inner or ''}[]"  # "[]": empty, or nulls only; it takes the type of the field's other lists
     return _scalar_type(value)
 
 
@@ -95,7 +97,8 @@ def field_types(passages: Path) -> dict[str, str]:
     """Each stored field's DuckDB type, inferred from every passage's value (nulls do not count).
 
     Numbers, booleans and strings keep JSON's types; ISO dates (``2024-05-01``) and timestamps read as DATE and
-    TIMESTAMP; lists as lists of their items' type; a field whose values disagree is JSON.
+    TIMESTAMP; lists as lists of their items' type (an empty list fits any); a field whose values disagree is
+    JSON.
     """
     import pyarrow.parquet as pq
 
@@ -110,11 +113,15 @@ def field_types(passages: Path) -> dict[str, str]:
                     continue
                 kind = _value_type(value)
                 old = types.get(name)
-                if old is not None and old != kind and (old.endswith("]") or kind.endswith("]")):
+                if kind == "[]" and old is not None and old.endswith("]"):
+                    continue  # an empty list fits a list of any type
+                if old == "[]" and kind.endswith("]"):
+                    types[name] = kind
+                elif old is not None and old != kind and (old.endswith("]") or kind.endswith("]")):
                     types[name] = "JSON"
                 else:
                     types[name] = _merge(old, kind)
-    return {name: kind or "VARCHAR" for name, kind in sorted(types.items())}
+    return {name: "VARCHAR[]" if kind == "[]" else kind or "VARCHAR" for name, kind in sorted(types.items())}
 
 
 def _quote_identifier(name: str) -> str:
@@ -653,8 +660,9 @@ class _Evaluator:
         column = self.columns[tree[2] if op == "cmp" else tree[1]]
         if op == "contains":  # list_contains: NULL for a NULL list or item, else whether an element equals it
             literal = tree[2]
-            if literal[0] == "null":
-                return np.zeros(self.rows, bool), np.ones(self.rows, bool)
+            if literal[0] == "null":  # DuckDB: false for an empty list, NULL for any other
+                empty = column.valid & (column.offsets[1:] == column.offsets[:-1])
+                return np.zeros(self.rows, bool), ~empty
             items = column.values  # the elements, all rows' one after another
             equal = (
                 self._strings(items, lambda value: value == literal[1])[0]

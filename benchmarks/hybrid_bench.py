@@ -12,7 +12,9 @@ mode, each unfiltered and with the 1% filter; and 1,000 queries from a file in e
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -21,16 +23,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import synthetic  # noqa: E402
-from query_bench import DSEARCH, QUERY, median_of  # noqa: E402
+from query_bench import DSEARCH, QUERY, median_of, timed  # noqa: E402
 from synthetic import scifact_sentences, write_random_index  # noqa: E402
 
+import dsearch  # noqa: E402
 from dsearch.corpus import Passage  # noqa: E402
-from dsearch.filters import field_types  # noqa: E402
+from dsearch.filters import field_types, write_field_columns  # noqa: E402
 from dsearch.lexical import build_lexical  # noqa: E402
 from dsearch.manifest import read_manifest  # noqa: E402
 from dsearch.store import PASSAGES_FILE, file_info  # noqa: E402
 
 FILTER = "bucket = 7"
+DUCKDB_FILTER = "bucket = 7 AND TRUE"  # the same rows; a bare TRUE is outside the fast path's subset
 
 
 def build(index: Path, n: int) -> dict[str, float]:
@@ -49,9 +53,33 @@ def build(index: Path, n: int) -> dict[str, float]:
     started = time.perf_counter()
     manifest.corpus["field_types"] = field_types(seg_dir / PASSAGES_FILE)
     types_s = time.perf_counter() - started
+    started = time.perf_counter()
+    name = write_field_columns(seg_dir, PASSAGES_FILE, manifest.corpus["field_types"])
+    segment.files[name] = file_info(seg_dir / name)
+    columns_s = time.perf_counter() - started
     manifest.corpus["lexical"] = True
     (index / "manifest.json").write_text(manifest.to_json())
-    return {"lexical_build_s": round(lexical_s, 2), "field_types_s": round(types_s, 2)}
+    return {"lexical_build_s": round(lexical_s, 2), "field_types_s": round(types_s, 2),
+            "fields_parquet_s": round(columns_s, 2)}  # fmt: skip
+
+
+def alternated(runs: int, variants: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Cold processes of each variant in turn, ``runs`` rounds after a warm-up round: medians, mins, peak RSS.
+    Alternating keeps a change in the machine's load from landing on one variant only."""
+    for args in variants.values():
+        timed(args)
+    samples: dict[str, list[tuple[float, int]]] = {label: [] for label in variants}
+    for _ in range(runs):
+        for label, args in variants.items():
+            samples[label].append(timed(args))
+    return {
+        label: {
+            "median_s": round(statistics.median(s for s, _ in got), 3),
+            "min_s": round(min(s for s, _ in got), 3),
+            "peak_rss_mib": round(statistics.median(r for _, r in got) / 1024, 1),
+        }
+        for label, got in samples.items()
+    }
 
 
 def main() -> None:
@@ -63,6 +91,10 @@ def main() -> None:
     parser.add_argument("--no-batch", action="store_true", help="skip the 1,000-query runs")
     args = parser.parse_args()
     synthetic.SCIFACT = args.scifact  # scifact_sentences reads it
+    # Bytecode for dsearch's modules, as an installed package has: with PYTHONDONTWRITEBYTECODE set (as on the
+    # shared machines) every timed process would otherwise compile them from source, and a filtered query
+    # compiles filters.py on top (about 10 ms).
+    compileall.compile_dir(str(Path(dsearch.__file__).parent), quiet=1)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         index = args.index or tmp / "idx"
@@ -73,8 +105,12 @@ def main() -> None:
         queries.write_text("".join(f"q{i}\t{texts[i % len(texts)]}\n" for i in range(1000)))
         for mode in ("dense", "lexical", "hybrid"):
             base = [DSEARCH, "query", str(index), QUERY, "--mode", mode, "-f", "jsonl"]
-            results["cold_query"][mode] = median_of(args.runs, base)
-            results["cold_query"][f"{mode} --where 1%"] = median_of(args.runs, [*base, "--where", FILTER])
+            variants = {
+                mode: base,
+                f"{mode} --where 1%": [*base, "--where", FILTER],
+                f"{mode} --where 1% via DuckDB": [*base, "--where", DUCKDB_FILTER],
+            }
+            results["cold_query"].update(alternated(args.runs, variants))
         results["1000_queries"] = {}
         for mode in () if args.no_batch else ("dense", "lexical", "hybrid"):
             base = [DSEARCH, "query", str(index), "--queries", str(queries), "--mode", mode, "-f", "trec"]

@@ -329,6 +329,19 @@ def test_info_lists_fields_and_types(typed_index, cli):
         ("id LIKE 'p%' AND source LIKE '%typed.jsonl'", {"p1", "p2", "p3", "p4"}),
         ("title IS NULL AND year = 2019", {"p1"}),
         ("year > 3000", set()),
+        # NULL is neither equal nor unequal (p4 has no lang): SQL's three-valued logic, on every path.
+        ("lang <> 'en'", {"p2"}),
+        ("NOT (lang = 'en')", {"p2"}),
+        ("lang NOT IN ('en')", {"p2"}),
+        ("lang NOT LIKE 'e%'", {"p2"}),
+        ("lang IS NOT NULL", {"p1", "p2", "p3"}),
+        ("year NOT BETWEEN 2020 AND 2021", {"p1", "p4"}),
+        ("score <= 0.5", {"p1", "p4"}),
+        ("score >= 2 OR ok = false", {"p2", "p3", "p4"}),
+        ("day BETWEEN '2020-01-01' AND '2021-12-31'", {"p2", "p3"}),
+        ("day <> DATE '2019-03-01' AND NOT ok", {"p2", "p4"}),
+        ("2020 < year AND (lang = 'en' OR lang IS NULL)", {"p3", "p4"}),
+        ("id < 'p3' AND title IS NULL", {"p1", "p2"}),
     ],
 )
 @pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])

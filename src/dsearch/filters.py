@@ -11,12 +11,28 @@ in memory with external access switched off once the rows are loaded, so a condi
 
 The mask marks every row (window) of a passage alike: they share its fields. Dense, lexical and hybrid search
 all apply it before their top-k.
+
+The fast path. Importing DuckDB and scanning the Parquet file cost a cold query about 0.1 s, more than the search a
+1% filter saves. So the common subset of WHERE — comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS [NOT] NULL between
+one column and literals, on id, title, source and the BOOLEAN, BIGINT, DOUBLE, DATE and VARCHAR fields, and
+``list_contains`` on lists of those — is evaluated here with numpy, over only the columns it names: id, title and
+source from ``passages.parquet``, the fields from ``fields.parquet``, which the build writes next to it with one
+typed column per field (so no JSON is parsed at query time). Repeating strings (source, the fields) are read
+dictionary-encoded and a condition is evaluated once per distinct value; ids and titles as plain strings. Results
+follow SQL's three-valued logic (a NULL never matches, NOT NULL is NULL), and DuckDB's quirks where it has them
+(``list_contains([], NULL)`` is false). Anything outside the subset — other functions, casts, timestamps, column
+against column, a literal whose type DuckDB would convert, an index without ``fields.parquet`` — goes to DuckDB as
+before, so both paths give the same rows (tests/test_filters_fast.py checks that on thousands of generated
+conditions).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +45,10 @@ READ_BATCH = 5000
 # Every type field_types can record. A manifest is input: a type outside this set would be pasted into SQL.
 SCALAR_TYPES = ("BOOLEAN", "BIGINT", "DOUBLE", "DATE", "TIMESTAMP", "VARCHAR")
 FIELD_TYPES = frozenset((*SCALAR_TYPES, "JSON", *(f"{kind}[]" for kind in SCALAR_TYPES)))
+# Typed columns of the stored fields, one per field of a type the fast path reads (see the module's docstring).
+FIELDS_FILE = "fields.parquet"
+FAST_SCALARS = ("BOOLEAN", "BIGINT", "DOUBLE", "DATE", "VARCHAR")
+FAST_TYPES = (*FAST_SCALARS, *(f"{kind}[]" for kind in FAST_SCALARS))  # lists: for list_contains
 
 
 def _scalar_type(value: Any) -> str:
@@ -69,7 +89,7 @@ def _value_type(value: Any) -> str:
                 inner = _merge(inner, _value_type(item))
         if inner == "JSON" or (inner or "").endswith("]"):
             return "JSON"  # lists of objects or of lists: compared as JSON
-        return f"{inner or 'VARCHAR'}[]"
+        return f"{inner or ''}[]"  # "[]": empty, or nulls only; it takes the type of the field's other lists
     return _scalar_type(value)
 
 
@@ -77,7 +97,8 @@ def field_types(passages: Path) -> dict[str, str]:
     """Each stored field's DuckDB type, inferred from every passage's value (nulls do not count).
 
     Numbers, booleans and strings keep JSON's types; ISO dates (``2024-05-01``) and timestamps read as DATE and
-    TIMESTAMP; lists as lists of their items' type; a field whose values disagree is JSON.
+    TIMESTAMP; lists as lists of their items' type (an empty list fits any); a field whose values disagree is
+    JSON.
     """
     import pyarrow.parquet as pq
 
@@ -92,11 +113,15 @@ def field_types(passages: Path) -> dict[str, str]:
                     continue
                 kind = _value_type(value)
                 old = types.get(name)
-                if old is not None and old != kind and (old.endswith("]") or kind.endswith("]")):
+                if kind == "[]" and old is not None and old.endswith("]"):
+                    continue  # an empty list fits a list of any type
+                if old == "[]" and kind.endswith("]"):
+                    types[name] = kind
+                elif old is not None and old != kind and (old.endswith("]") or kind.endswith("]")):
                     types[name] = "JSON"
                 else:
                     types[name] = _merge(old, kind)
-    return {name: kind or "VARCHAR" for name, kind in sorted(types.items())}
+    return {name: "VARCHAR[]" if kind == "[]" else kind or "VARCHAR" for name, kind in sorted(types.items())}
 
 
 def _quote_identifier(name: str) -> str:
@@ -116,9 +141,6 @@ def _column(name: str, kind: str) -> str:
 
 def allowed_rows(index: Any, where: str) -> Any:
     """A boolean mask over the index's rows: True where the passage satisfies ``where``."""
-    import duckdb
-    import numpy as np
-
     if "field_types" not in index.manifest.corpus:
         raise UsageError(
             f"{index.directory}: this index was built before dsearch recorded field types, which --where needs; "
@@ -127,36 +149,69 @@ def allowed_rows(index: Any, where: str) -> Any:
     types: dict[str, str] = index.manifest.corpus["field_types"]
     if any(kind not in FIELD_TYPES for kind in types.values()):  # read_manifest refuses these; never trust SQL to it
         raise UsageError(f"{index.directory}: the manifest's field types are damaged; rebuild the index")
-    # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only the
-    # small columns; file_row_number + the segment's first row is the row.
-    scans = [
-        f"SELECT file_row_number + {seg.first_row} AS __row, id, title, source, fields "
-        f"FROM read_parquet({_quote_string(str(index.directory / seg.segment.path / 'passages.parquet'))}, "
-        "file_row_number = true)"
-        for seg in index.segments
-    ]
-    con = duckdb.connect(":memory:")
-    try:
-        con.execute(f"CREATE TEMP TABLE stored AS {' UNION ALL '.join(scans)}")
-        columns = ["__row", *BUILTIN] + [
-            f"{_column(name, kind)} AS {_quote_identifier(name)}" for name, kind in types.items() if name not in BUILTIN
+    mask = fast_allowed_rows(index, where, types)
+    return mask if mask is not None else duckdb_allowed_rows(index, where, types)
+
+
+def duckdb_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
+    """``allowed_rows`` through DuckDB: any condition DuckDB accepts, over the fields as the manifest types them."""
+    with DuckDBFilter(index, types) as evaluate:
+        return evaluate(where)
+
+
+class DuckDBFilter:
+    """A DuckDB connection over the index's id, title, source and typed fields, answering conditions as masks
+    (a context manager; one connection can answer many, as the differential tests do)."""
+
+    def __init__(self, index: Any, types: dict[str, str]) -> None:
+        import duckdb
+
+        self.rows = index.rows
+        self.fields = ["id", "title", "source", *types]
+        # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only
+        # the small columns; file_row_number + the segment's first row is the row.
+        scans = [
+            f"SELECT file_row_number + {seg.first_row} AS __row, id, title, source, fields "
+            f"FROM read_parquet({_quote_string(str(index.directory / seg.segment.path / 'passages.parquet'))}, "
+            "file_row_number = true)"
+            for seg in index.segments
         ]
-        con.execute(f"CREATE TEMP VIEW passages AS SELECT {', '.join(columns)} FROM stored")
-        # From here on the condition runs: it may not read or write files, nor switch this back on.
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
+        self.con = duckdb.connect(":memory:")
+        try:
+            self.con.execute(f"CREATE TEMP TABLE stored AS {' UNION ALL '.join(scans)}")
+            columns = ["__row", *BUILTIN] + [
+                f"{_column(name, kind)} AS {_quote_identifier(name)}"
+                for name, kind in types.items()
+                if name not in BUILTIN
+            ]
+            self.con.execute(f"CREATE TEMP VIEW passages AS SELECT {', '.join(columns)} FROM stored")
+            # From here on conditions run: they may not read or write files, nor switch this back on.
+            self.con.execute("SET enable_external_access = false")
+            self.con.execute("SET lock_configuration = true")
+        except BaseException:
+            self.con.close()
+            raise
+
+    def __enter__(self) -> DuckDBFilter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.con.close()
+
+    def __call__(self, where: str) -> Any:
+        import duckdb
+        import numpy as np
+
         sql = f"SELECT __row FROM passages WHERE ({where}\n)"
         try:
             if len(duckdb.extract_statements(sql)) != 1:
                 raise UsageError(f"--where {where!r}: give one condition, not SQL statements")
-            rows = con.execute(sql).fetchnumpy()["__row"]
+            rows = self.con.execute(sql).fetchnumpy()["__row"]
         except duckdb.Error as exc:
-            raise _usage_error(where, exc, ["id", "title", "source", *types]) from None
-    finally:
-        con.close()
-    mask = np.zeros(index.rows, dtype=bool)
-    mask[np.asarray(rows, dtype=np.int64)] = True
-    return mask
+            raise _usage_error(where, exc, self.fields) from None
+        mask = np.zeros(self.rows, dtype=bool)
+        mask[np.asarray(rows, dtype=np.int64)] = True
+        return mask
 
 
 def _quote_string(text: str) -> str:
@@ -174,3 +229,566 @@ def _usage_error(where: str, exc: Exception, fields: list[str]) -> UsageError:
         )
     message = re.sub(r"^[A-Za-z ]*Error: ", "", message)
     return UsageError(f"--where {where!r}: {message}")
+
+
+# --- fields.parquet: the stored fields as typed columns, written at build time ---------------------------------
+
+
+def _typed_value(kind: str, value: Any) -> Any:
+    """``value`` as DuckDB's ``TRY_CAST(json_extract_string(...) AS kind)`` reads it; ValueError where this
+    cannot be sure of giving the same (the field then has no column and its conditions go to DuckDB)."""
+    if value is None:
+        return None
+    if kind.endswith("[]") and isinstance(value, list):  # TRY_CAST(json_extract(...) AS kind), item by item
+        return [_typed_value(kind[:-2], item) for item in value]
+    if kind == "BOOLEAN" and isinstance(value, bool):
+        return value
+    if kind == "BIGINT" and isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+        return value
+    if kind == "DOUBLE" and isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)  # OverflowError (an int past float's range) is an ArithmeticError, caught below
+        if math.isfinite(number):
+            return number
+    if kind == "DATE" and isinstance(value, str) and _DATE.match(value):
+        return dt.date.fromisoformat(value)  # ValueError for a day that does not exist (DuckDB: NULL)
+    if kind == "VARCHAR" and isinstance(value, str) and "\x00" not in value:
+        return value
+    raise ValueError(value)
+
+
+def write_field_columns(segment_dir: Path, passages_file: str, types: dict[str, str]) -> str:
+    """Write ``fields.parquet``: one typed column per stored field the fast ``--where`` path can read, row-aligned
+    with ``passages_file``; returns its name. Streams a batch at a time. A field with a value that would not
+    read back exactly as DuckDB reads it is left out (its conditions then go to DuckDB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = {"BOOLEAN": pa.bool_(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "DATE": pa.date32(),
+             "VARCHAR": pa.string()}  # fmt: skip
+    arrow.update({f"{kind}[]": pa.list_(arrow[kind]) for kind in FAST_SCALARS})
+    wanted = {name: kind for name, kind in types.items() if kind in FAST_TYPES and name not in BUILTIN}
+    while True:
+        broken: set[str] = set()
+        schema = pa.schema([(name, arrow[kind]) for name, kind in wanted.items()])
+        target = segment_dir / FIELDS_FILE
+        with pq.ParquetWriter(target, schema, compression="zstd") as writer:
+            source = pq.ParquetFile(segment_dir / passages_file)
+            for batch in source.iter_batches(batch_size=READ_BATCH, columns=["fields"]):
+                columns: dict[str, list[Any]] = {name: [] for name in wanted}
+                for raw in batch.column(0).to_pylist():
+                    record = json.loads(raw) if raw else {}
+                    for name, values in columns.items():
+                        try:
+                            values.append(_typed_value(wanted[name], record.get(name)))
+                        except (ValueError, ArithmeticError):
+                            broken.add(name)
+                            values.append(None)
+                if wanted:
+                    writer.write_table(pa.table(columns, schema=schema))
+        if not broken:
+            return FIELDS_FILE
+        wanted = {name: kind for name, kind in wanted.items() if name not in broken}
+
+
+def has_field_columns(index: Any) -> bool:
+    """True when every segment of an open index has ``fields.parquet`` (indexes from before it have not)."""
+    return all(FIELDS_FILE in seg.segment.files for seg in index.segments)
+
+
+# --- the fast path: the common subset of WHERE, evaluated with numpy ---------------------------------------------
+
+
+class _Unsupported(Exception):
+    """The condition is outside the fast path's subset: DuckDB evaluates it."""
+
+
+_TOKEN = re.compile(
+    r"""\s+|(?P<num>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.])|(?P<str>'(?:[^']|'')*')|(?P<qid>"(?:[^"]|"")+")"""
+    r"""|(?P<id>[A-Za-z_][A-Za-z0-9_]*)(?![\w$])|(?P<op><=|>=|<>|!=|==|=|<|>|\(|\)|,|-(?!-))"""
+)
+_KEYWORDS = frozenset({"and", "or", "not", "in", "is", "null", "between", "like", "true", "false"})
+# Words that DuckDB reads as something other than a column where one could stand: never taken for a field here.
+_RESERVED = frozenset(
+    {"all", "any", "array", "case", "cast", "collate", "current_date", "current_time", "current_timestamp",
+     "current_user", "default", "distinct", "else", "end", "escape", "exists", "from", "glob", "ilike", "interval",
+     "localtime", "localtimestamp", "map", "row", "select", "session_user", "similar", "some", "struct",
+     "then", "timestamp", "try_cast", "user", "when", "where"}
+)  # fmt: skip
+
+
+def _tokens(where: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    at = 0
+    while at < len(where):
+        match = _TOKEN.match(where, at)
+        if match is None or match.end() == at:
+            raise _Unsupported(where[at:])
+        if match.lastgroup:
+            out.append((match.lastgroup, match.group(match.lastgroup)))
+        at = match.end()
+    return out
+
+
+# A literal: ("int", int), ("dec", Decimal), ("float", float), ("str", str), ("date", days since 1970),
+# ("bool", bool) or ("null", None).
+Literal = tuple[str, Any]
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def _date_literal(text: str) -> Literal:
+    if not _DATE.match(text):
+        raise _Unsupported(text)  # DuckDB reads looser forms ('2021-1-2'); leave those to it
+    try:
+        return ("date", (dt.date.fromisoformat(text) - _EPOCH).days)
+    except ValueError:
+        raise _Unsupported(text) from None
+
+
+class _Parser:
+    """A recursive-descent parser of the subset into a small tree of tuples; _Unsupported for anything else.
+
+    Precedence as in SQL: OR < AND < NOT < a predicate (comparison, IN, BETWEEN, LIKE, IS NULL)."""
+
+    def __init__(self, where: str) -> None:
+        self.tokens = _tokens(where)
+        self.at = 0
+
+    def parse(self) -> tuple:
+        if not self.tokens:
+            raise _Unsupported("empty")
+        tree = self._or()
+        if self.at != len(self.tokens):
+            raise _Unsupported(self.tokens[self.at][1])
+        return tree
+
+    def _peek(self, offset: int = 0) -> tuple[str, str]:
+        at = self.at + offset
+        return self.tokens[at] if at < len(self.tokens) else ("end", "")
+
+    def _word(self, *words: str) -> bool:
+        kind, text = self._peek()
+        if kind == "id" and text.lower() in words:
+            self.at += 1
+            return True
+        return False
+
+    def _op(self, *ops: str) -> str | None:
+        kind, text = self._peek()
+        if kind == "op" and text in ops:
+            self.at += 1
+            return text
+        return None
+
+    def _expect_op(self, op: str) -> None:
+        if self._op(op) is None:
+            raise _Unsupported(self._peek()[1])
+
+    def _or(self) -> tuple:
+        tree = self._and()
+        while self._word("or"):
+            tree = ("or", tree, self._and())
+        return tree
+
+    def _and(self) -> tuple:
+        tree = self._not()
+        while self._word("and"):
+            tree = ("and", tree, self._not())
+        return tree
+
+    def _not(self) -> tuple:
+        if self._word("not"):
+            return ("not", self._not())
+        return self._predicate()
+
+    def _predicate(self) -> tuple:
+        if self._op("("):
+            tree = self._or()
+            self._expect_op(")")
+            return tree
+        if self._peek()[0] == "id" and self._peek()[1].lower() == "list_contains" and self._peek(1) == ("op", "("):
+            self.at += 2
+            column = self._operand()
+            if column[0] != "col" or self._op(",") is None:
+                raise _Unsupported("list_contains")
+            item = self._literal()
+            self._expect_op(")")
+            return ("contains", column[1], item)
+        left = self._operand()
+        op = self._op("=", "==", "!=", "<>", "<", "<=", ">", ">=")
+        if op:
+            right = self._operand()
+            op = {"==": "=", "<>": "!="}.get(op, op)
+            if left[0] == "col" and right[0] == "lit":
+                return ("cmp", op, left[1], right[1])
+            if left[0] == "lit" and right[0] == "col":  # 2020 < year: year > 2020
+                flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}.get(op, op)
+                return ("cmp", flipped, right[1], left[1])
+            raise _Unsupported("a comparison of two columns or two literals")
+        if left[0] != "col":
+            raise _Unsupported("a literal alone")
+        column = left[1]
+        if self._word("is"):
+            negated = self._word("not")
+            if not self._word("null"):
+                raise _Unsupported(self._peek()[1])  # IS TRUE, IS DISTINCT FROM, ...
+            tree: tuple = ("isnull", column)
+            return ("not", tree) if negated else tree
+        negated = self._word("not")
+        if self._word("in"):
+            self._expect_op("(")
+            items = [self._literal()]
+            while self._op(","):
+                items.append(self._literal())
+            self._expect_op(")")
+            tree = ("or_all", [("cmp", "=", column, item) for item in items])
+        elif self._word("between"):
+            low = self._literal()
+            if not self._word("and"):
+                raise _Unsupported(self._peek()[1])
+            high = self._literal()
+            tree = ("and", ("cmp", ">=", column, low), ("cmp", "<=", column, high))
+        elif self._word("like"):
+            tree = ("like", column, self._literal())
+        elif negated:
+            raise _Unsupported(self._peek()[1])
+        else:
+            return ("truth", column)  # a bare column: a boolean field is its own condition
+        return ("not", tree) if negated else tree
+
+    def _operand(self) -> tuple[str, Any]:
+        kind, text = self._peek()
+        if kind in ("qid", "id") and not (kind == "id" and text.lower() in ("date", "null", "true", "false")):
+            if kind == "id" and (text.lower() in _KEYWORDS or text.lower() in _RESERVED):
+                raise _Unsupported(text)
+            self.at += 1
+            if self._peek() == ("op", "("):
+                raise _Unsupported(f"{text}(...)")  # a function call
+            return ("col", text[1:-1].replace('""', '"') if kind == "qid" else text)
+        return ("lit", self._literal())
+
+    def _literal(self) -> Literal:
+        kind, text = self._peek()
+        self.at += 1
+        if kind == "op" and text == "-":
+            kind, text = self._peek()
+            self.at += 1
+            if kind != "num":
+                raise _Unsupported("-")
+            text = "-" + text
+        if kind == "num":
+            if "e" in text.lower():
+                return ("float", float(text))
+            if "." in text:
+                from decimal import Decimal  # imported only here: 5 ms of a cold query
+
+                return ("dec", Decimal(text))
+            return ("int", int(text))
+        if kind == "str":
+            return ("str", text[1:-1].replace("''", "'"))
+        if kind == "id":
+            word = text.lower()
+            if word == "null":
+                return ("null", None)
+            if word in ("true", "false"):
+                return ("bool", word == "true")
+            if word == "date" and self._peek()[0] == "str":
+                self.at += 1
+                return _date_literal(self.tokens[self.at - 1][1][1:-1].replace("''", "'"))
+        raise _Unsupported(text)
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+# How fields.parquet stores each type (read_dictionary turns strings into dictionaries of them).
+_ARROW_TYPES = {"BOOLEAN": "bool", "BIGINT": "int64", "DOUBLE": "double", "DATE": "date32[day]",
+                "VARCHAR": "dictionary<values=string, indices=int32, ordered=0>"}  # fmt: skip
+_ARROW_TYPES.update({f"{kind}[]": f"list<{_ARROW_TYPES[kind]}>" for kind in ("BOOLEAN", "BIGINT", "DOUBLE", "DATE")})
+_ARROW_TYPES["VARCHAR[]"] = "list<string>"  # read as plain strings (read_dictionary names top-level columns)
+
+
+def _arrow_type_name(kind: Any) -> str:
+    """A column's Arrow type as _ARROW_TYPES names it (a list's element name, "item" or "element", left out)."""
+    if str(kind).startswith("list<"):
+        return f"list<{kind.value_type}>"
+    return str(kind)
+
+
+def _coerce(kind: str, literal: Literal) -> Literal:
+    """The literal as the column's type would meet it in DuckDB, or _Unsupported where DuckDB converts in a way
+    this does not repeat (a string against a number, a number against a date, ...)."""
+    lit_kind, value = literal
+    if lit_kind == "null":
+        return literal
+    if kind in ("BIGINT", "DOUBLE"):
+        if lit_kind == "int" and _INT64[0] <= value <= _INT64[1]:
+            return ("float", float(value)) if kind == "DOUBLE" else literal
+        if lit_kind == "float":
+            return literal  # DuckDB: a DOUBLE literal; a BIGINT column is cast to DOUBLE, as numpy does
+        if lit_kind == "dec":
+            digits = value.as_tuple().digits
+            if kind == "DOUBLE" and len(digits) <= 15:  # exact in a double, so DuckDB's cast rounds like float()
+                return ("float", float(value))
+            if kind == "BIGINT" and len(digits) <= 18:  # DuckDB compares BIGINT and DECIMAL exactly
+                return literal
+    elif kind == "DATE":
+        if lit_kind == "date":
+            return literal
+        if lit_kind == "str":
+            return _date_literal(value)
+    elif kind == "VARCHAR" and lit_kind == "str" or kind == "BOOLEAN" and lit_kind == "bool":
+        return literal
+    raise _Unsupported(f"{kind} against {lit_kind}")
+
+
+class _Column:
+    """One column of the rows being filtered: numbers (int64, float64, bool, days) with a validity mask, or
+    strings as codes into their distinct values (-1: NULL)."""
+
+    def __init__(self, values: Any, valid: Any, distinct: list[str] | None = None, offsets: Any = None) -> None:
+        self.values, self.valid, self.distinct = values, valid, distinct
+        self.offsets = offsets  # a list column: row i's elements are values[offsets[i]:offsets[i + 1]]
+
+
+def _bits(buffer: Any, offset: int, length: int) -> Any:
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")
+    return bits[offset : offset + length].astype(bool)
+
+
+def _valid(chunk: Any) -> Any:
+    import numpy as np
+
+    if chunk.null_count == 0:
+        return np.ones(len(chunk), bool)
+    return _bits(chunk.buffers()[0], chunk.offset, len(chunk))
+
+
+def _read_column(chunked: Any, kind: str) -> _Column:
+    """A column from Arrow buffers with numpy alone (pyarrow.compute costs a cold query 25 ms to import)."""
+    import numpy as np
+
+    chunks = [c for c in chunked.chunks if len(c)]
+    if kind.endswith("[]"):  # offsets per chunk, shifted onto the elements of all chunks read one after another
+        import pyarrow as pa
+
+        offsets, elements, valid_parts, start = [np.zeros(1, np.int64)], [], [], 0
+        for chunk in chunks:
+            local = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+            first, last = int(local[0]), int(local[-1])
+            elements.append(chunk.values.slice(first, last - first))
+            offsets.append(local[1:].astype(np.int64) - first + start)
+            valid_parts.append(_valid(chunk))
+            start += last - first
+        items = _read_column(pa.chunked_array(elements, chunked.type.value_type), kind[:-2])
+        valid = np.concatenate(valid_parts) if valid_parts else np.zeros(0, bool)
+        return _Column(items, valid, offsets=np.concatenate(offsets))
+    if kind == "VARCHAR" and not _is_dictionary(chunked):  # plain strings: each row its own entry
+        values = chunked.to_pylist()
+        valid = np.fromiter((v is not None for v in values), bool, len(values))
+        return _Column(np.where(valid, np.arange(len(values)), -1), valid, values)
+    if kind == "VARCHAR":  # read dictionary-encoded: indices per chunk, into one list of distinct values
+        codes_of: dict[str, int] = {}
+        parts, valid_parts = [], []
+        for chunk in chunks:
+            lut = np.array([codes_of.setdefault(v, len(codes_of)) for v in chunk.dictionary.to_pylist()] or [0])
+            ind = chunk.indices
+            local = np.frombuffer(ind.buffers()[1], np.int32)[ind.offset : ind.offset + len(ind)]
+            valid = _valid(ind)
+            parts.append(np.where(valid, lut[np.where(valid, local, 0)], -1))
+            valid_parts.append(valid)
+        codes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        valid = np.concatenate(valid_parts) if valid_parts else np.zeros(0, bool)
+        return _Column(codes, valid, list(codes_of))
+    dtype = {"BIGINT": np.int64, "DOUBLE": np.float64, "DATE": np.int32, "BOOLEAN": bool}[kind]
+    values, valid_parts = [], []
+    for chunk in chunks:
+        if dtype is bool:
+            values.append(_bits(chunk.buffers()[1], chunk.offset, len(chunk)))
+        else:
+            values.append(np.frombuffer(chunk.buffers()[1], dtype)[chunk.offset : chunk.offset + len(chunk)])
+        valid_parts.append(_valid(chunk))
+    return _Column(
+        np.concatenate(values) if values else np.zeros(0, dtype),
+        np.concatenate(valid_parts) if valid_parts else np.zeros(0, bool),
+    )
+
+
+def _is_dictionary(chunked: Any) -> bool:
+    return str(chunked.type).startswith("dictionary<")
+
+
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "=": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+}  # fmt: skip
+
+
+def _like(pattern: str) -> Callable[[str], bool]:
+    """SQL LIKE as a regular expression: % any run of characters, _ one character, case-sensitive."""
+    if "\\" in pattern:
+        raise _Unsupported("a backslash in a LIKE pattern")  # escapes: DuckDB's rules, not repeated here
+    body = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+    return re.compile(body, re.DOTALL).fullmatch  # type: ignore[return-value]
+
+
+class _Evaluator:
+    """Evaluates a parsed condition over one segment's columns as SQL's three-valued logic: each node gives
+    (true, null) masks; false is neither."""
+
+    def __init__(self, columns: dict[str, _Column], kinds: dict[str, str], rows: int) -> None:
+        self.columns, self.kinds, self.rows = columns, kinds, rows
+
+    def eval(self, tree: tuple) -> tuple[Any, Any]:
+        import numpy as np
+
+        op = tree[0]
+        if op in ("and", "or", "or_all"):
+            parts = [self.eval(t) for t in (tree[1] if op == "or_all" else tree[1:])]
+            true, null = parts[0]
+            for t2, n2 in parts[1:]:
+                false = ~true & ~null
+                f2 = ~t2 & ~n2
+                if op == "and":
+                    true, false = true & t2, false | f2
+                else:
+                    true, false = true | t2, false & f2
+                null = ~true & ~false
+            return true, null
+        if op == "not":
+            true, null = self.eval(tree[1])
+            return ~true & ~null, null
+        column = self.columns[tree[2] if op == "cmp" else tree[1]]
+        if op == "contains":  # list_contains: NULL for a NULL list or item, else whether an element equals it
+            literal = tree[2]
+            if literal[0] == "null":  # DuckDB: false for an empty list, NULL for any other
+                empty = column.valid & (column.offsets[1:] == column.offsets[:-1])
+                return np.zeros(self.rows, bool), ~empty
+            items = column.values  # the elements, all rows' one after another
+            equal = (
+                self._strings(items, lambda value: value == literal[1])[0]
+                if items.distinct is not None
+                else items.valid & (items.values == literal[1])
+            )
+            before = np.concatenate([[0], np.cumsum(equal)])  # equal elements before each position
+            found = before[column.offsets[1:]] > before[column.offsets[:-1]]
+            return column.valid & found, ~column.valid
+        if op == "isnull":
+            return ~column.valid, np.zeros(self.rows, bool)
+        if op == "truth":
+            return column.valid & column.values, ~column.valid
+        if op == "like":
+            literal = tree[2]
+            if literal[0] == "null":
+                return np.zeros(self.rows, bool), np.ones(self.rows, bool)
+            match = _like(literal[1])
+            return self._strings(column, lambda value: match(value) is not None)
+        _, cmp, name, literal = tree
+        if literal[0] == "null":  # anything compared with NULL is NULL
+            return np.zeros(self.rows, bool), np.ones(self.rows, bool)
+        compare = _COMPARE[cmp]
+        if column.distinct is not None:
+            return self._strings(column, lambda value: compare(value, literal[1]))
+        if literal[0] == "dec":  # a BIGINT column against a decimal, exactly: 5 < 5.5 is 5 <= floor(5.5)
+            value = literal[1]
+            if value == value.to_integral_value():
+                result = compare(column.values, int(value))
+            elif cmp in ("=", "!="):
+                result = np.full(self.rows, cmp == "!=")
+            else:
+                below = cmp in ("<", "<=")  # x < 5.5 is x <= 5; x > 5.5 is x >= 6
+                bound = math.floor(value) if below else math.ceil(value)
+                if not _INT64[0] <= bound <= _INT64[1]:
+                    raise _Unsupported("a decimal beyond BIGINT")
+                result = column.values <= bound if below else column.values >= bound
+        else:
+            result = compare(column.values, literal[1])
+        return column.valid & result, ~column.valid
+
+    def _strings(self, column: _Column, test: Callable[[str], bool]) -> tuple[Any, Any]:
+        """A condition on a string column, decided once per distinct value (the last entry stands for NULL)."""
+        import numpy as np
+
+        lut = np.array([v is not None and bool(test(v)) for v in column.distinct] + [False], dtype=bool)
+        return lut[column.values], ~column.valid
+
+
+def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
+    """Binds column names as DuckDB does (case-insensitively) and coerces literals to each column's type."""
+    op = tree[0]
+    if op in ("and", "or"):
+        return (op, _resolve(tree[1], kinds, used), _resolve(tree[2], kinds, used))
+    if op == "or_all":
+        return (op, [_resolve(t, kinds, used) for t in tree[1]])
+    if op == "not":
+        return (op, _resolve(tree[1], kinds, used))
+    position = 2 if op == "cmp" else 1
+    matches = [name for name in kinds if name.lower() == tree[position].lower()]
+    if len(matches) != 1:
+        raise _Unsupported(tree[position])  # unknown or ambiguous: DuckDB says which
+    name = matches[0]
+    kind = kinds[name]
+    used[name] = kind
+    if op == "truth":
+        if kind != "BOOLEAN":
+            raise _Unsupported(f"{kind} as a condition")
+        return (op, name)
+    if op == "isnull":
+        return (op, name)
+    if op == "contains":
+        if not kind.endswith("[]"):
+            raise _Unsupported("list_contains on a non-list")
+        return (op, name, _coerce(kind[:-2], tree[2]))
+    if kind.endswith("[]"):
+        raise _Unsupported("a list compared as a whole")
+    if op == "like":
+        if kind != "VARCHAR" or tree[2][0] not in ("str", "null"):
+            raise _Unsupported("LIKE on a non-string")
+        if tree[2][0] == "str":
+            _like(tree[2][1])  # a pattern it cannot translate goes to DuckDB before any column is read
+        return (op, name, tree[2])
+    return (op, tree[1], name, _coerce(kind, tree[3]))
+
+
+def fast_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
+    """``allowed_rows`` without DuckDB for the common subset of WHERE (see the module's docstring); None when the
+    condition, or the index, needs DuckDB."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    kinds = {name: "VARCHAR" for name in BUILTIN}
+    kinds.update({name: kind for name, kind in types.items() if name not in BUILTIN})
+    used: dict[str, str] = {}
+    try:
+        tree = _resolve(_Parser(where).parse(), kinds, used)
+        if any(kind not in FAST_TYPES for kind in used.values()):
+            raise _Unsupported("a type the fast path does not read")
+        fields = [name for name in used if name not in BUILTIN]
+        builtin = [name for name in used if name in BUILTIN]
+        masks = []
+        for seg in index.segments:
+            seg_dir = index.directory / seg.segment.path
+            columns: dict[str, _Column] = {}
+            if fields:
+                if FIELDS_FILE not in seg.segment.files:
+                    raise _Unsupported("an index from before fields.parquet")
+                strings = [name for name in fields if used[name] == "VARCHAR"]  # lists of strings stay plain
+                table = pq.ParquetFile(seg_dir / FIELDS_FILE, read_dictionary=strings)
+                stored = {field.name: _arrow_type_name(field.type) for field in table.schema_arrow}
+                if any(stored.get(name) != _ARROW_TYPES[used[name]] for name in fields):
+                    raise _Unsupported("a field written without its column, or as another type than the manifest's")
+                read = table.read(columns=fields, use_threads=False)  # one thread: 2.5 ms where a pool took 6
+                columns.update({name: _read_column(read.column(name), used[name]) for name in fields})
+            if builtin:
+                # Ids and titles are (nearly) all distinct: read as plain strings, which costs 100k ids 0.03 s
+                # where a dictionary of them took 0.14 s. Sources repeat, so they are read as a dictionary.
+                dictionary = [name for name in builtin if name == "source"]
+                passages = pq.ParquetFile(seg_dir / "passages.parquet", read_dictionary=dictionary)
+                read = passages.read(columns=builtin, use_threads=False)
+                columns.update({name: _read_column(read.column(name), "VARCHAR") for name in builtin})
+            if any(len(c.valid) != seg.segment.rows for c in columns.values()):
+                raise _Unsupported("columns that do not match the segment")  # DuckDB's path reports the damage
+            true, _ = _Evaluator(columns, used, seg.segment.rows).eval(tree)
+            masks.append(np.asarray(true, dtype=bool))
+    except _Unsupported:
+        return None
+    return np.concatenate(masks) if masks else np.zeros(index.rows, dtype=bool)

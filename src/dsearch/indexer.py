@@ -38,7 +38,7 @@ from dsearch.corpus import (
 from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
-from dsearch.filters import field_types
+from dsearch.filters import field_types, has_field_columns, write_field_columns
 from dsearch.lexical import build_lexical, has_lexical
 from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
 from dsearch.store import (
@@ -590,9 +590,11 @@ def _locked_build(
             remaining = len(counts.seen_stored) + counts.added
             why = f" ({_no_passages(corpus, stats)})" if remaining == 0 else ""
             limit.check(target, len(stored), remaining, removed, why)
-            # Nothing changed, and nothing to add: an index from before field types or the lexical index was
-            # built gets them on its next update.
-            complete = lexical == has_lexical(base) and "field_types" in base.manifest.corpus
+            # Nothing changed, and nothing to add: an index from before field types, fields.parquet or the
+            # lexical index gets them on its next update.
+            complete = (
+                lexical == has_lexical(base) and "field_types" in base.manifest.corpus and has_field_columns(base)
+            )
             if counts.changes(len(stored)) == 0 and complete:
                 tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
                 passages = _passages_of(base.manifest)
@@ -747,13 +749,17 @@ def _build(
         log.info("lexical (BM25) index built in %.2f s", time.perf_counter() - lexical_started)
     removed = len(stored) - len(counts.seen_stored)
     guard.before_publish(staging.target, done, removed)
+    types = field_types(staging.segment_dir / PASSAGES_FILE)  # for --where and info
+    # The fields as typed columns, so that a --where condition reads no JSON and needs no DuckDB (filters.py).
+    columns = write_field_columns(staging.segment_dir, PASSAGES_FILE, types)
+    segment.files[columns] = file_info(staging.segment_dir / columns)
     corpus_info = {
         "sources": describe_sources(corpus.paths, corpus.exclude),
         "format": corpus.fmt,
         "fields": asdict(corpus.names),
         "split": split.as_dict() if split else None,
         "lexical": lexical,
-        "field_types": field_types(staging.segment_dir / PASSAGES_FILE),  # for --where and info
+        "field_types": types,
     }
     stats_info = {
         "passages": done,

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,9 @@ TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 STEMMER_LANGUAGE = "english"
 # Passages read from Parquet at once while building.
 READ_BATCH = 2000
+# (passage, token) pairs scored at once in the build's second pass: about 100 bytes each while they are read,
+# sorted and scored (50 MiB); each range re-reads the temporary file of triples (12 bytes a pair).
+RANGE_PAIRS = 1 << 19
 
 
 class Tokenizer:
@@ -65,11 +71,19 @@ def document_text(title: str | None, text: str) -> str:
     return f"{title} {text}" if title else text
 
 
-def build_lexical(segment_dir: Path, passages_file: str) -> list[str]:
+def build_lexical(
+    segment_dir: Path, passages_file: str, read_batch: int = READ_BATCH, range_pairs: int = RANGE_PAIRS
+) -> list[str]:
     """Write the BM25 files of a segment from its ``passages.parquet``; returns their names.
 
-    Reads only id, title and text, a row group at a time; what it keeps is the token ids of every passage
-    (bm25s indexes a list of them) and the vocabulary.
+    The arrays are bm25s's (``bm25s.BM25().index``: Lucene's BM25, k1 1.5, b 0.75, float32 scores in a CSC
+    matrix), byte for byte, but built in bounded memory: bm25s wants every passage's token ids as Python lists
+    (about 36 bytes a token, plus its own copies), which grew with the corpus. Here the first pass reads
+    ``read_batch`` rows at a time, tokenizes, and appends each passage's (passage, token, count) triples to a
+    temporary file while counting document frequencies; the second pass scores the triples of ``range_pairs``
+    (passage, token) pairs' worth of tokens at a time, with bm25s's arithmetic, and appends them to the output
+    files in bm25s's (token, passage) order. What stays in memory is the vocabulary, a few numbers per token and
+    per passage, and one batch or range.
     """
     import bm25s
     import numpy as np
@@ -79,46 +93,156 @@ def build_lexical(segment_dir: Path, passages_file: str) -> list[str]:
     # bm25s sets its logger to DEBUG on import; its "Building index…" lines would reach stderr wherever another
     # library configured the root logger.
     logging.getLogger("bm25s").setLevel(logging.WARNING)
+    retriever = bm25s.BM25()  # its parameters (Lucene's BM25, k1 = 1.5, b = 0.75); its index() is not used
     tokenizer = Tokenizer(STOPWORDS_EN)
     vocab: dict[str, int] = {}
-    docs: list[list[int]] = []
-    first_rows: list[int] = []
-    row = 0
+    lengths: list[Any] = []  # per batch: each passage's number of tokens (int64, as bm25s's mean needs)
+    first_rows: list[Any] = []  # per batch: each passage's first row
+    batches: list[int] = []  # triples written per batch
+    frequencies = np.zeros(0, np.int64)  # passages holding each token
+    documents = row = 0
     previous = None
-    table = pq.ParquetFile(segment_dir / passages_file)
-    for batch in table.iter_batches(batch_size=READ_BATCH, columns=["id", "title", "text"]):
-        ids, titles, texts = (batch.column(n).to_pylist() for n in ("id", "title", "text"))
-        for passage_id, title, text in zip(ids, titles, texts, strict=True):
-            if passage_id != previous:  # a split passage's further windows repeat its id and whole text
-                tokens = tokenizer(document_text(title, text))
-                docs.append([vocab.setdefault(t, len(vocab)) for t in tokens])
-                first_rows.append(row)
-                previous = passage_id
-            row += 1
-    retriever = bm25s.BM25()  # Lucene's BM25, k1 = 1.5, b = 0.75
-    if docs:
-        # bm25s wants one known token at least; an empty corpus (or one of stopwords only) gets a stand-in.
-        vocab.setdefault("", len(vocab))
-        retriever.index(bm25s.tokenization.Tokenized(ids=docs, vocab=vocab), show_progress=False)
-        data, indices, indptr = (retriever.scores[n] for n in ("data", "indices", "indptr"))
-    else:
-        data, indices, indptr = np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
-    np.save(segment_dir / "bm25-data.npy", np.asarray(data, np.float32))
-    np.save(segment_dir / "bm25-indices.npy", np.asarray(indices, np.int32))
-    np.save(segment_dir / "bm25-indptr.npy", np.asarray(indptr, np.int64))
-    np.save(segment_dir / "bm25-rows.npy", np.asarray(first_rows, np.int64))
+    with tempfile.TemporaryDirectory(prefix="bm25-", dir=segment_dir) as tmp, _system_memory_pool():
+        triples_path = Path(tmp) / "triples.bin"
+        with open(triples_path, "wb") as triples:
+            table = pq.ParquetFile(segment_dir / passages_file, pre_buffer=False)
+            for batch in table.iter_batches(batch_size=read_batch, columns=["id", "title", "text"]):
+                ids, titles, texts = (batch.column(n).to_pylist() for n in ("id", "title", "text"))
+                tokens: list[int] = []
+                counts: list[int] = []
+                starts: list[int] = []
+                for passage_id, title, text in zip(ids, titles, texts, strict=True):
+                    if passage_id != previous:  # a split passage's further windows repeat its id and whole text
+                        words = tokenizer(document_text(title, text))
+                        tokens.extend(vocab.setdefault(t, len(vocab)) for t in words)
+                        counts.append(len(words))
+                        starts.append(row)
+                        previous = passage_id
+                    row += 1
+                if not counts:
+                    continue
+                per_doc = np.asarray(counts, np.int64)
+                docs = np.repeat(np.arange(documents, documents + len(counts), dtype=np.int64), per_doc)
+                # One key per (passage, token) occurrence; unique keys are the pairs, sorted by passage then token.
+                pairs, tf = np.unique((docs << 32) | np.asarray(tokens, np.int64), return_counts=True)
+                token_ids = pairs & 0xFFFFFFFF
+                frequencies = np.pad(frequencies, (0, len(vocab) - len(frequencies)))
+                frequencies += np.bincount(token_ids, minlength=len(vocab))
+                for column in (pairs >> 32, token_ids, tf):
+                    column.astype(np.int32).tofile(triples)
+                batches.append(len(pairs))
+                lengths.append(per_doc)
+                first_rows.append(np.asarray(starts, np.int64))
+                documents += len(counts)
+        if documents:
+            # bm25s wants one known token at least; an empty corpus (or one of stopwords only) gets a stand-in.
+            vocab.setdefault("", len(vocab))
+        frequencies = np.pad(frequencies, (0, len(vocab) - len(frequencies)))
+        indptr = np.zeros(len(vocab) + 1, np.int64)
+        np.cumsum(frequencies, out=indptr[1:])
+        with _npy_writer(segment_dir / "bm25-data.npy", np.float32, int(indptr[-1])) as data, _npy_writer(
+            segment_dir / "bm25-indices.npy", np.int32, int(indptr[-1])
+        ) as indices:
+            if documents:
+                passage_lengths = np.concatenate(lengths)
+                _score(
+                    triples_path, batches, frequencies, indptr, passage_lengths, retriever.k1, retriever.b,
+                    range_pairs, data, indices,
+                )  # fmt: skip
+    np.save(segment_dir / "bm25-indptr.npy", indptr)
+    np.save(segment_dir / "bm25-rows.npy", np.concatenate(first_rows) if first_rows else np.zeros(0, np.int64))
     meta = {
         "library": f"bm25s {bm25s.__version__}",
         "method": retriever.method,
         "k1": retriever.k1,
         "b": retriever.b,
-        "documents": len(docs),
+        "documents": documents,
         "rows": row,
         "tokenizer": {"pattern": TOKEN_PATTERN, "stemmer": STEMMER_LANGUAGE, "stopwords": sorted(STOPWORDS_EN)},
         "vocab": vocab,
     }
     (segment_dir / LEXICAL_META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     return list(LEXICAL_FILES)
+
+
+def _score(
+    triples_path: Path,
+    batches: list[int],
+    frequencies: Any,
+    indptr: Any,
+    passage_lengths: Any,
+    k1: float,
+    b: float,
+    range_pairs: int,
+    data: Any,
+    indices: Any,
+) -> None:
+    """The second pass: BM25 scores of every (passage, token) pair, a range of tokens at a time, in CSC order.
+
+    The arithmetic is bm25s's (``scoring._score_idf_lucene``, ``_score_tfc_lucene`` and its float32/float64
+    mix), so the scores come out bit for bit the same: idf in Python floats stored as float32, the length
+    normalisation in float64, the product cast to float32."""
+    import numpy as np
+
+    n_docs = len(passage_lengths)
+    avg_len = passage_lengths.mean()  # numpy's float64 mean of the int64 lengths, as bm25s computes it
+    idf = np.zeros(len(frequencies), np.float32)
+    for token in np.flatnonzero(frequencies):
+        df = int(frequencies[token])
+        idf[token] = math.log(1 + (n_docs - df + 0.5) / (df + 0.5))
+    offsets = np.concatenate([[0], np.cumsum(batches)]) * 12  # bytes: a batch is 3 int32 columns of its pairs
+    first = 0
+    while first < len(frequencies):
+        # The tokens whose pairs fit in range_pairs (at least one token, however many passages hold it).
+        last = max(first + 1, int(np.searchsorted(indptr, indptr[first] + range_pairs, side="right")) - 1)
+        last = min(last, len(frequencies))
+        parts: list[tuple[Any, Any, Any]] = []
+        for number, count in enumerate(batches):
+            block = np.fromfile(triples_path, np.int32, count=3 * count, offset=int(offsets[number]))
+            block = block.reshape(3, count)
+            keep = (block[1] >= first) & (block[1] < last)
+            parts.append((block[0][keep], block[1][keep], block[2][keep]))
+        docs, tokens, tf = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        # Passages ascend within a token (batches are in passage order); a stable sort by token keeps that.
+        order = np.argsort(tokens, kind="stable")
+        docs, tokens, tf = docs[order], tokens[order], tf[order].astype(np.float32)
+        norm = k1 * ((1 - b) + b * passage_lengths[docs] / avg_len)
+        scores = (idf[tokens] * (tf / (norm + tf))).astype(np.float32)
+        data.write(scores.tobytes())
+        indices.write(docs.astype(np.int32).tobytes())
+        first = last
+
+
+@contextmanager
+def _system_memory_pool() -> Iterator[None]:
+    """Arrow allocates from the C library's allocator meanwhile, not its default mimalloc pool.
+
+    Reading a 500k-passage file a batch at a time grew the process by 116 MiB under mimalloc, which keeps the
+    pages of freed batches, and by 17 MiB with the system allocator and no pre-buffering (100k: 65 and 12 MiB):
+    the read is then bounded by the batch, as the rest of the build is."""
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+@contextmanager
+def _npy_writer(path: Path, dtype: Any, length: int) -> Iterator[Any]:
+    """A file object positioned after the header of a 1-D ``.npy`` of ``length`` items (what ``np.save`` writes),
+    to append the items to in order."""
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        expected = fh.tell() + length * np.dtype(dtype).itemsize
+        yield fh
+        if fh.tell() != expected:
+            raise RuntimeError(f"{path}: wrote {fh.tell()} bytes, expected {expected}")
 
 
 class LexicalSegment:

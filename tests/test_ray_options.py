@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import pytest
@@ -97,3 +98,20 @@ def test_a_workers_dsearch_error_is_found_inside_ray_datas_wrapping():
         outer.cause = wrapped  # what RayTaskError carries
         assert _dsearch_cause(outer) is original
     assert _dsearch_cause(RuntimeError("no dsearch error in here")) is None
+
+
+@pytest.mark.slow
+def test_an_int8_worker_keeps_to_its_threads(tiny_seed_model):
+    """int8 runs texts side by side on a thread pool as wide as the node's cores; a Ray worker given one CPU must
+    run one thread, or two workers on a 2-core node run four threads and slow each other down."""
+    from dsearch.distributed import EncoderSpec, load_worker_encoder
+    from dsearch.encoder import load_encoder
+
+    driver = load_encoder(str(tiny_seed_model), "int8")
+    assert driver.workers == (os.cpu_count() or 1)  # what a local build uses
+    spec = EncoderSpec.of(driver, batch_size=16, trust_remote_code=False, threads=1, device="cpu")
+    worker = load_worker_encoder(spec)
+    assert worker.workers == 1
+    assert worker.encode_documents(["a passage", "another one"]).tolist() == driver.encode_documents(
+        ["a passage", "another one"]
+    ).tolist()

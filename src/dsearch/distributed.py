@@ -160,6 +160,12 @@ def _limit_threads(encoder: Any, threads: int) -> None:
     spinning on the same cores slow each other down."""
     session = getattr(encoder, "session", None)
     if session is not None:
+        # int8 runs texts side by side, each on a one-thread session, on as many threads as `workers` says (the
+        # node's cores by default): two workers of one thread each would otherwise run four threads on two cores.
+        if hasattr(encoder, "workers"):
+            encoder.workers = threads
+        if getattr(encoder, "per_row", False):
+            return  # its session is single-threaded already
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -328,6 +334,7 @@ class RayEncoder:
         self._parts: dict[int, list[np.ndarray]] = {}
         self._ready: dict[int, np.ndarray] = {}
         self._stream: Any = None  # the running round's iterator of output batches
+        self._round_started: float | None = None
         self._next = 0
         self._connect(connect_timeout)
 
@@ -349,9 +356,13 @@ class RayEncoder:
                 ray.init(address=None if self.address == "local" else self.address, **options)
         except ConnectionError as exc:
             # The port answered (checked above), so the likeliest cause is Ray's token authentication.
-            auth = "" if os.environ.get("RAY_AUTH_MODE") else (
-                "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token "
-                "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            auth = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE")
+                else (
+                    "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token "
+                    "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                )
             )
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DsearchError(f"cannot connect to the Ray cluster at {self.address}: {first}{auth}") from None
@@ -438,6 +449,7 @@ class RayEncoder:
         self._sizes.update((chunk, len(texts)) for chunk, texts in chunks)
         self.rounds += 1
         log.debug("ray: round %d: %d chunks, %d texts", self.rounds, len(chunks), sum(len(t) for _, t in chunks))
+        self._round_started: float | None = time.perf_counter()
         self._stream = iter(self.dataset(chunks).iter_batches(batch_size=None, batch_format="numpy"))
 
     def _take(self) -> None:
@@ -448,6 +460,13 @@ class RayEncoder:
             self._launch()
         try:
             batch = next(self._stream)
+            if self._round_started is not None:
+                log.debug(
+                    "ray: round %d: first vectors back after %.1f s",
+                    self.rounds,
+                    time.perf_counter() - self._round_started,
+                )
+                self._round_started = None
         except StopIteration:
             self._stream = None
             return

@@ -449,7 +449,7 @@ class RayEncoder:
         self._sizes.update((chunk, len(texts)) for chunk, texts in chunks)
         self.rounds += 1
         log.debug("ray: round %d: %d chunks, %d texts", self.rounds, len(chunks), sum(len(t) for _, t in chunks))
-        self._round_started: float | None = time.perf_counter()
+        self._round_started = time.perf_counter()
         self._stream = iter(self.dataset(chunks).iter_batches(batch_size=None, batch_format="numpy"))
 
     def _take(self) -> None:

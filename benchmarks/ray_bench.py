@@ -89,13 +89,13 @@ def driver_ingest(corpus: Path, target: Path, precision: str, chunk_encoder=None
     return time.perf_counter() - started, summary.as_dict()
 
 
-def ray_ingest(corpus: Path, target: Path, precision: str, workers: int) -> tuple[float, dict]:
+def ray_ingest(corpus: Path, target: Path, precision: str, workers: int, env: dict[str, str]) -> tuple[float, dict]:
     """``driver_ingest`` through the ``--ray`` executor, its workers encoding nothing (the clock includes joining
     the cluster, as a real build's does)."""
     from dsearch.distributed import RayEncoder
 
     cpus = os.cpu_count() or 2
-    with local_cluster(cpus=cpus) as address:
+    with local_cluster(cpus=cpus, env=env) as address:
         started = time.perf_counter()
         chunks = type("ZeroRay", (RayEncoder,), {"worker_class": ZeroWorker})(address, workers)
         connect_s = time.perf_counter() - started
@@ -113,6 +113,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--repeat", type=int, default=2, help="local/Ray pairs, one after the other")
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=0,
+        help="the Ray workers' nice value (Ray's default is 15, which on a machine shared with other jobs gives "
+        "them less CPU than the local build gets at 0)",
+    )
     parser.add_argument("--ingest-passages", type=int, default=50_000, help="passages for the driver's ingest rate")
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="BEIR SciFact folder")
     args = parser.parse_args()
@@ -128,10 +135,11 @@ def main() -> None:
         timed_index([str(corpus), "-o", str(tmp / "warm"), *common])  # caches the ONNX export for both runs
         cpus = os.cpu_count() or 2
         load_before = os.getloadavg()[0]
+        niceness = {"RAY_worker_niceness": str(args.worker_niceness)}
         pairs = []
         for i in range(args.repeat):
             local_s, local = timed_index([str(corpus), "-o", str(tmp / f"local{i}"), *common])
-            with local_cluster(cpus=cpus) as address:
+            with local_cluster(cpus=cpus, env=niceness) as address:
                 ray_args = ["--ray", "--ray-address", address, "--workers", str(args.workers)]
                 ray_s, ray = timed_index([str(corpus), "-o", str(tmp / f"ray{i}"), *common, *ray_args])
             pairs.append((local_s, local, ray_s, ray, os.getloadavg()[0]))
@@ -140,12 +148,13 @@ def main() -> None:
         ingest_s, ingest = driver_ingest(big, tmp / "ingest", args.precision)
         # Whole abstracts: most are longer than the model's window, so the driver tokenizes and cuts windows.
         abstracts_s, abstracts = driver_ingest(args.scifact / "corpus.jsonl", tmp / "abstracts", args.precision)
-        ray_ingest_s, ray_ingested = ray_ingest(big, tmp / "ray-ingest", args.precision, args.workers)
+        ray_ingest_s, ray_ingested = ray_ingest(big, tmp / "ray-ingest", args.precision, args.workers, niceness)
 
     per_worker = sum(p[3]["passages_per_second"] for p in pairs) / len(pairs) / args.workers
     driver_rate = ingest["indexed"] / ingest_s
     precision = pairs[0][1]["precision"]
     print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; precision {precision}")
+    print(f"Ray workers' nice value: {args.worker_niceness}")
     print(f"load average (1 min) before the builds: {load_before:.2f}")
     print(f"| pair | local wall s | `--ray --workers {args.workers}` wall s | Ray vs local | load average after |")
     print("|---|---|---|---|---|")

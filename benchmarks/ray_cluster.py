@@ -39,9 +39,12 @@ def session_pids(sid: int) -> list[int]:
 
 
 @contextmanager
-def local_cluster(cpus: int = 2, timeout: float = 60, gpus: int = 0) -> Iterator[str]:
+def local_cluster(
+    cpus: int = 2, timeout: float = 60, gpus: int = 0, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Start a head node with ``cpus`` CPUs and no token authentication; yield its address (``127.0.0.1:PORT``);
-    kill it afterwards. ``gpus`` declares GPU resources only (Ray hands out their ids; no device is behind them)."""
+    kill it afterwards. ``gpus`` declares GPU resources only (Ray hands out their ids; no device is behind them);
+    ``env`` adds to the head's environment (Ray's ``RAY_<setting>`` variables)."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="dsr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
@@ -55,7 +58,13 @@ def local_cluster(cpus: int = 2, timeout: float = 60, gpus: int = 0) -> Iterator
     # Set for this process too while the cluster runs, so that the dsearch processes it starts inherit it.
     saved_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    head = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -1,14 +1,18 @@
 """`dsearch index --ray` against a local build on the same passages, in one run, and the driver's ingest ceiling.
 
-    python benchmarks/ray_bench.py [--passages 5000] [--workers 2] [--precision auto] [--scifact DIR]
+    python benchmarks/ray_bench.py [--passages 5000] [--workers 2] [--precision auto] [--repeat 2] [--scifact DIR]
 
-1. A local Ray cluster with as many CPUs as this machine (benchmarks/ray_cluster.py).
-2. The same corpus (SciFact sentences, as in the other benchmarks) indexed by `dsearch index` locally and with
-   `--ray --workers N`, whole process each, after one warm-up build that caches the ONNX export. Overhead = Ray
-   wall time / local wall time - 1.
-3. The driver's ingest rate: the same build in-process with a chunk encoder that returns zero vectors at once, so
+1. The same corpus (SciFact sentences, as in the other benchmarks) indexed by `dsearch index` locally and with
+   `--ray --workers N` (Ray Data map_batches over an actor pool), whole process each, after one warm-up build that
+   caches the ONNX export; `--repeat` pairs, local then Ray, so that both see the same load. The Ray build joins a
+   local cluster with as many CPUs as this machine (benchmarks/ray_cluster.py), started before and stopped after
+   each Ray build, so that its idle daemons do not slow the local build. Overhead = Ray wall time / local wall
+   time - 1, per pair and for the sums.
+2. The driver's ingest rate: the same build in-process with a chunk encoder that returns zero vectors at once, so
    what is timed is everything the driver does besides encoding (reading, hashing, windows, writing FAISS and
    Parquet, checkpoints, publishing). A cluster saturates the driver when its workers together encode faster.
+3. The same through Ray Data: the `--ray` executor with workers that return zero vectors, so what is timed is
+   the driver's work plus Ray Data's (rounds, actor pools, shipping texts out and vectors back).
 """
 
 from __future__ import annotations
@@ -57,14 +61,50 @@ class ZeroVectors:
         pass
 
 
-def driver_ingest(corpus: Path, target: Path, precision: str) -> tuple[float, dict]:
+class ZeroWorker:
+    """Ray Data's callable class for the Ray ingest run: no model, zero vectors."""
+
+    def __init__(self, spec) -> None:
+        self.dim = spec.dim
+
+    def __call__(self, batch):
+        import numpy as np
+
+        texts = [text for chunk in batch["texts"].to_pylist() for text in chunk]
+        sizes = [len(chunk) for chunk in batch["texts"].to_pylist()]
+        return {
+            "chunk": np.repeat(batch["chunk"].to_numpy(), sizes),
+            "vector": np.zeros((len(texts), self.dim), dtype=np.float32),
+            "error": np.array([""] * len(texts)),
+        }
+
+
+def driver_ingest(corpus: Path, target: Path, precision: str, chunk_encoder=None) -> tuple[float, dict]:
     from dsearch.encoder import load_encoder
     from dsearch.indexer import build_index
 
     encoder = load_encoder(None, precision)  # loaded before the clock starts: the driver loads it once too
     started = time.perf_counter()
-    summary = build_index([str(corpus)], target, encoder, chunk_encoder=ZeroVectors())
+    summary = build_index([str(corpus)], target, encoder, chunk_encoder=chunk_encoder or ZeroVectors())
     return time.perf_counter() - started, summary.as_dict()
+
+
+def ray_ingest(corpus: Path, target: Path, precision: str, workers: int, env: dict[str, str]) -> tuple[float, dict]:
+    """``driver_ingest`` through the ``--ray`` executor, its workers encoding nothing (the clock includes joining
+    the cluster, as a real build's does)."""
+    from dsearch.distributed import RayEncoder
+
+    cpus = os.cpu_count() or 2
+    with local_cluster(cpus=cpus, env=env) as address:
+        started = time.perf_counter()
+        chunks = type("ZeroRay", (RayEncoder,), {"worker_class": ZeroWorker})(address, workers)
+        connect_s = time.perf_counter() - started
+        try:
+            seconds, summary = driver_ingest(corpus, target, precision, chunks)
+        finally:
+            chunks.close()
+    summary["rounds"] = chunks.rounds
+    return seconds + connect_s, summary
 
 
 def main() -> None:
@@ -72,6 +112,14 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--repeat", type=int, default=2, help="local/Ray pairs, one after the other")
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=0,
+        help="the Ray workers' nice value (Ray's default is 15, which on a machine shared with other jobs gives "
+        "them less CPU than the local build gets at 0)",
+    )
     parser.add_argument("--ingest-passages", type=int, default=50_000, help="passages for the driver's ingest rate")
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="BEIR SciFact folder")
     args = parser.parse_args()
@@ -85,25 +133,35 @@ def main() -> None:
         corpus.write_text("".join(rows[: args.passages]))
         common = ["--precision", args.precision]
         timed_index([str(corpus), "-o", str(tmp / "warm"), *common])  # caches the ONNX export for both runs
-        local_s, local = timed_index([str(corpus), "-o", str(tmp / "local"), *common])
         cpus = os.cpu_count() or 2
-        with local_cluster(cpus=cpus) as address:
-            ray_args = ["--ray", "--ray-address", address, "--workers", str(args.workers)]
-            ray_s, ray = timed_index([str(corpus), "-o", str(tmp / "ray"), *common, *ray_args])
+        load_before = os.getloadavg()[0]
+        niceness = {"RAY_worker_niceness": str(args.worker_niceness)}
+        pairs = []
+        for i in range(args.repeat):
+            local_s, local = timed_index([str(corpus), "-o", str(tmp / f"local{i}"), *common])
+            with local_cluster(cpus=cpus, env=niceness) as address:
+                ray_args = ["--ray", "--ray-address", address, "--workers", str(args.workers)]
+                ray_s, ray = timed_index([str(corpus), "-o", str(tmp / f"ray{i}"), *common, *ray_args])
+            pairs.append((local_s, local, ray_s, ray, os.getloadavg()[0]))
         big = tmp / "big.jsonl"
         big.write_text("".join(rows[: args.ingest_passages]))
         ingest_s, ingest = driver_ingest(big, tmp / "ingest", args.precision)
         # Whole abstracts: most are longer than the model's window, so the driver tokenizes and cuts windows.
         abstracts_s, abstracts = driver_ingest(args.scifact / "corpus.jsonl", tmp / "abstracts", args.precision)
+        ray_ingest_s, ray_ingested = ray_ingest(big, tmp / "ray-ingest", args.precision, args.workers, niceness)
 
-    per_worker = ray["passages_per_second"] / args.workers
+    per_worker = sum(p[3]["passages_per_second"] for p in pairs) / len(pairs) / args.workers
     driver_rate = ingest["indexed"] / ingest_s
-    print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; precision {local['precision']}")
-    print("| run | wall s | passages/s (summary) |")
-    print("|---|---|---|")
-    print(f"| local `dsearch index` | {local_s:.1f} | {local['passages_per_second']:.1f} |")
-    print(f"| `--ray --workers {args.workers}` (local cluster) | {ray_s:.1f} | {ray['passages_per_second']:.1f} |")
-    print(f"overhead of --ray: {100 * (ray_s / local_s - 1):+.1f}% of the local wall time")
+    precision = pairs[0][1]["precision"]
+    print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; precision {precision}")
+    print(f"Ray workers' nice value: {args.worker_niceness}")
+    print(f"load average (1 min) before the builds: {load_before:.2f}")
+    print(f"| pair | local wall s | `--ray --workers {args.workers}` wall s | Ray vs local | load average after |")
+    print("|---|---|---|---|---|")
+    for i, (local_s, _, ray_s, _, load) in enumerate(pairs, 1):
+        print(f"| {i} | {local_s:.1f} | {ray_s:.1f} | {100 * (ray_s / local_s - 1):+.1f}% | {load:.2f} |")
+    local_total, ray_total = sum(p[0] for p in pairs), sum(p[2] for p in pairs)
+    print(f"overhead of --ray over all pairs: {100 * (ray_total / local_total - 1):+.1f}% of the local wall time")
     print(
         f"driver ingest, no encoding: {ingest['indexed']} passages ({ingest['windows']} vectors) in {ingest_s:.1f} s "
         f"= {driver_rate:.0f} passages/s, {ingest['windows'] / ingest_s:.0f} vectors/s"
@@ -113,7 +171,12 @@ def main() -> None:
         f"({abstracts['windows']} vectors) in {abstracts_s:.1f} s = {abstracts['indexed'] / abstracts_s:.0f} "
         f"passages/s, {abstracts['windows'] / abstracts_s:.0f} vectors/s"
     )
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} (this machine has {cpus} CPUs, shared)")
+    print(
+        f"driver ingest through Ray Data (--workers {args.workers} returning zero vectors): {ray_ingested['indexed']} "
+        f"passages ({ray_ingested['windows']} vectors, {ray_ingested['rounds']} rounds) in {ray_ingest_s:.1f} s = "
+        f"{ray_ingested['windows'] / ray_ingest_s:.0f} vectors/s"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (this machine has {cpus} CPUs, shared)")
     print(
         f"one worker here: {per_worker:.1f} passages/s, so the driver saturates at about "
         f"{driver_rate / per_worker:.0f} such workers"

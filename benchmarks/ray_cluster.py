@@ -39,22 +39,32 @@ def session_pids(sid: int) -> list[int]:
 
 
 @contextmanager
-def local_cluster(cpus: int = 2, timeout: float = 60) -> Iterator[str]:
+def local_cluster(
+    cpus: int = 2, timeout: float = 60, gpus: int = 0, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Start a head node with ``cpus`` CPUs and no token authentication; yield its address (``127.0.0.1:PORT``);
-    kill it afterwards."""
+    kill it afterwards. ``gpus`` declares GPU resources only (Ray hands out their ids; no device is behind them);
+    ``env`` adds to the head's environment (Ray's ``RAY_<setting>`` variables)."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="dsr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     command = [
         ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", str(cpus), "--include-dashboard", "false", "--temp-dir", temp, "--disable-usage-stats",
+        "--num-cpus", str(cpus), "--num-gpus", str(gpus), "--include-dashboard", "false", "--temp-dir", temp,
+        "--disable-usage-stats",
     ]  # fmt: skip
     # Without token authentication, whatever ~/.ray/auth_token holds: a token there turns it on for `ray start`
     # but not for a driver that joins with RAY_AUTH_MODE unset, so the tests would depend on the home folder.
     # Set for this process too while the cluster runs, so that the dsearch processes it starts inherit it.
     saved_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    head = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -1,8 +1,8 @@
 """``dsearch index --ray`` against a real local Ray cluster: the same index as a local build, a killed worker
-retried, a killed driver resumed, ``--update`` sending only what changed.
+retried, a killed driver resumed, ``--update`` sending only what changed, the GPU path's plumbing.
 
-The cluster is started once per session (``ray start --head`` on 127.0.0.1 with two CPUs: benchmarks/ray_cluster.py)
-and exactly its processes are killed afterwards.
+The cluster is started once per session (``ray start --head`` on 127.0.0.1 with two CPUs and one declared GPU, a
+resource with no device behind it: benchmarks/ray_cluster.py) and exactly its processes are killed afterwards.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ DSEARCH = [sys.executable, "-m", "dsearch"]
 @pytest.fixture(scope="session")
 def ray_cluster():
     try:
-        with local_cluster(cpus=2) as address:
+        with local_cluster(cpus=2, gpus=1) as address:
             yield address
     except RuntimeError as exc:
         pytest.fail(str(exc))
@@ -104,6 +104,8 @@ def test_a_killed_worker_is_retried_and_the_index_is_complete(ray_cluster, ray_s
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""  # Ray prints a worker's death on stdout: dsearch routes it to its log
     assert "WARNING: ray (raylet): A worker died or was killed" in result.stderr
+    # Ray Data's actor pool (map_batches with dsearch's callable class) retried the killed worker's chunk.
+    assert "Task MapWorker(MapBatches(_Worker)).submit failed. There are 3 retries remaining" in result.stderr
     _assert_same_index(local, target)
 
 
@@ -167,10 +169,78 @@ def test_update_with_ray_sends_only_new_and_changed_passages(ray_cluster, ray_se
     # The driver counts the texts it shipped: the windows of the 4 passages, nothing else.
     windows = sum(1 for row in OpenIndex(target).iter_rows(("id",)) if row["id"] in {"p3", "p10", "p500", "new-1"})
     assert f"ray: connected to {ray_cluster} " in result.stderr
-    assert f"ray: sent {windows} texts to 2 workers" in result.stderr
+    assert f"ray: sent {windows} texts to 2 workers in 1 round\n" in result.stderr
     rebuilt = root / "update-local.idx"
     assert _index(new_corpus, "-o", rebuilt, *common).returncode == 0
     _assert_same_index(rebuilt, target)
+
+
+def test_rounds_of_chunks_give_the_local_index(ray_cluster, ray_setup):
+    """A corpus larger than one round (one Ray Dataset) is encoded in several, each by a fresh actor pool; the
+    rows still come back in corpus order."""
+    root, corpus, common, local = ray_setup
+    target = root / "rounds.idx"
+    env = {**os.environ, "DSEARCH_RAY_ROUND_CHUNKS": "2"}  # 2 chunks of 128 passages a round: 4 rounds for 800
+    args = (corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-v", "--json")
+    result = _index(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["indexed"] == 800
+    assert " in 4 rounds\n" in result.stderr
+    _assert_same_index(local, target)
+
+
+def test_gpu_workers_get_a_gpu_and_the_manifest_records_fp16(ray_cluster, ray_setup):
+    """No GPU here (none is lent to these tests): ``DSEARCH_TEST_FAULT=fake-cuda`` makes the workers' CUDA probe
+    say yes and runs the GPU worker's fp16 model on the CPU. What is real: ``--precision auto`` choosing fp16, the
+    actor asking Ray for a GPU (a worker given none refuses, so the run would fail), the manifest recording fp16,
+    and fp16 vectors within cosine 0.999 of the fp32 build's."""
+    root, corpus, common, local = ray_setup
+    target = root / "gpu.idx"
+    model = common[common.index("--model") + 1]
+    args = (corpus, "-o", target, "--model", model, "--batch-size", "16", "--ray", "--ray-address", ray_cluster)
+    env = {**os.environ, "DSEARCH_TEST_FAULT": "fake-cuda"}
+    result = _index(*args, "--gpus-per-worker", "1", "--json", "-v", env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["indexed"] == 800 and summary["precision"] == "fp16"
+    # One GPU in the cluster, one per worker: one worker, whatever the CPUs would allow.
+    assert "(2 CPUs, 1 GPUs); 1 workers of 1 CPUs, 1 GPUs each" in result.stderr
+    assert "ray: 1 workers will load " in result.stderr and "(fp16, cuda)" in result.stderr
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["model"]["precision"] == "fp16" and manifest["stats"]["workers"] == 1
+    gpu, cpu = OpenIndex(target), OpenIndex(local)
+    columns = ("id", "window_start", "window_end")
+    assert list(gpu.iter_rows(columns)) == list(cpu.iter_rows(columns))
+    rows = list(range(cpu.manifest.rows))
+    a, b = gpu.vectors_at(rows), cpu.vectors_at(rows)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.999
+    assert not np.array_equal(a, b)  # they did go through fp16
+
+
+def test_a_worker_with_other_model_files_refuses_through_ray_data(ray_cluster, tiny_seed_model):
+    """A worker whose model files are not the driver's refuses its chunk; the driver gets that one-line
+    ModelError back out of Ray Data (which would otherwise pass on only a traceback's text)."""
+    from dataclasses import replace
+
+    from dsearch.distributed import RayEncoder
+    from dsearch.encoder import load_encoder
+    from dsearch.errors import ModelError
+
+    driver = load_encoder(str(tiny_seed_model), "fp32")
+    chunks = RayEncoder(ray_cluster, 1)
+    try:
+        handle = chunks.submit(driver, ["a passage about volcanoes"])
+        chunks.spec = replace(chunks.spec, fingerprint="0" * 32)  # what the driver has; the worker has the real one
+        with pytest.raises(ModelError) as caught:
+            chunks.result(handle)
+    finally:
+        chunks.close()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"model {str(tiny_seed_model)!r} on worker ")
+    assert "where the driver has 00000000000000000000000000000000" in message
+    assert message.endswith("install the same model files on every node")
 
 
 def test_an_unreachable_address_fails_in_seconds(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import pytest
@@ -67,3 +68,50 @@ def test_a_worker_with_other_model_files_refuses_in_one_line(tiny_seed_model):
     assert "\n" not in message
     assert message.startswith(f"model {str(tiny_seed_model)!r} on worker ")
     assert message.endswith("install the same model files on every node")
+
+
+def test_the_fake_cuda_hook_reports_cuda_without_torch(monkeypatch):
+    """The CPU-only stand-in for a GPU node (tests/test_ray.py's fp16 test): the workers' probe says CUDA without
+    asking torch, so ``--precision auto`` takes the fp16 path on a machine without a GPU."""
+    from dsearch.distributed import FAKE_CUDA, _cuda_available
+
+    monkeypatch.setenv("DSEARCH_TEST_FAULT", FAKE_CUDA)
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would fail: the hook must not need it
+    assert _cuda_available() is True
+    assert choose_device("auto", 1, cuda_available=_cuda_available()) == ("cuda", "fp16")
+
+
+def test_a_workers_dsearch_error_is_found_inside_ray_datas_wrapping():
+    """Ray Data wraps a worker's exception (RayTaskError → UserCodeException → the cause): the driver must find
+    dsearch's one-line error in there rather than report Ray's traceback."""
+    from dsearch.distributed import _dsearch_cause
+    from dsearch.errors import ModelError
+
+    original = ModelError("model 'm' on worker w is not the driver's")
+    try:
+        try:
+            raise original
+        except ModelError as exc:
+            raise RuntimeError("UDF failed to process a data block") from exc
+    except RuntimeError as wrapped:
+        outer = Exception("ray::MapWorker(MapBatches(_Worker)).submit()")
+        outer.cause = wrapped  # what RayTaskError carries
+        assert _dsearch_cause(outer) is original
+    assert _dsearch_cause(RuntimeError("no dsearch error in here")) is None
+
+
+@pytest.mark.slow
+def test_an_int8_worker_keeps_to_its_threads(tiny_seed_model):
+    """int8 runs texts side by side on a thread pool as wide as the node's cores; a Ray worker given one CPU must
+    run one thread, or two workers on a 2-core node run four threads and slow each other down."""
+    from dsearch.distributed import EncoderSpec, load_worker_encoder
+    from dsearch.encoder import load_encoder
+
+    driver = load_encoder(str(tiny_seed_model), "int8")
+    assert driver.workers == (os.cpu_count() or 1)  # what a local build uses
+    spec = EncoderSpec.of(driver, batch_size=16, trust_remote_code=False, threads=1, device="cpu")
+    worker = load_worker_encoder(spec)
+    assert worker.workers == 1
+    assert worker.encode_documents(["a passage", "another one"]).tolist() == driver.encode_documents(
+        ["a passage", "another one"]
+    ).tolist()

@@ -1,17 +1,19 @@
-"""Where a chunk's texts are encoded: in this process (the default) or on a pool of Ray actors (``--ray``).
+"""Where a chunk's texts are encoded: in this process (the default) or by Ray Data on a cluster (``--ray``).
 
 The driver keeps everything else: it reads, classifies (``--update``), cuts windows, assigns rows, checkpoints and
 publishes exactly as a local build does, so ids, rows, windows, resume and ``--update`` cannot differ. Only the texts
-to encode travel to the workers, as whole chunks (a chunk is the local build's unit of work: ``batch_size`` ×
-``BATCHES_PER_CHUNK`` passages, in corpus order, so a rerun makes the same chunks). Each worker is a long-lived
-actor holding one loaded model; several chunks are in flight per worker, and the driver writes their vectors back
-in submission order.
+to encode travel, as whole chunks (a chunk is the local build's unit of work: ``batch_size`` ×
+``BATCHES_PER_CHUNK`` passages, in corpus order, so a rerun makes the same chunks).
 
-Why actors fed chunk by chunk rather than one Ray Data ``map_batches`` pass: a Dataset wants its whole input up
-front, while the build streams (memory bounded by the chunks in flight, never the corpus) and must write vectors in
-corpus order next to rows only the driver knows. ``map_batches`` with a callable class builds the same thing
-underneath (an actor pool, one model per actor); here the pool is explicit, so the driver controls ordering,
-retries and back-pressure.
+On the cluster, the chunks go through Ray Data: ``ray.data.from_items`` (one row, one block per chunk) →
+``map_batches`` with a callable class over an actor pool of ``--workers`` actors (one loaded model each, ``num_cpus``
+/ ``num_gpus`` per actor, restarted by Ray when a worker process dies) → ``iter_batches`` with ``preserve_order``,
+so the vectors come back in corpus order and the driver writes them as it would its own.
+
+A Ray Dataset wants its input up front, while the build streams (memory bounded by the chunks in flight, never the
+corpus). So the chunks go in rounds: the driver reads a round's chunks, runs them as one Dataset, and reads the
+next round while that one encodes. Each round starts its own actor pool (one model load per worker per round),
+so a round is large: ``ROUND_CHUNKS_PER_WORKER`` chunks per worker.
 
 Ray is imported only here and only when ``--ray`` is given; without the ``ray`` extra, ``--ray`` is a one-line
 error.
@@ -24,9 +26,13 @@ import os
 import re
 import signal
 import socket
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dsearch.errors import DsearchError, IncompleteError, ModelError, UsageError
@@ -40,12 +46,29 @@ log = logging.getLogger("dsearch")
 
 RAY_MISSING = 'encoding on a Ray cluster needs Ray: pip install "dsearch[ray]"'
 # A worker process that dies (OOM, preempted node, kill -9) is restarted by Ray and its chunk re-run this many
-# times before the run gives up (exit 3; the rerun resumes from the last checkpoint).
+# times before the run gives up (exit 3; the rerun resumes from the last checkpoint). Ray Data's default is to
+# restart for ever, which would turn a worker that always dies into a run that never ends.
 RETRIES = 3
-# Chunks queued per worker: one being encoded, one waiting, so a worker never idles while the driver writes.
+# Chunks queued per actor: one being encoded, one waiting, so a worker never idles while the driver writes.
 IN_FLIGHT_PER_WORKER = 2
+# Chunks per worker in one round (one Ray Dataset). Each round loads the model once per worker (a few seconds) and
+# drains at its end (up to a chunk per worker idle); at 32 chunks of 256 passages a worker encodes for minutes per
+# round, so both stay a few per cent. The driver holds at most two rounds of chunks (texts, rows and vectors).
+ROUND_CHUNKS_PER_WORKER = 32
+ROUND_MAX_CHUNKS = 1024  # memory bound of a large cluster's round: 1024 × 256 passages
 # How long to wait for the cluster's port before calling it unreachable: ray.init itself retries for minutes.
 CONNECT_TIMEOUT = 5.0
+# Test hook (DSEARCH_TEST_FAULT=fake-cuda): the probe reports CUDA and the "GPU" worker runs its fp16 path on the
+# CPU, so the choice, the GPU resource request and the fp16 manifest are tested on a machine without a GPU.
+FAKE_CUDA = "fake-cuda"
+
+
+def round_chunks(workers: int) -> int:
+    """Chunks in one round (``DSEARCH_RAY_ROUND_CHUNKS`` overrides it: tests make many small rounds)."""
+    override = os.environ.get("DSEARCH_RAY_ROUND_CHUNKS", "")
+    if override.isdigit() and int(override) > 0:
+        return int(override)
+    return min(workers * ROUND_CHUNKS_PER_WORKER, ROUND_MAX_CHUNKS)
 
 
 class ChunkEncoder(Protocol):
@@ -137,6 +160,12 @@ def _limit_threads(encoder: Any, threads: int) -> None:
     spinning on the same cores slow each other down."""
     session = getattr(encoder, "session", None)
     if session is not None:
+        # int8 runs texts side by side, each on a one-thread session, on as many threads as `workers` says (the
+        # node's cores by default): two workers of one thread each would otherwise run four threads on two cores.
+        if hasattr(encoder, "workers"):
+            encoder.workers = threads
+        if getattr(encoder, "per_row", False):
+            return  # its session is single-threaded already
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -151,7 +180,7 @@ def _limit_threads(encoder: Any, threads: int) -> None:
 
 
 class _GpuEncoder:
-    """sentence-transformers on a CUDA GPU in fp16; pooling and normalisation stay in fp32."""
+    """sentence-transformers on a CUDA GPU, the whole model in fp16; the vectors come back as float32."""
 
     precision = "fp16"
 
@@ -159,7 +188,11 @@ class _GpuEncoder:
         from dsearch.encoder import SentenceTransformerEncoder
 
         self._st = SentenceTransformerEncoder(spec.name, spec.trust_remote_code, spec.batch_size)
-        self._st.model.to("cuda").half()
+        device = "cuda"
+        if os.environ.get("DSEARCH_TEST_FAULT") == FAKE_CUDA:  # the same fp16 model, on the CPU (tests only)
+            device = "cpu"
+            _limit_threads(self._st, spec.threads)
+        self._st.model.to(device).half()
         self.name, self.fingerprint, self.dim = self._st.name, self._st.fingerprint, self._st.dim
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
@@ -178,12 +211,14 @@ def _fault(marker: str) -> None:
 
 
 class _Worker:
-    """A Ray actor: loads the model once, then encodes the chunks sent to it."""
+    """Ray Data's callable class: an actor of the pool loads the model once, then encodes the chunks sent to it."""
 
     def __init__(self, spec: EncoderSpec) -> None:
         # An error here would kill the actor with a traceback-laden message; keep it for the first chunk to raise.
         self.error: str | None = None
+        self.dim = spec.dim
         try:
+            _check_gpu_assigned(spec)
             self.encoder = load_worker_encoder(spec)
         except DsearchError as exc:
             self.error = str(exc)
@@ -192,7 +227,32 @@ class _Worker:
             self.error = f"{where}: {type(exc).__name__}: {exc}"
         self.chunks = 0
 
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        """One row per chunk in (``chunk``, ``texts``), one row per text out (``chunk``, ``vector``, ``error``).
+
+        A dsearch error (another model on this node) comes back as data, one row with ``error`` set: raised here,
+        Ray Data would hand the driver only its traceback as text, not the one-line error to show."""
+        import numpy as np
+
+        ids, vectors, errors = [], [], []
+        for chunk, texts in zip(batch["chunk"].to_pylist(), batch["texts"].to_pylist(), strict=True):
+            try:
+                encoded = self.encode(texts)
+            except DsearchError as exc:
+                return {
+                    "chunk": np.array([chunk], dtype=np.int64),
+                    "vector": np.zeros((1, self.dim), dtype=np.float32),
+                    "error": np.array([f"{type(exc).__name__}:{exc}"]),
+                }
+            ids.append(np.full(len(texts), chunk, dtype=np.int64))
+            vectors.append(encoded)
+            errors += [""] * len(texts)
+        return {"chunk": np.concatenate(ids), "vector": np.concatenate(vectors), "error": np.array(errors)}
+
     def encode(self, texts: list[str]) -> np.ndarray:
+        """A chunk's vectors: the same call, on the same texts, as a local build makes."""
+        import numpy as np
+
         if self.error is not None:
             raise ModelError(self.error.splitlines()[0])
         self.chunks += 1
@@ -201,7 +261,20 @@ class _Worker:
             _fault(fault.split(":", 1)[1])
         elif fault == "worker-killed-always" and self.chunks >= 2:  # every restart dies too: retries run out
             os.kill(os.getpid(), signal.SIGKILL)
-        return self.encoder.encode_documents(texts)
+        return np.asarray(self.encoder.encode_documents(texts), dtype=np.float32)
+
+
+def _check_gpu_assigned(spec: EncoderSpec) -> None:
+    """A worker meant for a GPU must have been given one by Ray (``num_gpus``), not share one by accident."""
+    if spec.device != "cuda":
+        return
+    import ray
+
+    if not ray.get_gpu_ids():
+        raise ModelError(
+            f"worker {socket.gethostname()} was given no GPU by Ray; check the cluster's GPU resources "
+            "(--gpus-per-worker asks for them)"
+        )
 
 
 def _check_reachable(address: str, timeout: float) -> None:
@@ -228,7 +301,9 @@ def import_ray() -> Any:
 
 
 class RayEncoder:
-    """Chunks encoded by a pool of Ray actors, results taken back in submission order."""
+    """Chunks encoded by Ray Data (``map_batches`` over an actor pool), taken back in submission order."""
+
+    worker_class: type = _Worker  # Ray Data's callable class (ray_bench.py swaps in one that encodes nothing)
 
     def __init__(
         self,
@@ -249,10 +324,17 @@ class RayEncoder:
         self.trust_remote_code = trust_remote_code
         self.batch_size = batch_size
         self.precision = precision
-        self.actors: list[Any] = []
         self.workers = workers
         self.depth = 0
         self.sent = 0
+        self.rounds = 0
+        self.spec: EncoderSpec | None = None
+        self._queued: list[tuple[int, list[str]]] = []  # submitted, not yet in a round
+        self._sizes: dict[int, int] = {}  # chunk -> texts, for chunks in a round whose vectors are not all back
+        self._parts: dict[int, list[np.ndarray]] = {}
+        self._ready: dict[int, np.ndarray] = {}
+        self._stream: Any = None  # the running round's iterator of output batches
+        self._round_started: float | None = None
         self._next = 0
         self._connect(connect_timeout)
 
@@ -266,14 +348,21 @@ class RayEncoder:
         options: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else "INFO"}
         if self.address in (None, "local"):
             options.update(include_dashboard=False)
+        if quiet:
+            _quiet_ray()
         _route_ray_messages()
         try:
-            ray.init(address=None if self.address == "local" else self.address, **options)
+            with _without_backend_level_notice(quiet):
+                ray.init(address=None if self.address == "local" else self.address, **options)
         except ConnectionError as exc:
             # The port answered (checked above), so the likeliest cause is Ray's token authentication.
-            auth = "" if os.environ.get("RAY_AUTH_MODE") else (
-                "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token "
-                "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            auth = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE")
+                else (
+                    "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token "
+                    "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                )
             )
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DsearchError(f"cannot connect to the Ray cluster at {self.address}: {first}{auth}") from None
@@ -293,73 +382,195 @@ class RayEncoder:
                 "ray: %d workers need %g CPUs and %g GPUs, the cluster has %g and %g: some wait until it grows",
                 self.workers, self.workers * self.cpus_per_worker, self.workers * self.gpus_per_worker, cpus, gpus,
             )  # fmt: skip
-        self.depth = self.workers * IN_FLIGHT_PER_WORKER
+        # The indexer reads a whole round ahead before it takes the first result: that round is what runs.
+        self.depth = round_chunks(self.workers) - 1
 
     def _start(self, encoder: Encoder) -> None:
-        """Start the actors with the driver's model (they load it in parallel, while the driver goes on)."""
+        """Settle what the workers load: the driver's model, on the device and at the precision chosen here."""
         ray = self.ray
         cuda = False
         if self.gpus_per_worker > 0:
-            cuda = ray.get(ray.remote(num_gpus=self.gpus_per_worker)(_cuda_available).remote())
+            probe = ray.remote(num_gpus=self.gpus_per_worker, **_runtime_env())(_cuda_available)
+            cuda = ray.get(probe.remote())
         device, precision = choose_device(self.precision, self.gpus_per_worker, cuda)
         threads = max(1, int(self.cpus_per_worker))
         spec = EncoderSpec.of(encoder, self.batch_size, self.trust_remote_code, threads, device)
         if precision is not None:
             spec = EncoderSpec(**{**asdict(spec), "precision": precision})
         self.spec = spec
-        env = {}
-        if os.environ.get("DSEARCH_TEST_FAULT", "").startswith("worker-"):
-            env = {"env_vars": {"DSEARCH_TEST_FAULT": os.environ["DSEARCH_TEST_FAULT"]}}
-        actor = ray.remote(_Worker).options(
-            num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker,
-            max_restarts=RETRIES,
-            max_task_retries=RETRIES,
-            **({"runtime_env": env} if env else {}),
-        )
-        assert self.workers is not None
-        self.actors = [actor.remote(spec) for _ in range(self.workers)]
-        log.info("ray: %d workers loading %s (%s, %s)", self.workers, spec.name, spec.precision, spec.device)
+        log.info("ray: %d workers will load %s (%s, %s)", self.workers, spec.name, spec.precision, spec.device)
 
     def submit(self, encoder: Encoder, texts: list[str]) -> Any:
-        if not self.actors:
+        if self.spec is None:
             self._start(encoder)
-        # Round robin: chunks are of similar size, and at most `depth` are queued, so no worker runs far ahead.
-        actor = self.actors[self._next % len(self.actors)]
+        handle = self._next
         self._next += 1
+        self._queued.append((handle, texts))
         self.sent += len(texts)
-        return actor.encode.remote(texts)
+        return handle
+
+    def dataset(self, chunks: list[tuple[int, list[str]]]) -> Any:
+        """One round as a Ray Dataset: a row (and a block) per chunk, encoded by ``map_batches`` on the pool."""
+        import warnings
+
+        import ray.data
+
+        assert self.spec is not None and self.workers is not None
+        items = [{"chunk": chunk, "texts": texts} for chunk, texts in chunks]
+        pool = ray.data.ActorPoolStrategy(
+            size=min(self.workers, len(items)), max_tasks_in_flight_per_actor=IN_FLIGHT_PER_WORKER
+        )
+        with warnings.catch_warnings():
+            # max_restarts/max_task_retries have no named parameter; Ray Data warns about passing them anyway.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                self.worker_class,
+                fn_constructor_args=(self.spec,),
+                batch_size=1,  # one chunk per call: the worker encodes exactly the texts a local build would
+                batch_format="pyarrow",
+                compute=pool,
+                num_cpus=self.cpus_per_worker,
+                num_gpus=self.gpus_per_worker or None,
+                max_restarts=RETRIES,
+                max_task_retries=RETRIES,
+                **_runtime_env(),
+            )
+
+    def _launch(self) -> None:
+        """Run every queued chunk as the next round."""
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # rows must stay in corpus order
+        context.enable_progress_bars = False  # dsearch's own bar counts the passages
+        context.print_on_execution_start = False
+        chunks, self._queued = self._queued, []
+        self._sizes.update((chunk, len(texts)) for chunk, texts in chunks)
+        self.rounds += 1
+        log.debug("ray: round %d: %d chunks, %d texts", self.rounds, len(chunks), sum(len(t) for _, t in chunks))
+        self._round_started = time.perf_counter()
+        self._stream = iter(self.dataset(chunks).iter_batches(batch_size=None, batch_format="numpy"))
+
+    def _take(self) -> None:
+        """Take the next batch of vectors from the running round, starting one when none runs."""
+        if self._stream is None:
+            if not self._queued:
+                raise RuntimeError("a Ray build asked for a chunk that was never submitted")
+            self._launch()
+        try:
+            batch = next(self._stream)
+            if self._round_started is not None:
+                log.debug(
+                    "ray: round %d: first vectors back after %.1f s",
+                    self.rounds,
+                    time.perf_counter() - self._round_started,
+                )
+                self._round_started = None
+        except StopIteration:
+            self._stream = None
+            return
+        chunks, vectors = batch["chunk"], batch["vector"]
+        failed = next((str(text) for text in batch["error"] if text), None)
+        if failed is not None:  # a worker refused (_Worker.__call__): its one-line error, as its own type
+            import dsearch.errors
+
+            name, _, message = failed.partition(":")
+            error_type = getattr(dsearch.errors, name, DsearchError)
+            raise error_type(message) if issubclass(error_type, DsearchError) else DsearchError(message)
+        starts = [0, *(i for i in range(1, len(chunks)) if chunks[i] != chunks[i - 1]), len(chunks)]
+        for begin, end in pairwise(starts):  # a batch holds one chunk or more, whole or in part
+            chunk = int(chunks[begin])
+            self._parts.setdefault(chunk, []).append(vectors[begin:end])
+            if sum(len(part) for part in self._parts[chunk]) == self._sizes[chunk]:
+                import numpy as np
+
+                self._ready[chunk] = np.concatenate(self._parts.pop(chunk)).astype(np.float32, copy=False)
+                del self._sizes[chunk]
 
     def result(self, handle: Any) -> np.ndarray:
-        import numpy as np
-
         ray = self.ray
         try:
-            return np.asarray(ray.get(handle), dtype=np.float32)
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, DsearchError):
-                raise cause from None
-            raise IncompleteError(_one_line("a Ray worker failed", exc)) from None
+            while handle not in self._ready:
+                self._take()
         except ray.exceptions.RayError as exc:
-            raise IncompleteError(_one_line(f"a Ray worker died {RETRIES + 1} times", exc)) from None
+            self._stream = None
+            cause = _dsearch_cause(exc)
+            if cause is not None:
+                raise cause from None
+            if isinstance(exc, ray.exceptions.RayActorError):
+                raise IncompleteError(_one_line(f"a Ray worker died {RETRIES + 1} times", exc)) from None
+            raise IncompleteError(_one_line("a Ray worker failed", exc)) from None
+        return self._ready.pop(handle)
 
     @property
     def precision_used(self) -> str | None:
         """What the workers encode at, when it is not the driver's encoder's (fp16 on GPU workers)."""
-        spec = getattr(self, "spec", None)
-        return spec.precision if spec is not None else None
+        return self.spec.precision if self.spec is not None else None
 
     def close(self) -> None:
         if self.sent:
-            log.info("ray: sent %d texts to %d workers", self.sent, len(self.actors))
-        for actor in self.actors:
-            try:
-                self.ray.kill(actor)
-            except Exception:  # the cluster may already be gone; nothing of ours is left to free then
-                pass
-        self.actors = []
+            rounds = f"{self.rounds} round{'s' if self.rounds != 1 else ''}"
+            log.info("ray: sent %d texts to %d workers in %s", self.sent, self.workers or 0, rounds)
+        self._stream = None  # ends a round still running (an error, an interrupt): Ray Data stops its actors
         self.ray.shutdown()
+
+
+def _runtime_env() -> dict[str, Any]:
+    """The test hooks' variable, for the workers: ``DSEARCH_TEST_FAULT`` (a killed worker, a fake GPU)."""
+    fault = os.environ.get("DSEARCH_TEST_FAULT", "")
+    if fault.startswith("worker-") or fault == FAKE_CUDA:
+        return {"runtime_env": {"env_vars": {"DSEARCH_TEST_FAULT": fault}}}
+    return {}
+
+
+def _dsearch_cause(exc: BaseException) -> DsearchError | None:
+    """The dsearch error a worker raised, from inside Ray Data's wrapping (RayTaskError → UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, DsearchError):
+            return current
+        seen.add(id(current))
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
+def _quiet_ray() -> None:
+    """Keep Ray Data's and Ray core's own logging off stderr (unless the user configured it): dsearch reports
+    progress and errors itself, and a cron mail should carry those lines only."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")  # read when ray.data configures its logger
+    # Ray core (C++) in this process logs an "E" line for every Ray Data actor pool: its constructor arguments
+    # live in the object store while max_restarts > 0, which Ray Data always does.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+
+
+_LEVEL_NOTICE = b"Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
+
+
+@contextmanager
+def _without_backend_level_notice(quiet: bool) -> Iterator[None]:
+    """Drop the one line Ray core prints when it reads ``RAY_BACKEND_LOG_LEVEL`` (at ``ray.init``), and pass on
+    everything else it writes to stderr meanwhile: the C++ side writes to file descriptor 2 directly."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured:
+                if _LEVEL_NOTICE not in line:
+                    os.write(2, line)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -389,6 +600,8 @@ def _one_line(what: str, exc: BaseException) -> str:
 
 
 def _cuda_available() -> bool:
+    if os.environ.get("DSEARCH_TEST_FAULT") == FAKE_CUDA:
+        return True
     import torch
 
     return bool(torch.cuda.is_available())

@@ -292,3 +292,60 @@ def test_where_filters_an_ann_index_like_a_flat_one(cli, tmp_path, flat_index, i
     filtered = _hits(cli, target, *where, "--effort", "1000")
     assert filtered and all(i.startswith("astronomy-") for _, i, _ in filtered)
     _same(filtered, _hits(cli, flat_index, *where))
+
+
+# --- a killed reindex --------------------------------------------------------------------------------
+
+
+def _seg_files(target: Path) -> list[str]:
+    (segment,) = target.glob("seg-*")
+    return sorted(p.name for p in segment.iterdir())
+
+
+@pytest.mark.parametrize("next_run", ["reindex", "update", "index"])
+def test_a_reindex_killed_before_the_manifest_swap_leaves_the_index_intact_and_its_file_is_collected(
+    cli, tmp_path, next_run
+):
+    import signal
+
+    from test_safety import _crash_at
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    manifest_before = (target / "manifest.json").read_bytes()
+    files_before = _seg_files(target)
+    hits_before = _hits(cli, target)
+    crashed = _crash_at("ann-written", ["reindex", str(target), "--index-type", "hnsw"])
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    # The published index is untouched: same manifest, same files, same answers; one new unlisted ANN file.
+    assert (target / "manifest.json").read_bytes() == manifest_before
+    (orphan,) = set(_seg_files(target)) - set(files_before)
+    assert orphan.startswith("ann-") and orphan.endswith(".faiss")
+    assert OpenIndex(target, verify=True).manifest.index_type == "ivf"
+    assert _hits(cli, target) == hits_before
+    status = cli("status", target)
+    assert status.exit_code == 6 and status.stdout.startswith("incomplete: ") and orphan in status.stdout
+    # The next run of any kind collects it.
+    if next_run == "reindex":
+        again = cli("reindex", target)
+    elif next_run == "update":
+        again = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--update")  # nothing changed: tidies only
+    else:
+        again = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf")
+    assert again.exit_code == 0, again.stderr
+    listed = set(read_manifest(target).segments[0].files)
+    assert set(_seg_files(target)) == listed and orphan not in listed
+    assert cli("status", target).exit_code == 0
+
+
+def test_collecting_ann_leftovers_leaves_symlinks_and_other_names_alone(cli, tmp_path):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    (segment,) = target.glob("seg-*")
+    outside = tmp_path / "precious.faiss"
+    outside.write_bytes(b"keep me")
+    (segment / "ann-0123456789ab.faiss").symlink_to(outside)  # our name form, but a symlink: never followed
+    (segment / "ann-notours.faiss").write_bytes(b"x")  # not the exact name form dsearch writes
+    assert cli("reindex", target).exit_code == 0
+    assert outside.read_bytes() == b"keep me"
+    assert (segment / "ann-0123456789ab.faiss").is_symlink() and (segment / "ann-notours.faiss").exists()

@@ -253,6 +253,9 @@ def _fsync_dir(path: Path) -> None:
 LOCK_FILE = ".dsearch.lock"
 MANIFEST_TMP = f".{MANIFEST_FILE}.tmp"
 STAGING_NAME = re.compile(r"\.staging-[0-9]{14}-[0-9a-f]{8}")
+# A segment's ANN file (vector_index.build_ann names it): `dsearch reindex` writes the new one into the published
+# segment before the manifest swap, so a killed reindex leaves one that no manifest lists.
+ANN_NAME = re.compile(r"ann-[0-9a-f]{12}\.faiss")
 
 
 def _new_token() -> str:
@@ -307,6 +310,24 @@ def leftover_segments(target: Path, keep: set[str]) -> list[Path]:
         return []
     found = (p for p in target.iterdir() if SEGMENT_NAME.fullmatch(p.name) and p.name not in keep)
     return sorted(p for p in found if _is_real_dir(p))
+
+
+def unlisted_ann_files(target: Path, manifest: Manifest) -> list[Path]:
+    """ANN files inside the manifest's segments that it does not list: what a killed ``reindex`` left.
+
+    Exact names only, regular files only: a symlink or folder by that name is not ours to judge, and a
+    segment folder that is itself a symlink is not looked into.
+    """
+    found: list[Path] = []
+    for segment in manifest.segments:
+        seg_dir = target / segment.path
+        if not _is_real_dir(seg_dir):
+            continue
+        for path in seg_dir.iterdir():
+            if ANN_NAME.fullmatch(path.name) and path.name not in segment.files:
+                if path.is_file() and not path.is_symlink():
+                    found.append(path)
+    return sorted(found)
 
 
 def collect_leftovers(target: Path, keep: set[str]) -> int:
@@ -482,11 +503,15 @@ def _resumable(root: Path, progress: dict[str, Any]) -> Path | None:
 
 def tidy(target: Path) -> None:
     """Remove what crashed runs left in ``target`` (call with the lock held): segments that the manifest does
-    not name, and staging areas that hold no checkpoint to resume. A corrupt manifest's segments stay until a
+    not name, ANN files in its segments that it does not list (a killed ``reindex``), and staging areas that
+    hold no checkpoint to resume. A corrupt manifest's segments stay until a
     rebuild replaces it."""
     if (target / MANIFEST_FILE).exists():
         if _manifest_is_valid(target):
-            collect_leftovers(target, {s.path for s in read_manifest(target).segments})
+            manifest = read_manifest(target)
+            collect_leftovers(target, {s.path for s in manifest.segments})
+            for path in unlisted_ann_files(target, manifest):
+                path.unlink()
     else:
         collect_leftovers(target, set())
     temp = target / MANIFEST_TMP
@@ -543,7 +568,8 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
 
 def fault_point(name: str) -> None:
     """Test hook for crash safety: ``DSEARCH_TEST_FAULT=NAME`` kills the process (SIGKILL) at that step of a
-    build, ``NAME:TERM`` sends it SIGTERM. Steps: checkpointed, merged, segment-moved, manifest-swapped, cleaned."""
+    build, ``NAME:TERM`` sends it SIGTERM. Steps: checkpointed, merged, segment-moved, manifest-swapped, cleaned;
+    ``ann-written`` in ``dsearch reindex`` (new ANN file written, manifest not yet swapped)."""
     spec = os.environ.get("DSEARCH_TEST_FAULT")
     if spec and spec.split(":")[0] == name:
         os.kill(os.getpid(), signal.SIGTERM if spec.endswith(":TERM") else signal.SIGKILL)

@@ -460,7 +460,7 @@ def build_ann(segment_dir: Path, raw: Any, plan: IndexPlan, seed: int = 0) -> tu
         del train
     for start in range(0, raw.ntotal, ADD_CHUNK):
         index.add(raw.rows(start, ADD_CHUNK))
-    name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"
+    name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"  # the form store.ANN_NAME collects when no manifest lists it
     faiss.write_index(index, str(segment_dir / name))
     built = time.perf_counter() - started
     del index
@@ -500,9 +500,10 @@ def reindex(target: Path, requested: str, memory: int | None) -> Any:
     """
     from dsearch.indexer import build_segment_index
     from dsearch.manifest import MANIFEST_FILE, read_manifest
-    from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, file_info, index_lock
+    from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, fault_point, file_info, index_lock, tidy
 
     with index_lock(target):
+        tidy(target)  # what crashed runs left, the ANN file of a killed reindex among it
         manifest = read_manifest(target)
         old_files: list[Path] = []
         index_type, params = manifest.index_type, manifest.index_params
@@ -522,6 +523,7 @@ def reindex(target: Path, requested: str, memory: int | None) -> Any:
         from dsearch.manifest import FORMAT_VERSION
 
         manifest.format_version = FORMAT_VERSION
+        fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next run's tidy() takes them
         _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
         _fsync_dir(target)
         for path in old_files:

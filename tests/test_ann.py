@@ -445,3 +445,42 @@ def test_reuse_rule_retrains_past_four_times_the_trained_rows_and_on_other_codes
     assert reuse_plan(plan_index("ivf", 40_000, 384, 8 << 30), previous("IVF4096,Flat", 1_000_000), 40_000) is None
     assert reuse_plan(plan, previous("IVF4096,PQ48x4fs", 1_000_000, "ivfpq"), 1_000_000) is None  # another type
     assert reuse_plan(plan, None, 1_000_000) is None
+
+
+# --- the re-rank reads candidates without faulting in the memory map --------------------------------
+
+
+class _NoMap:
+    """Stands in for FlatVectors' memory map: any read through it fails the test."""
+
+    shape = (0, 0)
+
+    def __getitem__(self, item):
+        raise AssertionError("read through the memory map")
+
+
+def test_few_rows_are_read_with_pread_and_match_the_memory_map(tmp_path):
+    vectors = np.random.default_rng(4).standard_normal((5000, 24)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    rows = np.array([4999, 0, 17, 17, 2500])
+    np.testing.assert_array_equal(raw.take(rows), vectors[rows])  # read with pread
+    np.testing.assert_array_equal(raw.take(np.arange(5000)), vectors)  # many rows: through the map
+    with pytest.raises(IndexError):
+        raw.take(np.array([5000]))
+    raw._data = _NoMap()
+    np.testing.assert_array_equal(raw.take(rows), vectors[rows])  # never touched the map
+
+
+def test_ivfpq_rerank_reads_its_candidates_without_the_memory_map(cli, tmp_path, flat_index):
+    """A page fault in the map pulled the kernel's readahead (8 MB here) into the query process's RSS."""
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivfpq").exit_code == 0
+    opened = OpenIndex(target)
+    queries = opened.vectors_at([3, 150])
+    expected = opened.search(queries, 10)
+    opened.segments[0].vectors._data = _NoMap()  # the raw store of the segment: what the re-rank reads
+    scores, rows = opened.search(queries, 10)
+    np.testing.assert_array_equal(rows, expected[1])
+    np.testing.assert_allclose(scores, expected[0], atol=1e-6)
+    exact = OpenIndex(flat_index).search(queries, 10)
+    np.testing.assert_array_equal(rows[:, :1], exact[1][:, :1])  # each query's own row first, exactly scored

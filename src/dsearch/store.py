@@ -642,6 +642,9 @@ def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
 # --- reading -----------------------------------------------------------------------------------------
 
 
+GATHER_ROWS = 4096  # FlatVectors.take reads at most this many rows with pread; more through the memory map
+
+
 class FlatVectors:
     """The vectors of an ``IndexFlatIP`` file, memory-mapped, with exact inner-product search in numpy.
 
@@ -665,6 +668,7 @@ class FlatVectors:
         if metric != 0 or floats != ntotal * dim or path.stat().st_size != expected:
             raise IndexDirError(f"{path}: malformed inner-product index; rebuild the index")
         self.d, self.ntotal = dim, ntotal
+        self.path = path
         # The data starts 45 bytes in: not 4-byte aligned, so blocks are copied before BLAS sees them.
         self._data = (
             np.memmap(path, dtype="<f4", mode="r", offset=FlatIndexFileWriter.HEADER_BYTES, shape=(ntotal, dim))
@@ -678,10 +682,33 @@ class FlatVectors:
         return np.array(self._data[first : first + count], dtype=np.float32)
 
     def take(self, rows: Any) -> Any:
-        """The vectors of the given rows (an integer array), in that order."""
+        """The vectors of the given rows (an integer array), in that order.
+
+        A few scattered rows (an ANN index's re-rank candidates, ``--like``'s passage) are read with ``pread``,
+        not through the memory map: each page fault in the map pulled in the kernel's readahead around it and
+        counted it as the process's own memory — re-ranking 180 candidates of a 110k x 384 index added 117 MB
+        of resident file pages to a query process (the disk's read_ahead_kb is 8192 here). Read this way, those
+        pages stay in the page cache, shared, and outside the query's RSS.
+        """
         import numpy as np
 
-        return np.asarray(self._data[rows], dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > GATHER_ROWS or not self.ntotal:
+            return np.asarray(self._data[rows], dtype=np.float32)
+        if len(rows) and (rows.min() < -self.ntotal or rows.max() >= self.ntotal):
+            raise IndexError(f"row out of range for {self.ntotal} vectors")
+        size = self.d * 4
+        out = np.empty((len(rows), self.d), dtype="<f4")
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for i, row in enumerate(rows % self.ntotal):
+                data = os.pread(fd, size, FlatIndexFileWriter.HEADER_BYTES + int(row) * size)
+                if len(data) != size:
+                    raise IndexDirError(f"{self.path}: shorter than its header says; rebuild the index")
+                out[i] = np.frombuffer(data, dtype="<f4")
+        finally:
+            os.close(fd)
+        return out.astype(np.float32, copy=False)
 
     def search(self, queries: Any, k: int, allowed: Any = None) -> tuple[Any, Any]:
         """Per query, the ``k`` best (scores, rows), in no particular order.

@@ -62,7 +62,7 @@ def main() -> None:
 
     def fresh(count: int) -> np.ndarray:
         """Vectors like the corpus's: other rows plus noise, re-normalised."""
-        block = old.take(np.sort(rng.choice(n, count, replace=False))) + rng.normal(0, 0.05, (count, old.d))
+        block = old.take(np.sort(rng.integers(0, n, count))) + rng.normal(0, 0.05, (count, old.d))
         return (block / np.linalg.norm(block, axis=1, keepdims=True)).astype(np.float32)
 
     for start in range(0, len(kept), 65536):
@@ -73,15 +73,16 @@ def main() -> None:
         if redo:
             vectors[redo] = fresh(len(redo))
             source[redo] = -1
-        out_vectors, out_rows = [], []
-        for i in range(len(rows)):
-            if start + i in inserts:
-                out_vectors.append(fresh(1)[0])
-                out_rows.append(-1)
-            out_vectors.append(vectors[i])
-            out_rows.append(int(source[i]))
-        writer.add(np.asarray(out_vectors, dtype=np.float32))
-        old_rows.extend(out_rows)
+        before = np.array([start + i in inserts for i in range(len(rows))])  # a new row goes before these
+        positions = np.arange(len(rows)) + np.cumsum(before)  # where each kept row lands in this block
+        block = np.empty((len(rows) + int(before.sum()), old.d), dtype=np.float32)
+        block_rows = np.full(len(block), -1, dtype=np.int64)
+        block[positions], block_rows[positions] = vectors, source
+        new = np.setdiff1d(np.arange(len(block)), positions)
+        if len(new):
+            block[new] = fresh(len(new))
+        writer.add(block)
+        old_rows.extend(block_rows.tolist())
     writer.close()
     rows = len(old_rows)
     print(f"# {n} -> {rows} rows: {change} removed, {len(changed)} re-encoded, {len(inserts)} inserted; "

@@ -21,6 +21,7 @@ import stat
 import struct
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -669,6 +670,9 @@ class FlatVectors:
             raise IndexDirError(f"{path}: malformed inner-product index; rebuild the index")
         self.d, self.ntotal = dim, ntotal
         self.path = path
+        # Held open for `take`'s preads, like the memory map it keeps the file a publish may unlink readable.
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self._fd)
         # The data starts 45 bytes in: not 4-byte aligned, so blocks are copied before BLAS sees them.
         self._data = (
             np.memmap(path, dtype="<f4", mode="r", offset=FlatIndexFileWriter.HEADER_BYTES, shape=(ntotal, dim))
@@ -699,15 +703,11 @@ class FlatVectors:
             raise IndexError(f"row out of range for {self.ntotal} vectors")
         size = self.d * 4
         out = np.empty((len(rows), self.d), dtype="<f4")
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for i, row in enumerate(rows % self.ntotal):
-                data = os.pread(fd, size, FlatIndexFileWriter.HEADER_BYTES + int(row) * size)
-                if len(data) != size:
-                    raise IndexDirError(f"{self.path}: shorter than its header says; rebuild the index")
-                out[i] = np.frombuffer(data, dtype="<f4")
-        finally:
-            os.close(fd)
+        for i, row in enumerate(rows % self.ntotal):
+            data = os.pread(self._fd, size, FlatIndexFileWriter.HEADER_BYTES + int(row) * size)
+            if len(data) != size:
+                raise IndexDirError(f"{self.path}: shorter than its header says; rebuild the index")
+            out[i] = np.frombuffer(data, dtype="<f4")
         return out.astype(np.float32, copy=False)
 
     def search(self, queries: Any, k: int, allowed: Any = None) -> tuple[Any, Any]:

@@ -18,6 +18,7 @@ and peak RSS (``/usr/bin/time``-style, via ``getrusage``). The flat row is the b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -94,6 +95,15 @@ def set_type(directory: Path, requested: str, memory: int | None) -> float:
     return seconds
 
 
+def _holds(directory: Path, n: int, dim: int) -> bool:
+    """True when ``directory`` is a bench index of n x dim vectors (``--keep-index``)."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("rows") == n and manifest.get("model", {}).get("dim") == dim
+
+
 def ms_per_query(index, queries: np.ndarray, batch: int, repeat_s: float = 3.0) -> float:
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < repeat_s:
@@ -105,18 +115,21 @@ def ms_per_query(index, queries: np.ndarray, batch: int, repeat_s: float = 3.0) 
     return (time.perf_counter() - started) * 1000 / done
 
 
-def cold_query(directory: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of a fresh ``dsearch query`` process (median wall of 3)."""
-    code = (
-        "import resource,subprocess,sys,time;t=time.perf_counter();"
-        "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
-        "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024)"
-    )
-    cmd = [sys.executable, "-c", code, sys.executable, "-m", "dsearch", "query", str(directory),
-           "effects of vitamin D on bone density", "-k", "10", "--format", "ids"]
+def cold_query(directory: Path, like: str | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a fresh ``dsearch query`` process, from ``/usr/bin/time`` (median of 3).
+
+    ``like``: query with ``--like ID`` (a stored vector, no model loaded) instead of a text; what an index whose
+    dimension is not the bundled model's (the synthesised 768-d sets) allows.
+    """
+    query = ["--like", like] if like else ["effects of vitamin D on bone density"]
+    cmd = ["/usr/bin/time", "-f", "TIME %e %M", sys.executable, "-m", "dsearch", "query", str(directory), *query,
+           "-k", "10", "--format", "ids"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    runs = [tuple(map(float, subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()))
-            for _ in range(3)]
+    runs = []
+    for _ in range(3):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        wall, kb = done.stderr.strip().splitlines()[-1].split()[1:]
+        runs.append((float(wall), float(kb) / 1024))
     walls = sorted(r[0] for r in runs)
     return walls[1], max(r[1] for r in runs)
 
@@ -131,6 +144,9 @@ def main() -> None:
     parser.add_argument("--work", default="/work/ann-data/bench")
     parser.add_argument("--queries", type=int, default=200, help="held-out query vectors for speed")
     parser.add_argument("--json", default=None, help="append one JSON line per row to this file")
+    parser.add_argument("--query-vectors", default=None, help="held-out query vectors (.npy) instead of noisy rows")
+    parser.add_argument("--keep-index", action="store_true",
+                        help="reuse the work directory's index when it already holds these n x dim vectors")
     args = parser.parse_args()
 
     from dsearch.encoder import load_encoder
@@ -144,10 +160,17 @@ def main() -> None:
     picks = rng.choice(len(real), args.queries, replace=False)
     queries = np.asarray(real[picks], dtype=np.float32) + rng.normal(0, 0.05, (args.queries, real.shape[1]))
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    if args.query_vectors:
+        queries = np.asarray(np.load(args.query_vectors), dtype=np.float32)
     info = model_info(load_encoder(None, "auto"))
+    like = None
+    if vectors.shape[1] != info.dim:  # synthesised at another dimension: no model can query it; --like can
+        info = dataclasses.replace(info, dim=vectors.shape[1])
+        like = "p12345"
     directory = Path(args.work) / f"idx-{n}"
     started = time.perf_counter()
-    write_index(directory, vectors, info)
+    if not (args.keep_index and _holds(directory, n, vectors.shape[1])):
+        write_index(directory, vectors, info)
     print(f"# {n} x {vectors.shape[1]} vectors written in {time.perf_counter() - started:.1f} s; "
           f"load {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     del vectors
@@ -182,7 +205,7 @@ def main() -> None:
         size = sum((directory / "seg-bench" / name).stat().st_size for name in seg.segment.files)
         params = opened.manifest.index_params
         knobs = ", ".join(f"{k} {params[k]}" for k in ("nprobe", "efSearch") if k in params)
-        wall, rss = cold_query(directory)
+        wall, rss = cold_query(directory, like)
         ratio = f"{flat_single / single:.1f}" if flat_single else "–"
         row = {
             "n": n, "dim": raw.d, "type": opened.manifest.index_type, "factory": params.get("factory", "exact"),

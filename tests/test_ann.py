@@ -292,3 +292,195 @@ def test_where_filters_an_ann_index_like_a_flat_one(cli, tmp_path, flat_index, i
     filtered = _hits(cli, target, *where, "--effort", "1000")
     assert filtered and all(i.startswith("astronomy-") for _, i, _ in filtered)
     _same(filtered, _hits(cli, flat_index, *where))
+
+
+# --- a killed reindex --------------------------------------------------------------------------------
+
+
+def _seg_files(target: Path) -> list[str]:
+    (segment,) = target.glob("seg-*")
+    return sorted(p.name for p in segment.iterdir())
+
+
+@pytest.mark.parametrize("next_run", ["reindex", "update", "index"])
+def test_a_reindex_killed_before_the_manifest_swap_leaves_the_index_intact_and_its_file_is_collected(
+    cli, tmp_path, next_run
+):
+    import signal
+
+    from test_safety import _crash_at
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    manifest_before = (target / "manifest.json").read_bytes()
+    files_before = _seg_files(target)
+    hits_before = _hits(cli, target)
+    crashed = _crash_at("ann-written", ["reindex", str(target), "--index-type", "hnsw"])
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    # The published index is untouched: same manifest, same files, same answers; one new unlisted ANN file.
+    assert (target / "manifest.json").read_bytes() == manifest_before
+    (orphan,) = set(_seg_files(target)) - set(files_before)
+    assert orphan.startswith("ann-") and orphan.endswith(".faiss")
+    assert OpenIndex(target, verify=True).manifest.index_type == "ivf"
+    assert _hits(cli, target) == hits_before
+    status = cli("status", target)
+    assert status.exit_code == 6 and status.stdout.startswith("incomplete: ") and orphan in status.stdout
+    # The next run of any kind collects it.
+    if next_run == "reindex":
+        again = cli("reindex", target)
+    elif next_run == "update":
+        again = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--update")  # nothing changed: tidies only
+    else:
+        again = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf")
+    assert again.exit_code == 0, again.stderr
+    listed = set(read_manifest(target).segments[0].files)
+    assert set(_seg_files(target)) == listed and orphan not in listed
+    assert cli("status", target).exit_code == 0
+
+
+def test_collecting_ann_leftovers_leaves_symlinks_and_other_names_alone(cli, tmp_path):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    (segment,) = target.glob("seg-*")
+    outside = tmp_path / "precious.faiss"
+    outside.write_bytes(b"keep me")
+    (segment / "ann-0123456789ab.faiss").symlink_to(outside)  # our name form, but a symlink: never followed
+    (segment / "ann-notours.faiss").write_bytes(b"x")  # not the exact name form dsearch writes
+    assert cli("reindex", target).exit_code == 0
+    assert outside.read_bytes() == b"keep me"
+    assert (segment / "ann-0123456789ab.faiss").is_symlink() and (segment / "ann-notours.faiss").exists()
+
+
+# --- --update reuses the trained structure -----------------------------------------------------------
+
+
+def _centroids(path: Path) -> np.ndarray:
+    import faiss
+
+    index = faiss.read_index(str(path))
+    ivf = faiss.extract_index_ivf(index)
+    return faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
+
+
+def _changed_corpus(tmp_path: Path) -> Path:
+    """The sample corpus with 10 passages gone, one rewritten and two new ones (one in the middle)."""
+    lines = (SAMPLE / "passages.jsonl").read_text().splitlines()
+    kept = lines[10:]
+    first = json.loads(kept[0])
+    kept[0] = json.dumps({**first, "text": first["text"] + " Rewritten with auroras and volcanoes."})
+    kept.insert(50, json.dumps({"id": "new-mid", "text": "geysers erupt when groundwater boils"}))
+    kept.append(json.dumps({"id": "new-end", "text": "aurora borealis over the arctic sky"}))
+    corpus = tmp_path / "changed.jsonl"
+    corpus.write_text("\n".join(kept) + "\n")
+    return corpus
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
+def test_update_reuses_the_trained_ivf_structure_and_answers_like_a_fresh_reindex(cli, tmp_path, index_type):
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", index_type).exit_code == 0
+    before = read_manifest(target)
+    (old_ann,) = target.glob("seg-*/ann-*.faiss")
+    old_centroids = _centroids(old_ann)
+    corpus = _changed_corpus(tmp_path)
+    updated = cli("index", corpus, "-o", target, "--update", "--json")
+    assert updated.exit_code == 0, updated.stderr
+    summary = json.loads(updated.stdout)
+    assert (summary["added"], summary["updated"], summary["removed"]) == (2, 1, 10)
+    after = read_manifest(target)
+    params = after.index_params
+    assert "reusing the centroids" in params["reused"] and params["trained_rows"] == 200
+    assert params["factory"] == before.index_params["factory"] and after.rows == 192
+    assert 0.9 <= params["recall_at_10"] <= 1.0 and params["recall_sample"] == 192  # measured again, recorded
+    (new_ann,) = target.glob("seg-*/ann-*.faiss")
+    np.testing.assert_array_equal(_centroids(new_ann), old_centroids)  # not retrained
+    # The same rows, reindexed from scratch (retrained), and an exact index of the corpus: exhaustive search
+    # (nprobe = nlist) of the updated index finds the same hits with the same exact scores.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(target, fresh)
+    assert cli("reindex", fresh, "--index-type", index_type).exit_code == 0
+    assert read_manifest(fresh).index_params["reused"] is False
+    flat = tmp_path / "flat"
+    assert cli("index", corpus, "-o", flat).exit_code == 0
+    if index_type == "ivf":
+        _same(_hits(cli, target, "--effort", "1000"), _hits(cli, fresh, "--effort", "1000"))
+        _same(_hits(cli, target, "--effort", "1000"), _hits(cli, flat))
+    exact_scores = {(q, i): s for q, i, s in _hits(cli, flat, "-k", "200")}
+    assert all(exact_scores[(q, i)] == pytest.approx(s, abs=1e-5) for q, i, s in _hits(cli, target))
+    found = cli("query", target, "geysers erupt when groundwater boils", "-k", "1", "--format", "ids")
+    assert (found.exit_code, found.stdout) == (0, "new-mid\n")
+    assert cli("status", target).exit_code == 0
+
+
+def test_update_grows_an_hnsw_graph_only_when_rows_were_appended(cli, tmp_path):
+    target = tmp_path / "ann"
+    lines = (SAMPLE / "passages.jsonl").read_text().splitlines()
+    first = tmp_path / "first.jsonl"
+    first.write_text("\n".join(lines[:150]) + "\n")
+    assert cli("index", first, "-o", target, "--index-type", "hnsw").exit_code == 0
+    appended = tmp_path / "appended.jsonl"
+    appended.write_text("\n".join(lines) + "\n")
+    assert cli("index", appended, "-o", target, "--update").exit_code == 0
+    params = read_manifest(target).index_params
+    assert "appended" in params["reused"] and params["recall_sample"] == 200
+    flat = tmp_path / "flat"
+    assert cli("index", appended, "-o", flat).exit_code == 0
+    _same(_hits(cli, target, "--effort", "1000"), _hits(cli, flat))
+    # A removed row renumbers the rest: the graph is built afresh.
+    assert cli("index", _changed_corpus(tmp_path), "-o", target, "--update").exit_code == 0
+    assert read_manifest(target).index_params["reused"] is False
+
+
+def test_reuse_rule_retrains_past_four_times_the_trained_rows_and_on_other_codes(tmp_path):
+    from dsearch.vector_index import Previous, reuse_plan
+
+    def previous(factory: str, trained: int, kind: str = "ivf") -> Previous:
+        params = {"factory": factory, "trained_rows": trained}
+        return Previous(tmp_path / "x.faiss", kind, params, trained, np.arange(trained))
+
+    plan = plan_index("ivf", 1_000_000, 384, 8 << 30)  # IVF4096,Flat
+    assert reuse_plan(plan, previous("IVF4096,Flat", 1_000_000), 1_000_000) is not None
+    assert reuse_plan(plan, previous("IVF2048,Flat", 400_000), 1_000_000) is not None  # 2.5x: lists still fit
+    assert reuse_plan(plan, previous("IVF1024,Flat", 200_000), 1_000_000) is None  # 5x the trained rows
+    assert reuse_plan(plan_index("ivf", 40_000, 384, 8 << 30), previous("IVF4096,Flat", 1_000_000), 40_000) is None
+    assert reuse_plan(plan, previous("IVF4096,PQ48x4fs", 1_000_000, "ivfpq"), 1_000_000) is None  # another type
+    assert reuse_plan(plan, None, 1_000_000) is None
+
+
+# --- the re-rank reads candidates without faulting in the memory map --------------------------------
+
+
+class _NoMap:
+    """Stands in for FlatVectors' memory map: any read through it fails the test."""
+
+    shape = (0, 0)
+
+    def __getitem__(self, item):
+        raise AssertionError("read through the memory map")
+
+
+def test_few_rows_are_read_with_pread_and_match_the_memory_map(tmp_path):
+    vectors = np.random.default_rng(4).standard_normal((5000, 24)).astype(np.float32)
+    raw = _raw_store(tmp_path, vectors)
+    rows = np.array([4999, 0, 17, 17, 2500])
+    np.testing.assert_array_equal(raw.take(rows), vectors[rows])  # read with pread
+    np.testing.assert_array_equal(raw.take(np.arange(5000)), vectors)  # many rows: through the map
+    with pytest.raises(IndexError):
+        raw.take(np.array([5000]))
+    raw._data = _NoMap()
+    np.testing.assert_array_equal(raw.take(rows), vectors[rows])  # never touched the map
+
+
+def test_ivfpq_rerank_reads_its_candidates_without_the_memory_map(cli, tmp_path, flat_index):
+    """A page fault in the map pulled the kernel's readahead (8 MB here) into the query process's RSS."""
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivfpq").exit_code == 0
+    opened = OpenIndex(target)
+    queries = opened.vectors_at([3, 150])
+    expected = opened.search(queries, 10)
+    opened.segments[0].vectors._data = _NoMap()  # the raw store of the segment: what the re-rank reads
+    scores, rows = opened.search(queries, 10)
+    np.testing.assert_array_equal(rows, expected[1])
+    np.testing.assert_allclose(scores, expected[0], atol=1e-6)
+    exact = OpenIndex(flat_index).search(queries, 10)
+    np.testing.assert_array_equal(rows[:, :1], exact[1][:, :1])  # each query's own row first, exactly scored

@@ -18,7 +18,14 @@ from dsearch.errors import (
 )
 from dsearch.indexer import describe_source
 from dsearch.manifest import MANIFEST_FILE, Manifest
-from dsearch.store import OpenIndex, leftover_segments, lock_is_held, read_progress, staging_dirs
+from dsearch.store import (
+    OpenIndex,
+    leftover_segments,
+    lock_is_held,
+    read_progress,
+    staging_dirs,
+    unlisted_ann_files,
+)
 
 # When several things are wrong, the exit code is the first of these that applies.
 _ORDER = {
@@ -105,6 +112,16 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
                 "kind": "incomplete",
                 "detail": f"{directory}: {len(orphans)} segment folder(s) that no manifest names ({orphans[0].name}), "
                 "left by an interrupted or crashed run; the next 'dsearch index' run removes them",
+            }
+        )
+    stray = unlisted_ann_files(directory, manifest)
+    if stray and not report.updating:
+        report.problems.append(
+            {
+                "kind": "incomplete",
+                "detail": f"{stray[0]}: an ANN file that the manifest does not list, left by an interrupted "
+                "'dsearch reindex'; the index is intact, and the next 'dsearch reindex' or 'dsearch index' run "
+                "removes it",
             }
         )
     report.passages = manifest.passages  # not rows: a split passage has several

@@ -687,6 +687,8 @@ def _build(
         (on_resume or progress or (lambda n: None))(resumed_at)
     last_checkpoint = time.monotonic()
     done = resumed_at  # passages written so far; rows can be more (windows)
+    next_row = writer.rows  # the new row of the next chunk's first row
+    moved: list[tuple[Any, Any]] = []  # (new rows, stored rows) of reused vectors: lets the ANN index be reused
     # Chunks whose texts are being encoded (elsewhere, with --ray), written back in corpus order. A checkpoint
     # covers written chunks only, so a resumed run re-sends whatever was in flight.
     pending: deque[_Pending] = deque()
@@ -729,6 +731,8 @@ def _build(
         if reuse:
             assert base is not None
             vectors[[new for new, _ in reuse]] = base.vectors_at([old for _, old in reuse])
+            moved.append((next_row + np.array([new for new, _ in reuse]), np.array([old for _, old in reuse])))
+        next_row += len(rows)
         handle = None
         if encode:
             encoder = _checked(lazy, info)
@@ -774,7 +778,8 @@ def _build(
     if worker_precision is not None and worker_precision != info.precision:  # fp16 on GPU workers
         info = replace(info, precision=worker_precision)
     manifest = new_manifest(info, segment, corpus_info, stats_info)
-    manifest.index_type, manifest.index_params = build_segment_index(staging.segment_dir, segment, *ann)
+    previous = _previous_ann(base, segment.rows, moved)
+    manifest.index_type, manifest.index_params = build_segment_index(staging.segment_dir, segment, *ann, previous)
     staging.result = _summary(
         staging.target, info, done, counts, stats, resumed_at, started, removed=removed, windows=segment.rows,
         load_seconds=lazy.load_seconds,
@@ -815,10 +820,40 @@ def _with_window(row: dict[str, Any], span: tuple[int, int] | None) -> dict[str,
 
 
 
+def _previous_ann(base: OpenIndex | None, rows: int, moved: list[tuple[Any, Any]]) -> Any:
+    """What an update may reuse of the index it replaces: its ANN file and the old row of each new row.
+
+    Rows renumber on every update (the new segment is written in corpus order), so the old ANN structure cannot
+    be extended in place; the mapping lets ``vector_index.build_ann`` put reused vectors back where they were.
+    None when there is nothing to reuse (a flat or multi-segment index) or the file is not what the manifest lists.
+    """
+    import numpy as np
+
+    from dsearch.vector_index import Previous, ann_file
+
+    if base is None or len(base.segments) != 1 or base.segments[0].ann is None:
+        return None
+    seg = base.segments[0]
+    name = ann_file(seg.segment.files)
+    assert name is not None
+    path = base.directory / seg.segment.path / name
+    if file_info(path) != seg.segment.files[name]:
+        log.warning("%s does not match its checksum: the ANN index is built afresh", path)
+        return None
+    old_rows = np.full(rows, -1, dtype=np.int64)
+    for new, old in moved:
+        old_rows[new] = old - seg.first_row
+    params = base.manifest.index_params
+    return Previous(path, base.manifest.index_type, params, seg.segment.rows, old_rows)
+
+
 def build_segment_index(
-    segment_dir: Path, segment: Segment, requested: str, memory: int | None
+    segment_dir: Path, segment: Segment, requested: str, memory: int | None, previous: Any = None
 ) -> tuple[str, dict[str, Any]]:
-    """Choose and build the segment's ANN file (if any) from its stored vectors; adds it to ``segment.files``."""
+    """Choose and build the segment's ANN file (if any) from its stored vectors; adds it to ``segment.files``.
+
+    ``previous`` (``vector_index.Previous``, from an ``--update``): the replaced ANN index, reused when it can be.
+    """
     from dsearch.store import INDEX_FILE, FlatVectors, file_info
     from dsearch.vector_index import FLAT, build_ann, default_memory, plan_index
 
@@ -832,7 +867,7 @@ def build_segment_index(
     params: dict[str, Any] = {"requested": requested, "reason": plan.reason}
     if plan.index_type == FLAT:
         return FLAT, params
-    name, built = build_ann(segment_dir, raw, plan)
+    name, built = build_ann(segment_dir, raw, plan, previous=previous)
     segment.files[name] = file_info(segment_dir / name)
     return plan.index_type, {**params, **built}
 

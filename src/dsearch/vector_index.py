@@ -422,19 +422,164 @@ def tune(index: FaissIndex, raw: Any, sample: Any, truth: Any) -> tuple[dict[str
 # --- building ----------------------------------------------------------------------------------------
 
 
-def build_ann(segment_dir: Path, raw: Any, plan: IndexPlan, seed: int = 0) -> tuple[str, dict[str, Any]]:
+@dataclass
+class Previous:
+    """The ANN file that an ``--update`` replaces, and where its rows went: what ``build_ann`` may reuse."""
+
+    path: Path
+    index_type: str
+    params: dict[str, Any]  # the old manifest's index_params
+    rows: int  # rows of the old index
+    old_rows: Any  # np.ndarray, per new row: the old row whose vector it reuses, or -1 (new, re-encoded, resumed)
+
+
+# Retrain an IVF structure once the index holds 4x the rows it was trained on (or a quarter): FAISS's and
+# autofaiss's guidance sizes the lists at about 4*sqrt(n) (ivf_lists), so at 4x the rows a fresh build would
+# have twice the lists, and each probe of the old ones scans 4x the vectors it was sized for (search cost per
+# probe grows linearly with list length); the centroids also drift from data they never saw. Within that
+# range, reusing the trained centroids and codebooks keeps recall (re-measured and recorded at every update)
+# and skips k-means, the largest part of a build.
+RETRAIN_GROWTH = 4
+
+
+def reuse_plan(plan: IndexPlan, previous: Previous | None, n: int) -> str | None:
+    """Why the previous ANN structure can be reused for ``plan`` at ``n`` rows, or None when it must be rebuilt."""
+    if previous is None or plan.factory is None or previous.index_type != plan.index_type:
+        return None
+    old = str(previous.params.get("factory", ""))
+    if plan.index_type == "hnsw":
+        # A graph is built on row numbers: it can grow only when every old row kept its number (appends only).
+        appended = n >= previous.rows and bool((previous.old_rows[: previous.rows] == _arange(previous.rows)).all())
+        return "rows were only appended: the graph grows in place" if old == plan.factory and appended else None
+    old_ivf, new_ivf = re.fullmatch(r"IVF(\d+),(.+)", old), re.fullmatch(r"IVF(\d+),(.+)", plan.factory)
+    if plan.index_type == "factory":
+        same = old == plan.factory
+    else:  # nlist follows n; the rest of the factory string (codes) must be the same
+        same = bool(old_ivf and new_ivf and old_ivf.group(2) == new_ivf.group(2))
+    if not same or not old_ivf:
+        return None
+    trained = int(previous.params.get("trained_rows", previous.rows))
+    if not trained / RETRAIN_GROWTH <= n <= trained * RETRAIN_GROWTH:
+        return None
+    return f"reusing the centroids and codes trained on {trained} rows ({n} now, retrain beyond x{RETRAIN_GROWTH})"
+
+
+def _arange(n: int) -> Any:
+    import numpy as np
+
+    return np.arange(n, dtype=np.int64)
+
+
+def _reuse(faiss: Any, raw: Any, plan: IndexPlan, previous: Previous) -> Any:
+    """The previous index, emptied and refilled with this segment's rows, without training.
+
+    IVF: the old file gives the trained centroids (and PQ/SQ codebooks) and each old row's list, so a reused
+    vector goes back into its list without the coarse search (``add_core`` with precomputed lists); only new
+    rows are assigned. Fast-scan IVF cannot take precomputed lists here, so it re-assigns every row (still no
+    training). HNSW (rows only appended): the old graph, with the new rows added.
+    """
+    import numpy as np
+
+    index = faiss.read_index(str(previous.path))  # whole, writable: it becomes the new index
+    if index.ntotal != previous.rows or index.d != raw.d:
+        raise ValueError("the previous ANN file does not match its manifest")
+    if plan.index_type == "hnsw":
+        for start in range(previous.rows, raw.ntotal, ADD_CHUNK):
+            index.add(raw.rows(start, ADD_CHUNK))
+        return index
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    lists = np.full(previous.rows, -1, dtype=np.int64)
+    invlists = ivf.invlists
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            lists[faiss.rev_swig_ptr(invlists.get_ids(list_no), size)] = list_no
+    index.reset()  # keeps the trained quantizer and codebooks; drops the codes and ids
+    top = faiss.downcast_index(index)
+    if not isinstance(top, faiss.IndexIVF) or isinstance(top, faiss.IndexIVFFastScan):  # (SWIG wrappers: no `is`)
+        for start in range(0, raw.ntotal, ADD_CHUNK):
+            index.add(raw.rows(start, ADD_CHUNK))
+        return index
+    old_rows = previous.old_rows
+    for start in range(0, raw.ntotal, ADD_CHUNK):
+        chunk = np.ascontiguousarray(raw.rows(start, ADD_CHUNK))
+        olds = old_rows[start : start + len(chunk)]
+        assign = np.where(olds >= 0, lists[np.maximum(olds, 0)], -1)
+        fresh = np.flatnonzero(assign < 0)
+        if len(fresh):  # new or re-encoded rows: the coarse quantizer finds their lists
+            assign[fresh] = top.quantizer.assign(chunk[fresh], 1).ravel()
+        top.add_core(len(chunk), faiss.swig_ptr(chunk), None, faiss.swig_ptr(np.ascontiguousarray(assign)))
+    return index
+
+
+def build_ann(
+    segment_dir: Path, raw: Any, plan: IndexPlan, seed: int = 0, previous: Previous | None = None
+) -> tuple[str, dict[str, Any]]:
     """Build the ANN file of one segment from its raw vectors; returns its file name and the manifest params.
 
     The training set is a uniform sample of the stored rows (the vectors are already on disk when this runs,
     so a sample of rows is the reservoir sample without its bookkeeping); vectors are added ADD_CHUNK at a time.
     Peak memory: the training sample (at most MAX_TRAIN vectors) plus the index being built, which FAISS holds
-    whole until it is written (about ``plan.estimated_bytes``).
+    whole until it is written (about ``plan.estimated_bytes``). With ``previous`` (an ``--update``), the old
+    structure is reused instead of trained when ``reuse_plan`` allows; recall is measured again either way.
     """
     import faiss
-    import numpy as np
 
     started = time.perf_counter()
     assert plan.factory is not None
+    reason = reuse_plan(plan, previous, raw.ntotal)
+    index = None
+    if reason is not None:
+        assert previous is not None
+        try:
+            index = _reuse(faiss, raw, plan, previous)
+        except Exception as exc:  # unreadable or mismatched: a fresh build is always correct
+            log.warning("could not reuse the previous ANN index (%s); building it afresh", exc)
+        else:
+            log.info("%s: %s", plan.factory, reason)
+    if index is None:
+        reason = None
+        index = _trained(faiss, raw, plan, seed)
+        for start in range(0, raw.ntotal, ADD_CHUNK):
+            index.add(raw.rows(start, ADD_CHUNK))
+    factory = previous.params["factory"] if reason is not None and previous is not None else plan.factory
+    trained_rows = int(previous.params.get("trained_rows", previous.rows)) if reason and previous else raw.ntotal
+    name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"  # the form store.ANN_NAME collects when no manifest lists it
+    faiss.write_index(index, str(segment_dir / name))
+    built = time.perf_counter() - started
+    del index
+    opened = open_ann(segment_dir / name, raw, {"rerank": plan.compressed})
+    sample = sample_rows(raw.ntotal, RECALL_SAMPLE, seed + 1)
+    truth = exact_truth(raw, sample)
+    # A reused structure is tuned like a new one: nprobe rises until the target (at nprobe = nlist IVF-Flat is
+    # exhaustive), so centroids that fit the new rows less well cost query time, not recall; the 4x rule above
+    # bounds how far they drift. No retraining on a miss: on tied or duplicate vectors a fresh build misses too.
+    knobs, recall = tune(opened, raw, sample, truth)
+    if recall < RECALL_TARGET:
+        log.warning(
+            "%s reaches recall@10 %.3f at most on a sample of its own vectors (target %.2f)",
+            factory,
+            recall,
+            RECALL_TARGET,
+        )
+    params = {
+        "factory": factory,
+        **knobs,
+        "rerank": plan.compressed,
+        "recall_at_10": round(recall, 4),
+        "recall_sample": len(sample),
+        "build_seconds": round(built, 3),
+        "trained_rows": trained_rows,
+        "reused": reason or False,  # why the previous structure was reused (an --update), else false
+    }
+    log.info("built %s in %.1f s: recall@10 %.4f with %s", factory, built, recall, knobs or "defaults")
+    return name, params
+
+
+def _trained(faiss: Any, raw: Any, plan: IndexPlan, seed: int) -> Any:
+    """A new, empty index of ``plan.factory``, trained on a sample of the raw rows."""
+    import numpy as np
+
     index = faiss.index_factory(raw.d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     hnsw = _hnsw_of(faiss, index)
     if hnsw is not None:
@@ -458,33 +603,7 @@ def build_ann(segment_dir: Path, raw: Any, plan: IndexPlan, seed: int = 0) -> tu
         log.info("training %s on %d sampled vectors", plan.factory, len(train))
         index.train(np.ascontiguousarray(train))
         del train
-    for start in range(0, raw.ntotal, ADD_CHUNK):
-        index.add(raw.rows(start, ADD_CHUNK))
-    name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"
-    faiss.write_index(index, str(segment_dir / name))
-    built = time.perf_counter() - started
-    del index
-    opened = open_ann(segment_dir / name, raw, {"rerank": plan.compressed})
-    sample = sample_rows(raw.ntotal, RECALL_SAMPLE, seed + 1)
-    truth = exact_truth(raw, sample)
-    knobs, recall = tune(opened, raw, sample, truth)
-    if recall < RECALL_TARGET:
-        log.warning(
-            "%s reaches recall@10 %.3f at most on a sample of its own vectors (target %.2f)",
-            plan.factory,
-            recall,
-            RECALL_TARGET,
-        )
-    params = {
-        "factory": plan.factory,
-        **knobs,
-        "rerank": plan.compressed,
-        "recall_at_10": round(recall, 4),
-        "recall_sample": len(sample),
-        "build_seconds": round(built, 3),
-    }
-    log.info("built %s in %.1f s: recall@10 %.4f with %s", plan.factory, built, recall, knobs or "defaults")
-    return name, params
+    return index
 
 
 # --- reindexing --------------------------------------------------------------------------------------
@@ -500,9 +619,10 @@ def reindex(target: Path, requested: str, memory: int | None) -> Any:
     """
     from dsearch.indexer import build_segment_index
     from dsearch.manifest import MANIFEST_FILE, read_manifest
-    from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, file_info, index_lock
+    from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, fault_point, file_info, index_lock, tidy
 
     with index_lock(target):
+        tidy(target)  # what crashed runs left, the ANN file of a killed reindex among it
         manifest = read_manifest(target)
         old_files: list[Path] = []
         index_type, params = manifest.index_type, manifest.index_params
@@ -522,6 +642,7 @@ def reindex(target: Path, requested: str, memory: int | None) -> Any:
         from dsearch.manifest import FORMAT_VERSION
 
         manifest.format_version = FORMAT_VERSION
+        fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next run's tidy() takes them
         _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
         _fsync_dir(target)
         for path in old_files:

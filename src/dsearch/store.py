@@ -711,7 +711,7 @@ class FlatVectors:
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) > GATHER_ROWS or not self.ntotal:
+        if self.in_memory or len(rows) > GATHER_ROWS or not self.ntotal:  # in memory: no page faults to avoid
             return np.asarray(self._data[rows], dtype=np.float32)
         if len(rows) and (rows.min() < -self.ntotal or rows.max() >= self.ntotal):
             raise IndexError(f"row out of range for {self.ntotal} vectors")

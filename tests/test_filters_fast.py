@@ -398,3 +398,9 @@ def test_a_field_named_like_a_keyword_gives_duckdbs_error_unquoted_and_rows_quot
     one_error_line(unquoted, 2, 'syntax error at or near "order"')
     quoted = cli("query", tmp_path / "idx", "volcano", "--where", '"order" = 1', "-f", "ids")
     assert (quoted.exit_code, quoted.stdout, quoted.stderr) == (0, "a\n", "")
+
+
+@pytest.mark.parametrize("where", ["", "   ", "\n"])
+def test_an_empty_condition_is_a_usage_error_that_says_so(typed, cli, where):
+    index, _ = typed
+    one_error_line(cli("query", index.directory, "volcano", "--where", where), 2, "--where is empty; give a condition")

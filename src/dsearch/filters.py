@@ -141,6 +141,8 @@ def _column(name: str, kind: str) -> str:
 
 def allowed_rows(index: Any, where: str) -> Any:
     """A boolean mask over the index's rows: True where the passage satisfies ``where``."""
+    if not where.strip():  # DuckDB's own answer would be "Unimplemented type for cast (TUPLE -> BOOLEAN)"
+        raise UsageError("--where is empty; give a condition such as \"year >= 2020\", or leave --where out")
     if "field_types" not in index.manifest.corpus:
         raise UsageError(
             f"{index.directory}: this index was built before dsearch recorded field types, which --where needs; "

@@ -314,6 +314,7 @@ def test_bearer_token(sample_index, tmp_path):
         ("/search", b'{"query": "a", "k": 2.5}', 400, "'k' must be a whole number"),
         ("/search", b'{"query": "a", "mode": 3}', 400, "'mode' must be a string"),
         ("/search", b'{"queries": [{"qid": "a", "text": "x"}, {"qid": "a", "text": "y"}]}', 400, "same qid"),
+        ("/search", b'{"queries": [{"qid": "2", "text": "x"}, "y"]}', 400, "same qid"),  # "y" answers as qid 2
         ("/search", json.dumps({"queries": ["q"] * 101}).encode(), 400, "at most 100 (the server's --max-queries)"),
         ("/search", json.dumps({"query": "x" * 2_000_000}).encode(), 413, "larger than 1000000 bytes"),
         ("/nowhere", None, 404, "no such endpoint '/nowhere'"),

@@ -579,9 +579,12 @@ def parse_post(body: bytes, limits: Limits) -> SearchRequest:
                 400, f"{len(items)} queries in one request; at most {limits.max_queries} (the server's --max-queries)"
             )
         texts = [_query_item(item, number) for number, item in enumerate(items, 1)]
-        qids = [qid for qid, _ in texts if qid is not None]
+        # A query without a qid answers as its position (1, 2, ...): that counts too, or two results share one.
+        qids = [str(number) if qid is None else qid for number, (qid, _) in enumerate(texts, 1)]
         if len(set(qids)) != len(qids):
-            raise ClientError(400, "two queries have the same qid; give each its own")
+            raise ClientError(
+                400, "two queries have the same qid (one without a qid is numbered by its place); give each its own"
+            )
     request = SearchRequest(texts)
     if "k" in data:
         request.k = _k(_json_number(data["k"], "k", whole=True), limits)

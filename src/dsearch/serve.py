@@ -446,6 +446,15 @@ class Batcher:
         for job in jobs:
             groups.setdefault((job.k, job.mode, job.alpha, job.where, job.min_score), []).append(job)
         for (k, mode, alpha, where, min_score), group in groups.items():
+            if (mode or ("hybrid" if alpha is not None else "dense")) != "dense" and not version.info.get("lexical"):
+                # The client's choice of mode, not an unreadable index: 400 (the library's IndexDirError is a 503).
+                message = (
+                    f"{slot.name}: this index has no lexical (BM25) index (built with --no-lexical); "
+                    "search it with mode dense"
+                )
+                for job in group:
+                    job.finish(400, {"error": message})
+                continue
             queries = [q for job in group for q in job.queries]
             given = [vectors[id(job)] for job in group if id(job) in vectors]
             try:

@@ -129,7 +129,8 @@ def _quote_identifier(name: str) -> str:
 
 
 def _column(name: str, kind: str) -> str:
-    path = _quote_string("$." + json.dumps(name))
+    # ensure_ascii=False: DuckDB reads no \u escapes in a JSON path, so "$.\"\u00e9t\u00e9\"" finds no "été" key.
+    path = _quote_string("$." + json.dumps(name, ensure_ascii=False))
     if kind == "JSON":
         return f"json_extract(fields, {path})"
     if kind == "VARCHAR":
@@ -724,6 +725,9 @@ class _Evaluator:
         return lut[column.values], ~column.valid
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
     """Binds column names as DuckDB does (case-insensitively) and coerces literals to each column's type."""
     op = tree[0]
@@ -734,7 +738,8 @@ def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
     if op == "not":
         return (op, _resolve(tree[1], kinds, used))
     position = 2 if op == "cmp" else 1
-    matches = [name for name in kinds if name.lower() == tree[position].lower()]
+    # DuckDB folds the case of ASCII letters only: "été" does not name the field "ÉTÉ" there, nor here.
+    matches = [name for name in kinds if name.translate(_ASCII_LOWER) == tree[position].translate(_ASCII_LOWER)]
     if len(matches) != 1:
         raise _Unsupported(tree[position])  # unknown or ambiguous: DuckDB says which
     name = matches[0]

@@ -361,3 +361,64 @@ def test_an_empty_list_takes_the_type_of_the_fields_other_lists(tmp_path):
     assert field_types(tmp_path / "p.parquet") == {
         "days": "DATE[]", "empty": "VARCHAR[]", "mixed": "JSON", "nums": "BIGINT[]", "scalar": "JSON",
     }  # fmt: skip
+
+
+def test_a_duckdb_keyword_is_no_field_name_on_the_fast_path_either():
+    """A bare word that DuckDB refuses as a column (its reserved keywords: `order = 1` is a syntax error there) is
+    not answered by the fast path, which hands it to DuckDB and its error; every such keyword is checked."""
+    import duckdb
+
+    from dsearch.filters import _Parser, _Unsupported
+
+    keywords = sorted({k for (k,) in duckdb.sql("SELECT keyword_name FROM duckdb_keywords()").fetchall()})
+    con = duckdb.connect(":memory:")
+    con.execute("CREATE TABLE t (" + ", ".join(f'"{k}" BIGINT' for k in keywords) + ")")
+    answered_by_fast_path_only = []
+    for keyword in keywords:
+        for where in (f"{keyword} = 1", f"{keyword} IS NULL", f"NOT {keyword} IN (1, 2)", keyword):
+            try:
+                con.execute(f"SELECT count(*) FROM t WHERE ({where}\n)").fetchall()
+                continue
+            except duckdb.Error:
+                pass
+            try:
+                _Parser(where).parse()
+                answered_by_fast_path_only.append(where)
+            except _Unsupported:
+                pass
+    assert answered_by_fast_path_only == []
+
+
+def test_a_field_named_like_a_keyword_gives_duckdbs_error_unquoted_and_rows_quoted(tmp_path, cli):
+    rows = [{"_id": "a", "text": "volcano one", "order": 1}, {"_id": "b", "text": "volcano two", "order": 2}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("index", corpus, "-o", tmp_path / "idx", "-q").exit_code == 0
+    unquoted = cli("query", tmp_path / "idx", "volcano", "--where", "order = 1")
+    one_error_line(unquoted, 2, 'syntax error at or near "order"')
+    quoted = cli("query", tmp_path / "idx", "volcano", "--where", '"order" = 1', "-f", "ids")
+    assert (quoted.exit_code, quoted.stdout, quoted.stderr) == (0, "a\n", "")
+
+
+@pytest.mark.parametrize("where", ["", "   ", "\n"])
+def test_an_empty_condition_is_a_usage_error_that_says_so(typed, cli, where):
+    index, _ = typed
+    one_error_line(cli("query", index.directory, "volcano", "--where", where), 2, "--where is empty; give a condition")
+
+
+def test_field_names_fold_case_as_duckdb_does_ascii_letters_only(tmp_path, cli):
+    """DuckDB binds a column whatever the case of its ASCII letters, but "été" does not name the field "ÉTÉ"; and
+    a field whose name is not ASCII is read on both paths (DuckDB's once found no such key: always NULL)."""
+    rows = [{"_id": "a", "text": "volcano", "ÉTÉ": 1}, {"_id": "b", "text": "volcano", "ÉTÉ": 3}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("index", corpus, "-o", tmp_path / "idx", "-q").exit_code == 0
+    index = OpenIndex(tmp_path / "idx")
+    types = index.manifest.corpus["field_types"]
+    for where in ('"ÉTÉ" = 1', '"ÉtÉ" = 1'):
+        assert fast_allowed_rows(index, where, types).tolist() == [True, False]
+        assert duckdb_allowed_rows(index, where, types).tolist() == [True, False]
+    assert allowed_rows(index, '"ÉTÉ" + 0 = 1').tolist() == [True, False]  # outside the subset: DuckDB
+    for where in ('"été" = 1', '"Été" = 1'):
+        assert fast_allowed_rows(index, where, types) is None
+        one_error_line(cli("query", tmp_path / "idx", "volcano", "--where", where), 2, "unknown field")

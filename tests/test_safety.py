@@ -473,3 +473,33 @@ def test_status_corpus_takes_several_paths_and_files_inside_a_folder(tmp_path, c
     elsewhere = write_corpus(tmp_path / "other.jsonl", 3)
     other = cli("status", index, "--corpus", elsewhere)
     assert other.exit_code == 8 and "not part of the build" in other.stdout
+
+
+KILLED_IN_BM25 = """
+import os, signal, sys
+sys.path[:0] = {paths!r}
+import dsearch.lexical
+from fakes import HashingEncoder
+from dsearch.cli import Deps, run
+dsearch.lexical._score = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed while scoring BM25
+sys.exit(run({args!r}, Deps(load_encoder=lambda name, **kw: HashingEncoder(name))))
+"""
+
+
+def test_a_build_killed_in_its_bm25_pass_publishes_no_temporary_files_when_resumed(tmp_path, cli):
+    """The streamed BM25 build keeps its triples in a temporary folder of the staged segment; a run killed
+    there after a checkpoint is resumed by the next, which must not carry that folder into the published index."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    args = ["index", str(corpus), "-o", str(index), "--batch-size", "8"]
+    code = KILLED_IN_BM25.format(paths=[str(ROOT / "tests"), str(ROOT / "src")], args=args)
+    env = {**os.environ, "DSEARCH_CHECKPOINT_SECONDS": "0"}
+    crashed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert list(index.glob(".staging-*/seg-*/bm25-*/triples.bin"))  # what the kill left, resumable
+    rerun = cli("index", corpus, "-o", index, "--batch-size", "8", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["resumed_at"] == 300
+    (segment,) = segments(index)
+    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
+    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)

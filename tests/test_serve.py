@@ -314,6 +314,7 @@ def test_bearer_token(sample_index, tmp_path):
         ("/search", b'{"query": "a", "k": 2.5}', 400, "'k' must be a whole number"),
         ("/search", b'{"query": "a", "mode": 3}', 400, "'mode' must be a string"),
         ("/search", b'{"queries": [{"qid": "a", "text": "x"}, {"qid": "a", "text": "y"}]}', 400, "same qid"),
+        ("/search", b'{"queries": [{"qid": "2", "text": "x"}, "y"]}', 400, "same qid"),  # "y" answers as qid 2
         ("/search", json.dumps({"queries": ["q"] * 101}).encode(), 400, "at most 100 (the server's --max-queries)"),
         ("/search", json.dumps({"query": "x" * 2_000_000}).encode(), 413, "larger than 1000000 bytes"),
         ("/nowhere", None, 404, "no such endpoint '/nowhere'"),
@@ -641,3 +642,18 @@ def test_a_killed_servers_private_directories_are_swept_at_the_next_start(sample
     assert not list(tmp_path.glob("dsearch-serve-*"))  # a clean stop leaves nothing
     killed.stdout.close()
     killed.stderr.close()
+
+
+def test_lexical_or_hybrid_on_an_index_without_bm25_is_the_clients_400_not_a_503(cli, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": f"volcano {i}"}) + "\n" for i in range(5)))
+    assert cli("index", corpus, "-o", tmp_path / "dense.idx", "--no-lexical", "-q").exit_code == 0
+    with serving(tmp_path / "dense.idx") as served:
+        for params in ({"mode": "lexical"}, {"mode": "hybrid"}, {"alpha": "0.5"}):
+            status, body = served.search(q="volcano", **params)
+            assert status == 400, body
+            assert body == {"error": "dense.idx: this index has no lexical (BM25) index (built with --no-lexical); "
+                            "search it with mode dense"}  # fmt: skip
+        status, body = served.search(q="volcano", k=2)
+        assert status == 200 and len(hits_of(body)) == 2
+        assert served.request("/health")[0] == 200  # the index itself is fine

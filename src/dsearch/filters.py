@@ -129,7 +129,8 @@ def _quote_identifier(name: str) -> str:
 
 
 def _column(name: str, kind: str) -> str:
-    path = _quote_string("$." + json.dumps(name))
+    # ensure_ascii=False: DuckDB reads no \u escapes in a JSON path, so "$.\"\u00e9t\u00e9\"" finds no "été" key.
+    path = _quote_string("$." + json.dumps(name, ensure_ascii=False))
     if kind == "JSON":
         return f"json_extract(fields, {path})"
     if kind == "VARCHAR":
@@ -141,6 +142,8 @@ def _column(name: str, kind: str) -> str:
 
 def allowed_rows(index: Any, where: str) -> Any:
     """A boolean mask over the index's rows: True where the passage satisfies ``where``."""
+    if not where.strip():  # DuckDB's own answer would be "Unimplemented type for cast (TUPLE -> BOOLEAN)"
+        raise UsageError("--where is empty; give a condition such as \"year >= 2020\", or leave --where out")
     if "field_types" not in index.manifest.corpus:
         raise UsageError(
             f"{index.directory}: this index was built before dsearch recorded field types, which --where needs; "
@@ -308,11 +311,21 @@ _TOKEN = re.compile(
 )
 _KEYWORDS = frozenset({"and", "or", "not", "in", "is", "null", "between", "like", "true", "false"})
 # Words that DuckDB reads as something other than a column where one could stand: never taken for a field here.
+# Its reserved and type_function keywords (duckdb_keywords(), DuckDB 2.0) are among them: `order = 1` is a
+# syntax error there, so the fast path must not answer it either (the field is written "order" = 1).
 _RESERVED = frozenset(
     {"all", "any", "array", "case", "cast", "collate", "current_date", "current_time", "current_timestamp",
      "current_user", "default", "distinct", "else", "end", "escape", "exists", "from", "glob", "ilike", "interval",
      "localtime", "localtimestamp", "map", "row", "select", "session_user", "similar", "some", "struct",
-     "then", "timestamp", "try_cast", "user", "when", "where"}
+     "then", "timestamp", "try_cast", "user", "when", "where",
+     "analyse", "analyze", "anti", "as", "asc", "asof", "asymmetric", "at", "authorization", "binary", "both",
+     "by", "check", "collation", "column", "columns", "concurrently", "constraint", "create", "cross",
+     "deferrable", "desc", "describe", "do", "except", "fetch", "for", "foreign", "freeze", "full", "generated",
+     "group", "having", "initially", "inner", "intersect", "into", "isnull", "join", "lambda", "lateral",
+     "leading", "left", "limit", "natural", "notnull", "offset", "on", "only", "order", "outer", "overlaps",
+     "pivot", "pivot_longer", "pivot_wider", "placing", "positional", "primary", "qualify", "references",
+     "returning", "right", "semi", "show", "summarize", "symmetric", "table", "tablesample", "to", "trailing",
+     "tuple", "union", "unique", "unpack", "unpivot", "using", "variadic", "verbose", "window", "with"}
 )  # fmt: skip
 
 
@@ -712,6 +725,9 @@ class _Evaluator:
         return lut[column.values], ~column.valid
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
     """Binds column names as DuckDB does (case-insensitively) and coerces literals to each column's type."""
     op = tree[0]
@@ -722,7 +738,8 @@ def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
     if op == "not":
         return (op, _resolve(tree[1], kinds, used))
     position = 2 if op == "cmp" else 1
-    matches = [name for name in kinds if name.lower() == tree[position].lower()]
+    # DuckDB folds the case of ASCII letters only: "été" does not name the field "ÉTÉ" there, nor here.
+    matches = [name for name in kinds if name.translate(_ASCII_LOWER) == tree[position].translate(_ASCII_LOWER)]
     if len(matches) != 1:
         raise _Unsupported(tree[position])  # unknown or ambiguous: DuckDB says which
     name = matches[0]

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,9 @@ READ_BATCH = 2000
 # (passage, token) pairs scored at once in the build's second pass: about 100 bytes each while they are read,
 # sorted and scored (50 MiB); each range re-reads the temporary file of triples (12 bytes a pair).
 RANGE_PAIRS = 1 << 19
+# The build's temporary folder in the segment: "bm25-" + tempfile's 8 random characters.
+TEMP_PREFIX = "bm25-"
+_TEMP_NAME = re.compile(r"bm25-[a-z0-9_]{8}")
 
 
 class Tokenizer:
@@ -102,7 +106,12 @@ def build_lexical(
     frequencies = np.zeros(0, np.int64)  # passages holding each token
     documents = row = 0
     previous = None
-    with tempfile.TemporaryDirectory(prefix="bm25-", dir=segment_dir) as tmp, _system_memory_pool():
+    # A build killed here (SIGKILL, OOM) after a checkpoint leaves its folder of triples in the staged segment,
+    # which the resumed run would publish with it: remove such leftovers, by their exact form, first.
+    for leftover in segment_dir.glob(f"{TEMP_PREFIX}*"):
+        if _TEMP_NAME.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=segment_dir) as tmp, _system_memory_pool():
         triples_path = Path(tmp) / "triples.bin"
         with open(triples_path, "wb") as triples:
             table = pq.ParquetFile(segment_dir / passages_file, pre_buffer=False)

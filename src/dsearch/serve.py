@@ -446,6 +446,15 @@ class Batcher:
         for job in jobs:
             groups.setdefault((job.k, job.mode, job.alpha, job.where, job.min_score), []).append(job)
         for (k, mode, alpha, where, min_score), group in groups.items():
+            if (mode or ("hybrid" if alpha is not None else "dense")) != "dense" and not version.info.get("lexical"):
+                # The client's choice of mode, not an unreadable index: 400 (the library's IndexDirError is a 503).
+                message = (
+                    f"{slot.name}: this index has no lexical (BM25) index (built with --no-lexical); "
+                    "search it with mode dense"
+                )
+                for job in group:
+                    job.finish(400, {"error": message})
+                continue
             queries = [q for job in group for q in job.queries]
             given = [vectors[id(job)] for job in group if id(job) in vectors]
             try:
@@ -579,9 +588,12 @@ def parse_post(body: bytes, limits: Limits) -> SearchRequest:
                 400, f"{len(items)} queries in one request; at most {limits.max_queries} (the server's --max-queries)"
             )
         texts = [_query_item(item, number) for number, item in enumerate(items, 1)]
-        qids = [qid for qid, _ in texts if qid is not None]
+        # A query without a qid answers as its position (1, 2, ...): that counts too, or two results share one.
+        qids = [str(number) if qid is None else qid for number, (qid, _) in enumerate(texts, 1)]
         if len(set(qids)) != len(qids):
-            raise ClientError(400, "two queries have the same qid; give each its own")
+            raise ClientError(
+                400, "two queries have the same qid (one without a qid is numbered by its place); give each its own"
+            )
     request = SearchRequest(texts)
     if "k" in data:
         request.k = _k(_json_number(data["k"], "k", whole=True), limits)

@@ -121,6 +121,33 @@ def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+BLAS_THREADS = """
+from threadpoolctl import threadpool_info
+from dsearch import serve
+limited = serve.limit_blas_threads()
+print(limited, sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts one thread per core: needs 2+")
+def test_the_server_runs_blas_on_one_thread_unless_told_otherwise(sample_index):
+    # OpenBLAS's helper threads busy-wait between searches; that cost the server half its CPU per query under load.
+    base = {k: v for k, v in server_env().items() if k != "OPENBLAS_NUM_THREADS"}
+
+    def blas_threads(**extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", BLAS_THREADS], env={**base, **extra}, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert blas_threads() == "1 [1]"
+    assert blas_threads(OPENBLAS_NUM_THREADS="2") == "2 [2]"  # the user's setting wins
+    # The real server applies it before it answers anything (its -vv log says so).
+    with serving(sample_index, "-vv", env=base) as served:
+        assert served.search(q=QUERIES[0], k=2)[0] == 200
+    assert "BLAS threads: 1\n" in served.stderr
+
+
 # --- results -------------------------------------------------------------------------------------------------
 
 

@@ -824,10 +824,11 @@ def check_installed() -> None:
     """The server's packages are an extra (``dsearch[serve]``): say so instead of a ModuleNotFoundError."""
     try:
         import starlette  # noqa: F401
+        import threadpoolctl  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise DsearchError(
-            f"dsearch serve needs {exc.name or 'starlette and uvicorn'}, which is not installed; "
+            f"dsearch serve needs {exc.name or 'starlette, threadpoolctl and uvicorn'}, which is not installed; "
             "install it with: pip install 'dsearch[serve]'"
         ) from None
 
@@ -863,6 +864,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def limit_blas_threads() -> int | None:
+    """Run BLAS (numpy's OpenBLAS) on one thread in this process, unless ``OPENBLAS_NUM_THREADS`` says otherwise;
+    returns the thread count now in force (None: no BLAS library found).
+
+    The worker's search is one batched matrix product at a time, and between them OpenBLAS's helper threads
+    busy-wait, burning CPU that the encoder's threads and the HTTP layer need: at 16 clients on 2 cores one
+    thread halved the server's CPU per query and raised queries/s on a busy machine (RESULTS.md, "Serving").
+    Set at run time (threadpoolctl), not by the environment variable, which OpenBLAS reads only when it loads.
+    """
+    import numpy  # noqa: F401  (loads OpenBLAS, so that there is a library to set)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        threadpool_limits(1, user_api="blas")
+    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
 def run_server(server: Server, sock: socket.socket, access_log: bool, on_ready: Callable[[str], None]) -> None:
     """Serve until SIGTERM or Ctrl-C; then stop accepting, finish every request in flight, and return."""
     import uvicorn
@@ -895,6 +914,7 @@ def run_server(server: Server, sock: socket.socket, access_log: bool, on_ready: 
         timeout_graceful_shutdown=30,
         timeout_keep_alive=5,
     )
+    log.debug("BLAS threads: %s", limit_blas_threads())
     server.batcher.start()
     try:
         _Uvicorn(config).run(sockets=[sock])

@@ -230,14 +230,18 @@ def _read_regular(path: Path, limit: int) -> str:
         return fh.read(limit + 1).decode("utf-8")
 
 
-def read_manifest(directory: Path) -> Manifest:
+def read_manifest_text(directory: Path) -> str:
+    """The manifest's text, unparsed (serve compares it to notice a publish), with the errors read_manifest gives."""
     path = directory / MANIFEST_FILE
     try:
-        text = _read_regular(path, MAX_MANIFEST_BYTES)
+        return _read_regular(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise IndexDirError(
             f"{directory}: not a dsearch index (no {MANIFEST_FILE}); build one with 'dsearch index'"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise IndexDirError(f"{path}: cannot read the manifest ({exc})") from exc
-    return Manifest.from_json(text, str(path))
+
+
+def read_manifest(directory: Path) -> Manifest:
+    return Manifest.from_json(read_manifest_text(directory), str(directory / MANIFEST_FILE))

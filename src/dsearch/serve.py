@@ -49,7 +49,7 @@ from dsearch.errors import DsearchError, IndexDirError, InputError, UsageError
 
 log = logging.getLogger("dsearch")
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # manifest.MANIFEST_FILE, not imported: this module loads before any index is opened
 MODES = ("dense", "lexical", "hybrid")
 POLL_SECONDS = 1.0  # an idle server still notices a publish (and lets go of the old files) this soon
 RETRY_AFTER_SECONDS = 1
@@ -90,7 +90,7 @@ class PinnedFiles:
     """
 
     def __init__(self, directory: Path) -> None:
-        from dsearch.manifest import Manifest
+        from dsearch.manifest import Manifest, read_manifest_text
 
         self.fds: list[int] = []
         self.shadow: Path | None = None
@@ -98,14 +98,14 @@ class PinnedFiles:
         if not PROC_FD.is_dir():
             return
         for attempt in range(5):
-            text = _read_manifest_text(directory)
+            text = read_manifest_text(directory)
             manifest = Manifest.from_json(text, str(directory / MANIFEST))
             try:
                 links = self._open_files(directory, manifest)
                 break
             except FileNotFoundError:
                 self._close_fds()
-                if attempt == 4 or _read_manifest_text(directory) == text:
+                if attempt == 4 or read_manifest_text(directory) == text:
                     missing = f"{directory}: a file the manifest lists is missing; rebuild the index"
                     raise IndexDirError(missing) from None
             except BaseException:
@@ -167,19 +167,6 @@ def sweep_stale_shadows() -> int:
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
     return removed
-
-
-def _read_manifest_text(directory: Path) -> str:
-    from dsearch.manifest import MAX_MANIFEST_BYTES, _read_regular
-
-    try:
-        return _read_regular(directory / MANIFEST, MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
-        raise IndexDirError(
-            f"{directory}: not a dsearch index (no {MANIFEST}); build one with 'dsearch index'"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IndexDirError(f"{directory / MANIFEST}: cannot read the manifest ({exc})") from exc
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import SAMPLE
 from fakes import HashingEncoder
 
-from dsearch.api import Searcher, index_version
+from dsearch.api import Searcher, build_index, index_version
 from dsearch.errors import DsearchError, IndexDirError, InputError, ModelError, UsageError
 from dsearch.search import Query
 
@@ -236,6 +237,69 @@ def test_lexical_mode_on_an_index_without_bm25_says_what_to_do(cli, tmp_path):
     assert cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--no-lexical").exit_code == 0
     with searcher(tmp_path / "idx") as s, pytest.raises(IndexDirError, match="no lexical"):
         s.search("volcano", mode="hybrid")
+
+
+# (what the Python caller does, the same through the CLI, what the API's message says, what the CLI's says)
+NAMED_OPTIONS = [
+    (lambda s, d: s.search("volcano", where="  "), ("query", "{idx}", "volcano", "--where", "  "),
+     ["where= is empty", "or leave where= out"], ["--where is empty", "or leave --where out"]),
+    (lambda s, d: s.search("volcano", where="topic = "), ("query", "{idx}", "volcano", "--where", "topic = "),
+     ["where='topic = ': "], ["--where 'topic = ': "]),
+    (lambda s, d: s.search("volcano", where="yeer > 1"), ("query", "{idx}", "volcano", "--where", "yeer > 1"),
+     ["where: unknown field 'yeer'", "see Searcher.info()['fields']"],
+     ["--where: unknown field 'yeer'", "see 'dsearch info DIR'"]),
+    (lambda s, d: build_index(d, [], encoder=HashingEncoder()),
+     ("index", "/dev/null", "--format", "jsonl", "-o", "{idx}"),
+     ["rerun with max_remove=200 or max_remove='100%'"], ["rerun with --max-remove 200 or --max-remove 100%"]),
+    (lambda s, d: build_index(d, [], max_remove=3, encoder=HashingEncoder()),
+     ("index", "/dev/null", "--format", "jsonl", "-o", "{idx}", "--max-remove", "3"),
+     ["max_remove allows 3"], ["--max-remove allows 3"]),
+    (lambda s, d: build_index(d, [], max_remove="lots", encoder=HashingEncoder()),
+     ("index", "/dev/null", "-o", "{idx}", "--max-remove", "lots"),
+     ["max_remove='lots' is not a number"], ["--max-remove 'lots' is not a number"]),
+    (lambda s, d: build_index(d, [{"text": "no id"}], encoder=HashingEncoder()), ("index", "{noid}", "-o", "{idx}"),
+     ["name it with id_field=, or fix it, or pass skip_bad=True to skip"],
+     ["name it with --id-field, or fix it, or pass --skip-bad to skip"]),
+    (lambda s, d: build_index(d, SAMPLE / "passages.jsonl", update=True, split=False, encoder=HashingEncoder()),
+     ("index", str(SAMPLE / "passages.jsonl"), "-o", "{idx}", "--update", "--no-split"),
+     ["cut with split=True, overlap=", "not split=False; rebuild it in full (without update=True)"],
+     ["cut with --split --overlap ", "not --no-split; rebuild it in full (without --update)"]),
+    (lambda s, d: build_index(d, d.parent / "noid.jsonl.xyz", encoder=HashingEncoder()),
+     ("index", "{noid}.xyz", "-o", "{idx}"),
+     ["pass fmt= (one of 'jsonl', "], ["pass --format (jsonl|"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "args", "api_says", "cli_says"), NAMED_OPTIONS)
+def test_library_errors_name_the_api_parameter_or_the_cli_flag(cli, sample_index, tmp_path, call, args, api_says,
+                                                               cli_says):
+    """One library error, two readers: a Python caller reads ``max_remove=``, a shell user ``--max-remove``."""
+    noid = tmp_path / "noid.jsonl"
+    noid.write_text('{"text": "no id"}\n')
+    (tmp_path / "noid.jsonl.xyz").write_text("")
+    with searcher(sample_index) as s, pytest.raises(DsearchError) as raised:
+        call(s, sample_index)
+    message = str(raised.value)
+    assert all(words in message for words in api_says), message
+    assert "--" not in message and "\x1e" not in message and "\n" not in message
+    result = cli(*[a.format(idx=sample_index, noid=noid) for a in args])
+    assert result.exit_code == raised.value.exit_code and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("dsearch: error: ") and all(words in line for words in cli_says), line
+    # No Python spelling leaks into the CLI's line: no `name=` parameter, no API call.
+    assert not re.search(r"(?<![-\w])[a-z_]+=", line) and "Searcher" not in line and "\x1e" not in line, line
+
+
+def test_an_option_reads_as_a_flag_or_a_parameter():
+    import pickle
+
+    from dsearch.errors import option, spell
+
+    err = UsageError(f"{option('split', False)}, {option('max_remove', '100%')}, {option('k', 3)}, "
+                     f"{option('where')}, {spell('a', 'b')}")  # fmt: skip
+    assert str(err) == "split=False, max_remove='100%', k=3, where=, b"
+    assert err.for_cli() == "--no-split, --max-remove 100%, --top-k 3, --where, a"
+    assert pickle.loads(pickle.dumps(err)).for_cli() == err.for_cli()  # e.g. from a worker process
 
 
 def test_query_objects_keep_their_ids(sample_index):

@@ -2,7 +2,8 @@
 
 The command line stands on these same calls (``dsearch query``, ``eval``, ``get``, ``info``, ``index``), so a
 program gets the CLI's results, errors and guarantees without starting a process per question. Errors are the
-typed ones of ``dsearch.errors``; their messages say what is wrong (the CLI adds which flag fixes it).
+typed ones of ``dsearch.errors``; their messages say what is wrong and name options as this API's parameters
+(``max_remove=``), where the CLI prints the same error with its flags (``--max-remove``, ``errors.option``).
 
 Heavy libraries are imported when first needed, as everywhere in dsearch: a lexical-only Searcher never loads a
 model (nor torch), and ``import dsearch`` imports none of this module until a name from it is used.

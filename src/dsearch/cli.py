@@ -1292,8 +1292,8 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
         result = app(args=args, prog_name="dsearch", standalone_mode=False, obj=deps)
         sys.stdout.flush()
         return result if isinstance(result, int) else EXIT_OK
-    except DsearchError as exc:
-        return _fail(str(exc), exc.exit_code)
+    except DsearchError as exc:  # the library's message, with options named as this command's flags
+        return _fail(exc.for_cli(), exc.exit_code)
     except typer.Exit as exc:
         return exc.exit_code
     except typer.TyperException as exc:  # click's usage errors: bad flags, missing arguments

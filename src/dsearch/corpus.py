@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import xxhash
 
-from dsearch.errors import InputError, UsageError
+from dsearch.errors import InputError, UsageError, option, spell
 from dsearch.manifest import FORMAT_NAME, MANIFEST_FILE
 from dsearch.windows import window_spans
 
@@ -50,7 +50,7 @@ _SUFFIX_FORMATS = {
 DEFAULT_ID_FIELDS = ("_id", "id", "docid", "doc_id", "pid")
 DEFAULT_TEXT_FIELDS = ("text", "contents", "passage", "body")
 DEFAULT_TITLE_FIELDS = ("title",)
-SKIP_HINT = "fix it, or pass --skip-bad to skip such records"
+SKIP_HINT = f"fix it, or pass {option('skip_bad', True)} to skip such records"
 # Deeper JSON is refused: real corpora nest a few levels, and the stored fields are re-serialised recursively.
 MAX_JSON_DEPTH = 100
 # Skipped records logged one by one under -v; the rest are only counted, so one bad file cannot flood the log.
@@ -214,7 +214,8 @@ def detect_format(path: str) -> str:
         return "jsonl"
     fmt = format_of_name(path)
     if fmt is None:
-        raise UsageError(f"{path}: cannot tell the format from the name; pass --format ({'|'.join(FORMATS)})")
+        which = spell(f"--format ({'|'.join(FORMATS)})", f"fmt= (one of {', '.join(map(repr, FORMATS))})")
+        raise UsageError(f"{path}: cannot tell the format from the name; pass {which}")
     return fmt
 
 
@@ -466,7 +467,7 @@ def _passage_from_record(record: dict[str, Any], where: str, source: str, names:
     title_key = _pick(record, names.title, DEFAULT_TITLE_FIELDS)
     if id_key is None or record.get(id_key) is None:
         wanted = names.id or "/".join(DEFAULT_ID_FIELDS)
-        return InputError(where, f"missing id field {wanted!r}", "name it with --id-field, or " + SKIP_HINT)
+        return InputError(where, f"missing id field {wanted!r}", f"name it with {option('id_field')}, or {SKIP_HINT}")
     raw_id = record[id_key]
     if type(raw_id) is not str and isinstance(raw_id, _NOT_ID_TYPES):
         return InputError(where, f"id field {id_key!r} is not a string or a number", SKIP_HINT)
@@ -476,7 +477,8 @@ def _passage_from_record(record: dict[str, Any], where: str, source: str, names:
         return InputError(where, f"empty id in field {id_key!r}", "every passage needs an id; " + SKIP_HINT)
     if text_key is None or text_key not in record:
         wanted = names.text or "/".join(DEFAULT_TEXT_FIELDS)
-        return InputError(where, f"missing text field {wanted!r}", "name it with --text-field, or " + SKIP_HINT)
+        fix = f"name it with {option('text_field')}, or {SKIP_HINT}"
+        return InputError(where, f"missing text field {wanted!r}", fix)
     text = record[text_key]
     if text is None:
         text = ""

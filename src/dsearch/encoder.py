@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
 
-from dsearch.errors import ModelError
+from dsearch.errors import ModelError, option, spell
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,6 +27,9 @@ _BUNDLED_ALIASES = {None, "", "default", BUNDLED_MODEL, "all-MiniLM-L6-v2", "sen
 SUPPORTED_SIMILARITIES = ("cosine", "dot")
 # Files that do not change what a model computes; left out of its fingerprint.
 _FINGERPRINT_SKIP = {"README.md", ".gitattributes", "data_config.json"}
+
+# How a message tells the user to name a model folder.
+MODEL_PATH = spell("--model PATH", "model=PATH")
 
 
 class Encoder(Protocol):
@@ -215,12 +218,12 @@ def _load_sentence_transformer(name: str, directory: Path | None, trust_remote_c
         )
         tried = f"{directory}" if directory else f"the local cache and the model hub for {name!r}"
         hint = (
-            "; the model hub cannot be reached from here: copy the model folder to this machine and pass --model PATH"
+            f"; the model hub cannot be reached from here: copy the model folder to this machine and pass {MODEL_PATH}"
             if offline and directory is None
             else ""
         )
         if "trust_remote_code" in text:
-            hint = "; the model ships its own code: pass --trust-remote-code if you trust it"
+            hint = f"; the model ships its own code: pass {option('trust_remote_code', True)} if you trust it"
         raise ModelError(f"cannot load model {name!r} (tried {tried}): {text}{hint}") from exc
 
 
@@ -235,7 +238,7 @@ def _check_hub_reachable(name: str) -> None:
     from urllib.parse import urlsplit
     from urllib.request import getproxies, proxy_bypass
 
-    fix = "copy the model folder to this machine and pass --model PATH, or check the model name"
+    fix = f"copy the model folder to this machine and pass {MODEL_PATH}, or check the model name"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ModelError(
             f"cannot load model {name!r}: it is not in the local cache and the model hub cannot be reached "

@@ -1,9 +1,17 @@
 """Typed errors that carry the one-line message a user needs and the exit code the shell sees.
 
+A message that names an option says it the way its reader passes it: ``--max-remove 200`` to a ``dsearch``
+user, ``max_remove=200`` to a Python caller of the same library function. The library writes the option with
+``option()`` (or other wording that differs, with ``spell()``); ``str(err)`` reads as the Python API, and the
+command line prints ``err.for_cli()``.
+
 This module must stay free of heavy imports: the CLI imports it on every run.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 # Exit codes are a documented contract (README, "Exit codes").
 EXIT_OK = 0
@@ -20,10 +28,55 @@ EXIT_STATUS_CORPUS_CHANGED = 8
 EXIT_TOO_MANY_REMOVED = 9
 
 
+# The parts of a message that differ between the command line and the API, kept in the message text itself so
+# that messages built in pieces (f-strings, InputError's where/problem/fix) keep them: SEP cli ALT api SEP.
+_SEP, _ALT = "\x1e", "\x1f"
+_SPELLED = re.compile(f"{_SEP}([^{_SEP}{_ALT}]*){_ALT}([^{_SEP}{_ALT}]*){_SEP}")
+_NO_VALUE: Any = object()
+# API parameter → CLI flag, where the flag is not the parameter with dashes.
+_FLAGS = {"fmt": "format", "k": "top-k"}
+
+
+def spell(cli: str, api: str) -> str:
+    """Words of an error message that differ by reader: ``cli`` for ``dsearch`` users, ``api`` for Python callers."""
+    strip = str.maketrans("", "", _SEP + _ALT)
+    return f"{_SEP}{cli.translate(strip)}{_ALT}{api.translate(strip)}{_SEP}"
+
+
+def option(name: str, value: Any = _NO_VALUE) -> str:
+    """An option, named in an error message by the API parameter ``name``: ``option("max_remove", 200)`` reads
+    ``--max-remove 200`` on the command line and ``max_remove=200`` in Python; a bool reads ``--split`` /
+    ``--no-split`` and ``split=True`` / ``split=False``; no value, ``--where`` and ``where=``."""
+    flag = _FLAGS.get(name, name.replace("_", "-"))
+    if value is _NO_VALUE:
+        return spell(f"--{flag}", f"{name}=")
+    if isinstance(value, bool):
+        return spell(f"--{flag}" if value else f"--no-{flag}", f"{name}={value}")
+    return spell(f"--{flag} {value}", f"{name}={value!r}")
+
+
+def render(message: str, cli: bool = False) -> str:
+    """``message`` with its ``spell()``/``option()`` parts as the command line (``cli``) or the API says them."""
+    return _SPELLED.sub(lambda m: m.group(1 if cli else 2), message)
+
+
 class DsearchError(Exception):
-    """Base class: an error the user can act on. ``str(err)`` is the one-line message."""
+    """Base class: an error the user can act on. ``str(err)`` is the one-line message, as the Python API names
+    options (``where=``); ``err.for_cli()`` is the same line as the command line names them (``--where``)."""
 
     exit_code = EXIT_ERROR
+
+    def __str__(self) -> str:
+        return render(super().__str__())
+
+    def for_cli(self) -> str:
+        """The message with options named as ``dsearch``'s flags."""
+        return render(super().__str__(), cli=True)
+
+    @property
+    def template(self) -> str:
+        """The message with both spellings kept: what an error that wraps this one should embed."""
+        return super().__str__()
 
 
 class UsageError(DsearchError):

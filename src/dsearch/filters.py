@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dsearch.errors import UsageError
+from dsearch.errors import UsageError, option, spell
 
 BUILTIN = ("id", "title", "source")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -143,11 +143,13 @@ def _column(name: str, kind: str) -> str:
 def allowed_rows(index: Any, where: str) -> Any:
     """A boolean mask over the index's rows: True where the passage satisfies ``where``."""
     if not where.strip():  # DuckDB's own answer would be "Unimplemented type for cast (TUPLE -> BOOLEAN)"
-        raise UsageError("--where is empty; give a condition such as \"year >= 2020\", or leave --where out")
+        where_ = option("where")
+        raise UsageError(f"{where_} is empty; give a condition such as \"year >= 2020\", or leave {where_} out")
     if "field_types" not in index.manifest.corpus:
+        update = spell("run 'dsearch index … --update'", "update it with build_index(…, update=True)")
         raise UsageError(
-            f"{index.directory}: this index was built before dsearch recorded field types, which --where needs; "
-            "run 'dsearch index … --update' (or rebuild it) first"
+            f"{index.directory}: this index was built before dsearch recorded field types, which {option('where')} "
+            f"needs; {update} (or rebuild it) first"
         )
     types: dict[str, str] = index.manifest.corpus["field_types"]
     if any(kind not in FIELD_TYPES for kind in types.values()):  # read_manifest refuses these; never trust SQL to it
@@ -208,7 +210,7 @@ class DuckDBFilter:
         sql = f"SELECT __row FROM passages WHERE ({where}\n)"
         try:
             if len(duckdb.extract_statements(sql)) != 1:
-                raise UsageError(f"--where {where!r}: give one condition, not SQL statements")
+                raise UsageError(f"{_where(where)}: give one condition, not SQL statements")
             rows = self.con.execute(sql).fetchnumpy()["__row"]
         except duckdb.Error as exc:
             raise _usage_error(where, exc, self.fields) from None
@@ -226,12 +228,18 @@ def _usage_error(where: str, exc: Exception, fields: list[str]) -> UsageError:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     unknown = re.search(r'Referenced column "?(.+?)"? not found', message)
     if unknown:
+        info = spell("'dsearch info DIR'", "Searcher.info()['fields']")
         return UsageError(
-            f"--where: unknown field {unknown.group(1)!r}; the passages have {', '.join(fields)} "
-            "(see 'dsearch info DIR' for the fields and their types)"
+            f"{spell('--where', 'where')}: unknown field {unknown.group(1)!r}; the passages have {', '.join(fields)} "
+            f"(see {info} for the fields and their types)"
         )
     message = re.sub(r"^[A-Za-z ]*Error: ", "", message)
-    return UsageError(f"--where {where!r}: {message}")
+    return UsageError(f"{_where(where)}: {message}")
+
+
+def _where(where: str) -> str:
+    """How a message names the condition: ``--where 'year >'`` (as the shell took it) or ``where='year >'``."""
+    return spell(f"--where {where!r}", f"where={where!r}")
 
 
 # --- fields.parquet: the stored fields as typed columns, written at build time ---------------------------------

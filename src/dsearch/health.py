@@ -102,7 +102,7 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
     try:
         opened = OpenIndex(directory, verify=True)
     except DsearchError as exc:
-        report.problems.insert(0, {"kind": "corrupt", "detail": str(exc)})
+        report.problems.insert(0, {"kind": "corrupt", "detail": exc.for_cli()})  # `dsearch status` prints it
         return report
     manifest = opened.manifest
     orphans = leftover_segments(directory, {s.path for s in manifest.segments})

@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Any
 
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError
+from dsearch.errors import IndexDirError, option
 from dsearch.fusion import rrf, weighted
 from dsearch.lexical import LexicalSegment, has_lexical
 from dsearch.search import (
@@ -47,8 +47,9 @@ class Lexical:
 
         if not has_lexical(index):
             raise IndexDirError(
-                f"{index.directory}: the index has no lexical (BM25) index (built with --no-lexical or by an "
-                "older dsearch); search it with --mode dense, or rebuild it without --no-lexical"
+                f"{index.directory}: the index has no lexical (BM25) index (built with {option('lexical', False)} or "
+                f"by an older dsearch); search it with {option('mode', 'dense')}, or rebuild it without "
+                f"{option('lexical', False)}"
             )
         self.segments = [LexicalSegment(index.directory / seg.segment.path) for seg in index.segments]
         pairs = zip(self.segments, index.segments, strict=True)

@@ -37,7 +37,7 @@ from dsearch.corpus import (
 )
 from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError
+from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError, option, spell
 from dsearch.filters import field_types, has_field_columns, write_field_columns
 from dsearch.lexical import build_lexical, has_lexical
 from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
@@ -294,12 +294,14 @@ def _check_compatible(
     manifest: Manifest, model_name: str | None, precision: str | None, split: SplitSpec | None
 ) -> None:
     """An update must use the index's own model, precision, windows and format; otherwise say to rebuild."""
-    hint = "; rebuild it in full (without --update)"
+    hint = f"; rebuild it in full (without {option('update', True)})"
     stored_split = manifest.corpus.get("split")
     wanted_split = split.as_dict() if split else None
     if stored_split != wanted_split:
         def describe(value: dict[str, Any] | None) -> str:
-            return f"--split --overlap {value['overlap']}" if value else "--no-split"
+            if not value:
+                return option("split", False)
+            return spell(f"--split --overlap {value['overlap']}", f"split=True, overlap={value['overlap']}")
 
         raise IndexDirError(
             f"the index's long passages were cut with {describe(stored_split)}, not {describe(wanted_split)}{hint}"
@@ -408,7 +410,8 @@ class RemovalLimit:
                 return cls(count=int(text))
         except ValueError:
             pass
-        raise UsageError(f"--max-remove {text!r} is not a number of passages (5000) or a percentage (0-100%)")
+        given = spell(f"--max-remove {text!r}", f"max_remove={text!r}")
+        raise UsageError(f"{given} is not a number of passages (5000) or a percentage (0-100%)")
 
     def allowed(self, existing: int) -> int:
         if self.count is not None:
@@ -421,11 +424,13 @@ class RemovalLimit:
             return
         allowed = self.allowed(existing)
         chosen = self.count is not None or self.percent is not None
-        limit = f"--max-remove allows {allowed:,}" if chosen else f"the default limit is {allowed:,} (half)"
+        limit = f"{spell('--max-remove', 'max_remove')} allows {allowed:,}" if chosen else (
+            f"the default limit is {allowed:,} (half)"
+        )
         raise TooManyRemovedError(
             f"{target}: refusing to remove {removed:,} of the index's {existing:,} passages, leaving {remaining:,}"
-            f"{why}; {limit}; nothing was published (if that is intended, rerun with --max-remove {removed} "
-            "or --max-remove 100%)"
+            f"{why}; {limit}; nothing was published (if that is intended, rerun with {option('max_remove', removed)} "
+            f"or {option('max_remove', '100%')})"
         )
 
 
@@ -548,7 +553,9 @@ def _locked_build(
 ) -> BuildSummary:
     started = time.perf_counter()
     if update and "-" in corpus.paths:
-        raise UsageError("--update compares the corpus with the index in two passes; give files, not stdin")
+        raise UsageError(
+            f"{option('update', True)} compares the corpus with the index in two passes; give files, not stdin"
+        )
     check_target(target)  # before the lock, so that not even a lock file goes into a directory that is not ours
     with index_lock(target):
         # Everything that can refuse the run is checked here, before any passage is encoded.
@@ -559,9 +566,10 @@ def _locked_build(
             try:
                 base = OpenIndex(target)
             except IndexDirError as exc:
-                reason = str(exc).removesuffix("; rebuild the index")
+                reason = exc.template.removesuffix("; rebuild the index")
+                update = option("update", True)
                 raise IndexDirError(
-                    f"{reason}; --update cannot use it: rebuild it in full (without --update)"
+                    f"{reason}; {update} cannot use it: rebuild it in full (without {update})"
                 ) from None
             if keep_split:
                 stored_split = base.manifest.corpus.get("split")
@@ -879,7 +887,7 @@ def _checked(lazy: _LazyEncoder, info: ModelInfo) -> Encoder:
     if first_load and (encoder.dim != info.dim or encoder.fingerprint != info.fingerprint):
         raise IndexDirError(
             f"model {encoder.name!r} is not the one that built this index (its files changed); "
-            "rebuild the index in full (without --update)"
+            f"rebuild the index in full (without {option('update', True)})"
         )
     return encoder
 

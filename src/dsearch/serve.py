@@ -478,7 +478,7 @@ class Batcher:
 
 def _error_response(exc: Exception, version: Version, slot: Slot) -> tuple[int, str]:
     """Status and message for an error raised while searching: the client's fault is 400, ours 500/503."""
-    message = str(exc)
+    message = exc.for_cli() if isinstance(exc, DsearchError) else str(exc)  # flags, which _unflag turns to params
     if version.files.shadow is not None:  # errors name the index directory, not the private one
         message = message.replace(str(version.files.shadow), str(slot.directory))
     if isinstance(exc, UsageError | InputError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsearch.errors import IndexDirError
+from dsearch.errors import IndexDirError, option
 
 log = logging.getLogger("dsearch")
 
@@ -173,7 +173,7 @@ def plan_index(requested: str, n: int, dim: int, budget: int) -> IndexPlan:
 
 def _fits(plan: IndexPlan, budget: int, floor: int) -> IndexPlan:
     if plan.estimated_bytes > budget:
-        hint = "; use --index-type ivfpq or auto" if floor <= budget else ""
+        hint = f"; use {option('index_type', 'ivfpq')} or auto" if floor <= budget else ""
         raise ValueError(
             f"a {plan.index_type} index of these vectors needs about {_gib(plan.estimated_bytes)}, more than "
             f"the memory budget of {_gib(budget)}{hint}"

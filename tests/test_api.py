@@ -503,3 +503,97 @@ def test_in_memory_vectors_give_the_same_hits(sample_index):
             ]
         like = [h.to_dict() for h in held.like("astronomy-01", 5)]
         assert like == [h.to_dict() for h in mapped.like("astronomy-01", 5)] and len(like) == 5
+
+
+# --- threads ------------------------------------------------------------------------------------------------
+
+
+def test_one_searcher_answers_many_threads_as_it_answers_one(tmp_path, monkeypatch):
+    """Threads hammering one Searcher in every mode get exactly the serial answers (the BM25 stemmer, the Parquet
+    row-group cache and reader, the where-mask cache and the lazy loads are shared by all of them)."""
+    import random
+    import threading
+
+    from dsearch import store
+
+    # Many small row groups and a small cache: lookups from different threads evict each other's groups.
+    monkeypatch.setattr(store, "ROW_GROUP_SIZE", 7)
+    monkeypatch.setattr(store, "GROUP_CACHE_SIZE", 3)
+    rng = random.Random(14)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "vi", "so", "pe", "du", "ing", "ed", "ness", "ly", "ation"]
+    words = sorted({"".join(rng.choices(syllables, k=rng.randint(2, 4))) for _ in range(3000)})
+    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=30)), "n": i % 10} for i in range(400)]
+    build_index(tmp_path / "idx", records, encoder=HashingEncoder())
+    # Every query brings words the stemmer has not seen (its cache would otherwise answer most of them).
+    queries = [" ".join(rng.choices(words, k=12)) for _ in range(40)]
+    modes = [{}, {"mode": "lexical"}, {"mode": "hybrid"}, {"alpha": 0.4}, {"mode": "lexical", "where": "n < 5"},
+             {"where": "n >= 3 AND n <> 7"}, {"mode": "hybrid", "where": "n IN (1, 2, 8)"}]  # fmt: skip
+    with searcher(tmp_path / "idx") as serial:
+        expected = {i: [[h.to_dict() for h in hits] for hits in serial.search(queries, 10, **m)]
+                    for i, m in enumerate(modes)}  # fmt: skip
+    assert all(any(hits for hits in results) for results in expected.values())
+    failures: list[BaseException] = []
+    mismatches: list[tuple[int, int]] = []
+    start = threading.Barrier(8)
+    with searcher(tmp_path / "idx") as shared:  # lazy BM25 open and masks: first built under contention
+
+        def hammer(seed: int) -> None:
+            order = [(m, q) for m in range(len(modes)) for q in range(len(queries))]
+            random.Random(seed).shuffle(order)
+            try:
+                start.wait()
+                for m, q in order[: len(order) // 2]:
+                    [hits] = shared.search([queries[q]], 10, **modes[m])
+                    if [h.to_dict() for h in hits] != [{**h, "qid": "1"} for h in expected[m][q]]:
+                        mismatches.append((m, q))
+            except BaseException as exc:  # noqa: BLE001 (reported below, with the others)
+                failures.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+    assert not mismatches, mismatches[:10]
+
+
+def test_threads_keep_their_own_nprobe_on_a_wrapped_ivf(tmp_path):
+    """A FAISS factory that wraps its IVF (OPQ here) takes nprobe as a setting on the shared index: threads asking
+    for different nprobe each get the answer that nprobe gives alone."""
+    import random
+    import threading
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(300)]
+    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=12))} for i in range(600)]
+    build_index(tmp_path / "idx", records, encoder=HashingEncoder(), index_type="OPQ8,IVF16,PQ8", lexical=False)
+    queries = [" ".join(rng.choices(words, k=6)) for _ in range(30)]
+    with searcher(tmp_path / "idx") as s:
+        assert s.info()["index_params"]["factory"] == "OPQ8,IVF16,PQ8"
+        vectors = s.encode_queries(queries)
+        expected = {n: [[h.id for h in hits] for hits in s.search(queries, 10, nprobe=n, vectors=vectors)]
+                    for n in (1, 16)}  # fmt: skip
+        assert expected[1] != expected[16], "the test needs nprobe to matter"
+        mismatches: list[int] = []
+        failures: list[BaseException] = []
+        start = threading.Barrier(6)
+
+        def hammer(nprobe: int) -> None:
+            try:
+                start.wait()
+                for round in range(150):
+                    at = round % 6 * 5  # 5 queries a call: many calls, each setting its nprobe
+                    hits = s.search(queries[at : at + 5], 10, nprobe=nprobe, vectors=vectors[at : at + 5])
+                    if [[h.id for h in found] for found in hits] != expected[nprobe][at : at + 5]:
+                        mismatches.append(nprobe)
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                failures.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(n,)) for n in (1, 16) * 3]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+    assert not mismatches, mismatches[:5]

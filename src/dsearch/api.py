@@ -105,9 +105,13 @@ class Searcher:
     ``in_memory=True`` reads a flat index's vectors into memory now (their size on disk): a long-lived Searcher
     then scans them in place, several times faster a query than from the mapped file.
 
-    Its own state is thread-safe (one model load, one BM25 open, cached ``where`` masks, ANN knobs per call), but
-    the BM25 stemmer and the Parquet readers it searches with are not checked for concurrent use: run one search
-    at a time per Searcher (a lock), or open one per thread.
+    Thread-safe: any number of threads may call ``search``, ``iter_search``, ``like``, ``get`` and the others on one
+    Searcher at once, in any mode, and each gets exactly the answer it would get alone (tested). The model loads
+    once, BM25 opens once, ``where`` masks are shared, and ANN knobs stay per call. The parts that are not safe to
+    share take turns under a lock: the BM25 stemmer (microseconds a query), the Parquet reads of the hits'
+    passages (pyarrow's reader crashed when shared), and a search on a FAISS index that wraps its IVF (nprobe is a
+    setting there). Encoding (ONNX Runtime) and the vector search itself (numpy, FAISS) run in parallel, outside
+    any lock. ``close()`` only once the other threads are done with the Searcher.
     """
 
     directory: Path

@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -60,9 +61,14 @@ class Tokenizer:
         self.language = language
         self._split = re.compile(pattern).findall
         self._stem = lru_cache(maxsize=1 << 18)(Stemmer.Stemmer(language).stemWord)
+        # PyStemmer: "The algorithm has internal state, so must not be called concurrently". A query's words take
+        # microseconds to stem, so threads sharing a Searcher simply take turns.
+        self._lock = threading.Lock()
 
     def __call__(self, text: str) -> list[str]:
-        return [self._stem(t) for t in self._split(text.lower()) if t not in self.stopwords]
+        words = [t for t in self._split(text.lower()) if t not in self.stopwords]
+        with self._lock:
+            return [self._stem(t) for t in words]
 
 
 def has_lexical(index: Any) -> bool:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import struct
+import threading
 import time
 import uuid
 import weakref
@@ -806,6 +807,10 @@ class OpenIndex:
         self.rows = self.manifest.rows
         self.search_params: dict[str, Any] = {}  # query-time ANN knobs (nprobe, efSearch, effort)
         self._group_cache: dict[tuple[int, int, tuple[str, ...]], Any] = {}  # insertion order = recency
+        # pyarrow's ParquetFile is not safe to read from several threads at once (measured: "ReadRangeCache did
+        # not find matching cache entry"), nor is the cache: a Searcher's threads take turns here. Shallow copies
+        # (Searcher._tuned) share the files, the cache and so this lock.
+        self._read_lock = threading.Lock()
 
     def _open_segments(self, verify: bool) -> list[OpenSegment]:
         import pyarrow.parquet as pq
@@ -917,13 +922,14 @@ class OpenIndex:
     def _row_group(self, seg_no: int, group: int, columns: tuple[str, ...]) -> Any:
         """One Parquet row group as an Arrow table, from a small LRU cache (a query file revisits groups)."""
         key = (seg_no, group, columns)
-        table = self._group_cache.pop(key, None)
-        if table is None:
-            present = self._present(self.segments[seg_no], columns)
-            table = self.segments[seg_no].table.read_row_group(group, columns=present)
-            if len(self._group_cache) >= GROUP_CACHE_SIZE:
-                self._group_cache.pop(next(iter(self._group_cache)))  # the least recently used
-        self._group_cache[key] = table
+        with self._read_lock:
+            table = self._group_cache.pop(key, None)
+            if table is None:
+                present = self._present(self.segments[seg_no], columns)
+                table = self.segments[seg_no].table.read_row_group(group, columns=present)
+                if len(self._group_cache) >= GROUP_CACHE_SIZE:
+                    self._group_cache.pop(next(iter(self._group_cache)))  # the least recently used
+            self._group_cache[key] = table
         return table
 
     def iter_rows(self, columns: tuple[str, ...] = PASSAGE_COLUMNS) -> Iterator[dict[str, Any]]:
@@ -931,7 +937,12 @@ class OpenIndex:
         for seg in self.segments:
             present = self._present(seg, columns)
             missing = {name: None for name in columns if name not in present}
-            for batch in seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=present):
+            batches = seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=present)
+            while True:
+                with self._read_lock:  # one batch at a time: never held while the caller has the rows
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 for row in batch.to_pylist():
                     yield {**missing, **row} if missing else row
 

@@ -14,8 +14,10 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -241,6 +243,9 @@ class FaissIndex:
     raw: Any  # store.FlatVectors of the same segment
     defaults: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch chosen at build time
     rerank: bool = False
+    # An IVF inside a wrapper (a FAISS factory such as OPQ16,IVF256,PQ16) takes nprobe as a setting on the shared
+    # index, not as a per-call parameter: searches that set it take turns, so each runs with its own.
+    _knob_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def search(
         self, queries: Any, k: int, params: dict[str, Any] | None = None, allowed_rows: Any = None
@@ -252,11 +257,13 @@ class FaissIndex:
         effort = float(knobs.pop("effort", 1.0) or 1.0)
         fetch = min(self.index.ntotal, k * RERANK_FACTOR if self.rerank else k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        search_params = self._params(faiss, knobs, effort, allowed_rows)
-        if search_params is not None:
-            scores, rows = self.index.search(queries, fetch, params=search_params)
-        else:
-            scores, rows = self.index.search(queries, fetch)
+        wrapped = _wrapped_ivf(faiss, self.index)
+        with self._knob_lock if wrapped is not None else nullcontext():
+            search_params = self._params(faiss, knobs, effort, allowed_rows)
+            if search_params is not None:
+                scores, rows = self.index.search(queries, fetch, params=search_params)
+            else:
+                scores, rows = self.index.search(queries, fetch)
         if self.rerank:
             scores, rows = self._rerank(queries, rows, k)
         return scores, rows.astype(np.int64)
@@ -307,6 +314,12 @@ def _ivf_of(faiss: Any, index: Any) -> Any:
         return faiss.extract_index_ivf(index)
     except Exception:  # not an IVF index
         return None
+
+
+def _wrapped_ivf(faiss: Any, index: Any) -> Any:
+    """The IVF inside ``index`` when it is wrapped (its nprobe is then set on it, not passed per call)."""
+    ivf = _ivf_of(faiss, index)
+    return ivf if ivf is not None and not isinstance(faiss.downcast_index(index), faiss.IndexIVF) else None
 
 
 def _hnsw_of(faiss: Any, index: Any) -> Any:

@@ -422,3 +422,46 @@ def test_field_names_fold_case_as_duckdb_does_ascii_letters_only(tmp_path, cli):
     for where in ('"été" = 1', '"Été" = 1'):
         assert fast_allowed_rows(index, where, types) is None
         one_error_line(cli("query", tmp_path / "idx", "volcano", "--where", where), 2, "unknown field")
+
+
+def test_fields_that_differ_only_in_case_are_reached_quoted_and_the_same_on_both_paths(tmp_path, cli):
+    """Fields "Year" and "year", and "ID"/"Title" beside the passage's own id and title: a quoted name spelled
+    exactly reaches its field on both paths; an unquoted one that could be either field is a one-line error that
+    says to quote it; id, title and source unquoted stay the passage's own, in any case."""
+    rows = [{"_id": "a", "text": "volcano one", "Year": 1, "year": 2, "ID": "x", "Title": "T1", "source": "s"},
+            {"_id": "b", "text": "volcano two", "Year": 2, "year": 1, "ID": "a", "Title": "T2"},
+            {"_id": "c", "text": "volcano three", "Year": 2, "year": 2, "title": "Three"}]  # fmt: skip
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("index", corpus, "-o", tmp_path / "idx", "-q").exit_code == 0
+    index = OpenIndex(tmp_path / "idx")
+    types = index.manifest.corpus["field_types"]
+    expected = {
+        '"Year" = 1': "a", '"year" = 1': "b", '"Year" = 2 AND "year" = 2': "c", '"year" BETWEEN 2 AND 3': "ac",
+        '"Year" IN (2) OR "year" < 2': "bc", "NOT \"Year\" = 2": "a", '"ID" = \'a\'': "b", "ID = 'a'": "a",
+        "Id = 'c' OR \"ID\" = 'x'": "ac", '"Title" LIKE \'T%\'': "ab", "TITLE = 'Three'": "c", '"id" = \'b\'': "b",
+        "source LIKE '%c.jsonl'": "abc", '"Title" IS NULL': "c", "\"ID\" = 'x' AND \"Year\" + 0 = 1": "a",
+        "\"ID\" || '' = 'a'": "b", "CAST(\"year\" AS VARCHAR) = '1' /* \"Year\" */": "b",
+        "$$\"Year\"$$ = '\"Year\"' AND \"year\" = 2": "ac", "year(DATE '2021-01-01') = 2021 AND \"year\" = 1": "b",
+    }  # fmt: skip
+    with DuckDBFilter(index, types) as duckdb:
+        for where, ids in expected.items():
+            check(duckdb, index, types, where, must_be_fast=False)
+            got = "".join(p for p, keep in zip("abc", allowed_rows(index, where), strict=True) if keep)
+            assert got == ids, where
+    for where in ('"Year" = 1', "ID = 'a'", '"ID" = \'a\' AND "Title" IS NOT NULL'):
+        assert fast_allowed_rows(index, where, types) is not None, where  # the fast path answers these itself
+    for where, name in (("year = 1", "year"), ("YEAR > 0 AND \"Year\" = 1", "YEAR"), ('"YEAR" = 1', "YEAR"),
+                        ("year + 0 = 1", "year"), ('"Year" = 1 OR year(DATE \'2020-01-01\') = year', "year")):
+        message = f"{name!r} could be the field 'Year' or 'year' (names that differ only in case); quote the one you"
+        for evaluate in (lambda w: allowed_rows(index, w), lambda w: duckdb_allowed_rows(index, w, types)):
+            with pytest.raises(UsageError, match="could be the field") as raised:
+                evaluate(where)
+            assert message in str(raised.value) and str(raised.value).startswith("where: ")
+        try:  # the fast path says the same, or hands the condition over (outside its subset)
+            assert fast_allowed_rows(index, where, types) is None, where
+        except UsageError as exc:
+            assert message in str(exc)
+        one_error_line(cli("query", tmp_path / "idx", "volcano", "--where", where), 2, f"--where: {message}")
+    unknown = cli("query", tmp_path / "idx", "volcano", "--where", "year_1 = 1")  # DuckDB's name for the second
+    one_error_line(unknown, 2, "unknown field 'year_1'; the passages have id, title, source, ID, Title, Year, year ")

@@ -34,7 +34,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dsearch.errors import UsageError, option, spell
 
@@ -140,6 +140,48 @@ def _column(name: str, kind: str) -> str:
     return f"TRY_CAST(json_extract_string(fields, {path}) AS {kind})"
 
 
+# --- which column a name in a condition means --------------------------------------------------------------------
+#
+# SQL (and DuckDB) folds the case of a name, even quoted, so fields that differ only in case ("Year", "year"), or
+# from id/title/source ("ID"), could not all be reached: DuckDB bound the first, and the second as "year_1". The
+# rule here, on both paths: a quoted name spelled exactly as a column names that column; otherwise a name means
+# the passage's own id, title or source when it is one of them in any case (as it always has), else the one field
+# it matches in any case of its ASCII letters; several such fields are an error that says to quote the one meant.
+# A field named exactly id, title or source stays in the output's fields, but the passage's own answers to its name.
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def filter_columns(types: dict[str, str]) -> list[str]:
+    """The names a condition can use: id, title and source first, then the fields."""
+    return [*BUILTIN, *(name for name in types if name not in BUILTIN)]
+
+
+def bind(name: str, quoted: bool, columns: list[str]) -> str | None:
+    """The column ``name`` means among ``columns`` (``filter_columns``), None when none; ambiguous is an error."""
+    if quoted and name in columns:
+        return name
+    folded = name.translate(_ASCII_LOWER)
+    matches = [column for column in columns if column.translate(_ASCII_LOWER) == folded]
+    if not matches or matches[0] in BUILTIN:
+        return matches[0] if matches else None
+    if len(matches) > 1:
+        choices = " or ".join(repr(m) for m in matches)
+        raise UsageError(
+            f"{spell('--where', 'where')}: {name!r} could be the field {choices} (names that differ only in case); "
+            f"quote the one you mean, spelled exactly, such as {_quote_identifier(matches[0])}"
+        )
+    return matches[0]
+
+
+def _clashing(columns: list[str]) -> set[str]:
+    """The fields whose names equal another column's but for the case of ASCII letters."""
+    folded: dict[str, list[str]] = {}
+    for column in columns:
+        folded.setdefault(column.translate(_ASCII_LOWER), []).append(column)
+    return {name for group in folded.values() if len(group) > 1 for name in group if name not in BUILTIN}
+
+
 def allowed_rows(index: Any, where: str) -> Any:
     """A boolean mask over the index's rows: True where the passage satisfies ``where``."""
     if not where.strip():  # DuckDB's own answer would be "Unimplemented type for cast (TUPLE -> BOOLEAN)"
@@ -172,7 +214,10 @@ class DuckDBFilter:
         import duckdb
 
         self.rows = index.rows
-        self.fields = ["id", "title", "source", *types]
+        self.fields = filter_columns(types)
+        # Fields that differ from another column only in case get private names in the view (DuckDB would bind
+        # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
+        self.private = {name: f"__field_{n}" for n, name in enumerate(sorted(_clashing(self.fields)))}
         # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only
         # the small columns; file_row_number + the segment's first row is the row.
         scans = [
@@ -185,7 +230,7 @@ class DuckDBFilter:
         try:
             self.con.execute(f"CREATE TEMP TABLE stored AS {' UNION ALL '.join(scans)}")
             columns = ["__row", *BUILTIN] + [
-                f"{_column(name, kind)} AS {_quote_identifier(name)}"
+                f"{_column(name, kind)} AS {_quote_identifier(self.private.get(name, name))}"
                 for name, kind in types.items()
                 if name not in BUILTIN
             ]
@@ -207,13 +252,14 @@ class DuckDBFilter:
         import duckdb
         import numpy as np
 
-        sql = f"SELECT __row FROM passages WHERE ({where}\n)"
+        condition = _rename(where, self.fields, self.private) if self.private else where
+        sql = f"SELECT __row FROM passages WHERE ({condition}\n)"
         try:
             if len(duckdb.extract_statements(sql)) != 1:
                 raise UsageError(f"{_where(where)}: give one condition, not SQL statements")
             rows = self.con.execute(sql).fetchnumpy()["__row"]
         except duckdb.Error as exc:
-            raise _usage_error(where, exc, self.fields) from None
+            raise _usage_error(where, exc, self.fields, self.private) from None
         mask = np.zeros(self.rows, dtype=bool)
         mask[np.asarray(rows, dtype=np.int64)] = True
         return mask
@@ -223,9 +269,11 @@ def _quote_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _usage_error(where: str, exc: Exception, fields: list[str]) -> UsageError:
+def _usage_error(where: str, exc: Exception, fields: list[str], private: dict[str, str] | None = None) -> UsageError:
     """One line that names the field (or what DuckDB could not parse) and what can be used."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for name, alias in (private or {}).items():  # the user's names, not the view's
+        message = message.replace(alias, name)
     unknown = re.search(r'Referenced column "?(.+?)"? not found', message)
     if unknown:
         info = spell("'dsearch info DIR'", "Searcher.info()['fields']")
@@ -235,6 +283,39 @@ def _usage_error(where: str, exc: Exception, fields: list[str]) -> UsageError:
         )
     message = re.sub(r"^[A-Za-z ]*Error: ", "", message)
     return UsageError(f"{_where(where)}: {message}")
+
+
+# A condition as DuckDB reads it, enough to find its names: strings (also E'…' and $$…$$) and comments whole.
+_SQL_TOKEN = re.compile(
+    r"""(?P<skip>\s+|--[^\n]*|/\*.*?\*/)|(?P<str>'(?:[^']|'')*'|[eE]'(?:[^'\\]|\\.|'')*'|\$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$)"""
+    r"""|(?P<qid>"(?:[^"]|"")*")|(?P<id>[^\W\d][\w$]*)|(?P<op>::|.)""",
+    re.DOTALL,
+)
+
+
+def _rename(where: str, columns: list[str], private: dict[str, str]) -> str:
+    """``where`` with each name that ``bind`` takes for a field in ``private`` written as its private name.
+
+    Names that are not columns are left alone: a function (``year(day)``), a type (``x::DATE``, ``DATE '…'``,
+    ``AS DATE``), a struct key or lambda member (``s.year``), a keyword."""
+    tokens = [(str(m.lastgroup), m.group()) for m in _SQL_TOKEN.finditer(where)]
+    code = [i for i, (kind, _) in enumerate(tokens) if kind != "skip"]  # what DuckDB parses
+    out = [text for _, text in tokens]
+    for position, i in enumerate(code):
+        kind, text = tokens[i]
+        if kind not in ("id", "qid"):
+            continue
+        before = tokens[code[position - 1]][1] if position else ""
+        after = tokens[code[position + 1]] if position + 1 < len(code) else ("end", "")
+        if before in (".", "::") or before.lower() == "as" or after[1] == "(" or after[1] == ".":
+            continue
+        if kind == "id" and (text.lower() in _KEYWORDS or text.lower() in _RESERVED or after[0] == "str"):
+            continue
+        name = text[1:-1].replace('""', '"') if kind == "qid" else text
+        column = bind(name, kind == "qid", columns)
+        if column in private:
+            out[i] = _quote_identifier(private[column])
+    return "".join(out)
 
 
 def _where(where: str) -> str:
@@ -484,7 +565,7 @@ class _Parser:
             self.at += 1
             if self._peek() == ("op", "("):
                 raise _Unsupported(f"{text}(...)")  # a function call
-            return ("col", text[1:-1].replace('""', '"') if kind == "qid" else text)
+            return ("col", _Ref(text[1:-1].replace('""', '"'), True) if kind == "qid" else _Ref(text, False))
         return ("lit", self._literal())
 
     def _literal(self) -> Literal:
@@ -733,11 +814,16 @@ class _Evaluator:
         return lut[column.values], ~column.valid
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+class _Ref(NamedTuple):
+    """A name in a condition, and whether it was quoted (``bind`` decides the column it means)."""
+
+    name: str
+    quoted: bool
 
 
 def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
-    """Binds column names as DuckDB does (case-insensitively) and coerces literals to each column's type."""
+    """Binds column names (``bind``: as DuckDB does, but a quoted name spelled exactly is that column) and coerces
+    literals to each column's type."""
     op = tree[0]
     if op in ("and", "or"):
         return (op, _resolve(tree[1], kinds, used), _resolve(tree[2], kinds, used))
@@ -747,10 +833,10 @@ def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
         return (op, _resolve(tree[1], kinds, used))
     position = 2 if op == "cmp" else 1
     # DuckDB folds the case of ASCII letters only: "été" does not name the field "ÉTÉ" there, nor here.
-    matches = [name for name in kinds if name.translate(_ASCII_LOWER) == tree[position].translate(_ASCII_LOWER)]
-    if len(matches) != 1:
-        raise _Unsupported(tree[position])  # unknown or ambiguous: DuckDB says which
-    name = matches[0]
+    ref: _Ref = tree[position]
+    name = bind(ref.name, ref.quoted, list(kinds))  # several fields: the error DuckDB's path gives too
+    if name is None:
+        raise _Unsupported(ref.name)  # unknown: DuckDB says so, with the fields there are
     kind = kinds[name]
     used[name] = kind
     if op == "truth":

@@ -229,7 +229,7 @@ def test_bad_queries_and_vectors_are_usage_errors(sample_index):
             s.search(["a", "b"], vectors=np.zeros((1, 3)))
         with pytest.raises(ModelError, match="NaN or infinite"):
             s.search(["a"], vectors=np.full((1, 64), np.nan))
-        with pytest.raises(InputError, match="no passage with this id"):
+        with pytest.raises(InputError, match=r"no passage with this id in the index \(check the id with Searcher.get"):
             s.like("no-such-id")
 
 
@@ -267,6 +267,8 @@ NAMED_OPTIONS = [
     (lambda s, d: build_index(d, d.parent / "noid.jsonl.xyz", encoder=HashingEncoder()),
      ("index", "{noid}.xyz", "-o", "{idx}"),
      ["pass fmt= (one of 'jsonl', "], ["pass --format (jsonl|"]),
+    (lambda s, d: s.like("nope"), ("query", "{idx}", "--like", "nope"),
+     ["check the id with Searcher.get()"], ["check the id with 'dsearch get'"]),
 ]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError, InputError, ModelError, UsageError
+from dsearch.errors import IndexDirError, InputError, ModelError, UsageError, spell
 from dsearch.store import OpenIndex
 
 log = logging.getLogger("dsearch")
@@ -271,7 +271,8 @@ def like_search(
 
     row = find_rows(index, [passage_id]).get(passage_id)
     if row is None:
-        raise InputError(passage_id, "no passage with this id in the index", "check the id with 'dsearch get'")
+        fix = "check the id with " + spell("'dsearch get'", "Searcher.get()")
+        raise InputError(passage_id, "no passage with this id in the index", fix)
     vectors = index.vectors_at([row])
     query = like_query(passage_id)
     if not np.isfinite(vectors).all():

@@ -431,6 +431,86 @@ def test_build_refuses_to_wipe_an_index_with_an_empty_iterable(tmp_path):
         build_index(tmp_path / "idx", sample_records(), precision="fp8", encoder=HashingEncoder())
 
 
+def test_a_locked_index_is_a_locked_error_and_stays_searchable(sample_index):
+    import dsearch
+    from dsearch.store import index_lock
+
+    with index_lock(sample_index), pytest.raises(dsearch.LockedError, match="another dsearch run") as raised:
+        build_index(sample_index, sample_records(), encoder=HashingEncoder())
+    assert raised.value.exit_code == 4
+    with searcher(sample_index) as s:  # readers never wait for the lock
+        assert s.search("volcano", 1)[0]
+
+
+def test_an_interrupted_build_publishes_nothing_and_the_next_resumes(tmp_path, monkeypatch):
+    """Ctrl-C in a program is its KeyboardInterrupt (the CLI turns it into exit 3) and publishes nothing. The next
+    build_index of the same corpus file resumes from the checkpoint (``on_resume`` hears where, ``progress`` the
+    rest); passages from an iterable cannot be read again, so their next build starts over. Both equal a build
+    that was never interrupted."""
+    monkeypatch.setenv("DSEARCH_CHECKPOINT_SECONDS", "0")
+    corpus = SAMPLE / "passages.jsonl"
+    build_index(tmp_path / "fresh", corpus, batch_size=4, encoder=HashingEncoder())
+    for name, passages, resumes in (("file", corpus, True), ("iterable", sample_records(), False)):
+        with pytest.raises(KeyboardInterrupt):
+            build_index(tmp_path / name, passages, batch_size=4, encoder=HashingEncoder(fail_after_batches=3))
+        assert not (tmp_path / name / "manifest.json").exists()
+        resumed_at: list[int] = []
+        written: list[int] = []
+        encoder = HashingEncoder()
+        summary = build_index(tmp_path / name, passages, batch_size=4, encoder=encoder,
+                              on_resume=resumed_at.append, progress=written.append)  # fmt: skip
+        assert (0 < summary.resumed_at < 200) is resumes, (name, summary.resumed_at)
+        assert resumed_at == ([summary.resumed_at] if resumes else [])
+        assert summary.indexed == 200 and summary.encoded == encoder.encoded_documents == 200 - summary.resumed_at
+        assert sum(written) == 200 - summary.resumed_at
+        (rows, vectors), (fresh_rows, fresh_vectors) = stored(tmp_path / name), stored(tmp_path / "fresh")
+        assert rows == fresh_rows and np.array_equal(vectors, fresh_vectors)
+
+
+def test_iter_search_reads_queries_only_as_far_as_it_answers(sample_index):
+    from dsearch.search import SearchStats
+
+    read: list[int] = []
+
+    def queries():
+        for number, text in enumerate(QUERIES):
+            read.append(number)
+            yield text
+
+    stats = SearchStats()
+    with searcher(sample_index) as s:
+        with pytest.raises(UsageError, match="unknown mode"):
+            s.iter_search(queries(), 3, mode="fuzzy")  # options are checked before any query is read
+        assert read == []
+        answers = s.iter_search(queries(), 3, mode="hybrid", stats=stats)
+        query, hits = next(answers)
+        assert (query.qid, query.text) == ("1", QUERIES[0]) and len(hits) == 3
+        assert [[h.to_dict() for h in found] for _, found in [(query, hits), *answers]] == [
+            [h.to_dict() for h in found] for found in s.search(QUERIES, 3, mode="hybrid")
+        ]
+    assert read == list(range(len(QUERIES))) and stats.queries == len(QUERIES)
+
+
+def test_resolve_mode_allowed_rows_and_verify(sample_index, tmp_path):
+    with searcher(sample_index, verify=True) as s:
+        assert [s.resolve_mode(), s.resolve_mode(alpha=0.5), s.resolve_mode("lexical")] == ["dense", "hybrid",
+                                                                                              "lexical"]
+        mask = s.allowed_rows("topic = 'astronomy'")
+        assert mask.dtype == bool and mask.shape == (s.rows,) and 0 < mask.sum() < s.rows
+        assert s.allowed_rows("topic = 'astronomy'") is mask and s.allowed_rows(None) is None  # kept for reuse
+        topics = {h.fields["topic"] for h in s.search("planet", 50, where="topic = 'astronomy'")[0]}
+        assert topics == {"astronomy"} and mask.sum() == len(s.search("planet", 200, where="topic = 'astronomy'")[0])
+    broken = tmp_path / "broken"
+    shutil.copytree(sample_index, broken)
+    [vectors] = broken.glob("seg-*/index.faiss")
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only a checksum tells
+    vectors.write_bytes(bytes(data))
+    Searcher(broken, load_encoder=False).close()
+    with pytest.raises(IndexDirError, match="does not match the manifest"):
+        Searcher(broken, verify=True, load_encoder=False)
+
+
 # --- the public surface -----------------------------------------------------------------------------------
 
 

@@ -182,6 +182,18 @@ def _clashing(columns: list[str]) -> set[str]:
     return {name for group in folded.values() if len(group) > 1 for name in group if name not in BUILTIN}
 
 
+def _private_names(fields: set[str], taken: set[str]) -> dict[str, str]:
+    """A name for each of ``fields`` in DuckDB's view that no column has in any case: ``__field_N``."""
+    folded = {name.translate(_ASCII_LOWER) for name in taken}
+    names = {}
+    for number, name in enumerate(sorted(fields)):
+        alias = f"__field_{number}"
+        while alias in folded:
+            alias += "_"
+        names[name] = alias
+    return names
+
+
 def allowed_rows(index: Any, where: str) -> Any:
     """A boolean mask over the index's rows: True where the passage satisfies ``where``."""
     if not where.strip():  # DuckDB's own answer would be "Unimplemented type for cast (TUPLE -> BOOLEAN)"
@@ -217,7 +229,7 @@ class DuckDBFilter:
         self.fields = filter_columns(types)
         # Fields that differ from another column only in case get private names in the view (DuckDB would bind
         # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
-        self.private = {name: f"__field_{n}" for n, name in enumerate(sorted(_clashing(self.fields)))}
+        self.private = _private_names(_clashing(self.fields), set(self.fields))
         # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only
         # the small columns; file_row_number + the segment's first row is the row.
         scans = [
@@ -272,8 +284,9 @@ def _quote_string(text: str) -> str:
 def _usage_error(where: str, exc: Exception, fields: list[str], private: dict[str, str] | None = None) -> UsageError:
     """One line that names the field (or what DuckDB could not parse) and what can be used."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for name, alias in (private or {}).items():  # the user's names, not the view's
-        message = message.replace(alias, name)
+    if private:  # the user's names, not the view's
+        names = {alias: name for name, alias in private.items()}
+        message = re.sub(r"__field_\d+_*", lambda m: names.get(m.group(), m.group()), message)
     unknown = re.search(r'Referenced column "?(.+?)"? not found', message)
     if unknown:
         info = spell("'dsearch info DIR'", "Searcher.info()['fields']")

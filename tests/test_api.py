@@ -304,6 +304,19 @@ def test_an_option_reads_as_a_flag_or_a_parameter():
     assert pickle.loads(pickle.dumps(err)).for_cli() == err.for_cli()  # e.g. from a worker process
 
 
+def test_corrupt_vectors_tell_a_python_caller_to_verify_with_the_searcher(cli, sample_index):
+    from test_query_contract import QUERY, corrupt_vector, top_dims
+
+    corrupt_vector(sample_index, "astronomy-04", top_dims(QUERY)[0], 4.01)
+    with searcher(sample_index) as s, pytest.raises(IndexDirError, match="corrupt") as raised:
+        s.search(QUERY, 1)
+    assert f"(check with Searcher({str(sample_index)!r}, verify=True), then rebuild the index)" in str(raised.value)
+    result = cli("query", sample_index, QUERY, "-k", "1")
+    assert f"(check with 'dsearch status {sample_index}' or 'dsearch info --verify {sample_index}', then" in (
+        result.stderr
+    )
+
+
 def test_query_objects_keep_their_ids(sample_index):
     with searcher(sample_index) as s:
         [hits] = s.search([Query("q-7", "volcano")], 2)

@@ -410,8 +410,9 @@ def check_hits(index: OpenIndex, batch: list[Query], scores: Any, rows: Any, met
 def _corrupt(index: OpenIndex, row: int, metadata: dict[int, Any], problem: str) -> None:
     passage = metadata.get(row, {}).get("id")
     where = f"row {row}" + (f" (id {passage!r})" if passage is not None else "")
+    directory = index.directory
+    check = spell(f"'dsearch status {directory}' or 'dsearch info --verify {directory}'",
+                  f"Searcher({str(directory)!r}, verify=True)")  # fmt: skip
     raise IndexDirError(
-        f"{index.directory}: {where} {problem}: the index's vectors are corrupt "
-        f"(check with 'dsearch status {index.directory}' or 'dsearch info --verify {index.directory}', "
-        "then rebuild the index)"
+        f"{directory}: {where} {problem}: the index's vectors are corrupt (check with {check}, then rebuild the index)"
     )

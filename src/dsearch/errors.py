@@ -80,7 +80,7 @@ class DsearchError(Exception):
 
 
 class UsageError(DsearchError):
-    """The command line itself is wrong (bad flag combination, unknown format)."""
+    """A bad argument: an unknown option value or format, options that do not go together (exit 2)."""
 
     exit_code = EXIT_USAGE
 
@@ -89,8 +89,8 @@ class InputError(DsearchError):
     """Bad corpus, query or qrels input; the message names ``file:line``."""
 
     def __init__(self, where: str, problem: str, fix: str = "") -> None:
-        self.where = where
-        self.problem = problem
+        self.where = render(where)
+        self.problem = render(problem)
         message = f"{where}: {problem}"
         if fix:
             message += f" ({fix})"

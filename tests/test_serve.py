@@ -357,6 +357,31 @@ def test_a_query_does_not_depend_on_its_batch_mates(sample_index):
     assert any(int(line.split("batch of ")[1].split()[0]) > 1 for line in batched), batched
 
 
+def test_requests_arriving_while_a_batch_is_encoded_join_its_search(sample_index):
+    # A flat index is read whole by every search call: requests that came in while the worker was encoding are
+    # encoded too and searched with the batch, not left for a scan of their own (and answered as if alone).
+    with serving(sample_index, "-vv", env=server_env(DSEARCH_TEST_QUERY_DELAY="0.4")) as served:
+        alone = {q: served.search(q=q, k=3)[1] for q in QUERIES}
+        answers: dict[str, tuple[int, dict]] = {}
+
+        def ask(query: str) -> None:
+            answers[query] = served.search(q=query, k=3)
+
+        first = threading.Thread(target=ask, args=(QUERIES[0],))
+        first.start()
+        time.sleep(0.15)  # the worker is encoding the first request now
+        late = [threading.Thread(target=ask, args=(q,)) for q in QUERIES[1:]]
+        for thread in late:
+            thread.start()
+        for thread in [first, *late]:
+            thread.join()
+        for query in QUERIES:
+            status, body = answers[query]
+            assert status == 200 and hits_of(body) == hits_of(alone[query])
+    sizes = [line.split("batch of ")[1].split(" queries")[0] for line in served.lines if "batch of" in line]
+    assert sizes[:3] == ["1", "1", "1"] and sizes[3:] == ["3"], sizes  # three alone, then one batch of three
+
+
 def test_full_queue_is_503_with_retry_after(sample_index):
     with serving(sample_index, "--queue", "1", env=server_env(DSEARCH_TEST_QUERY_DELAY="0.6")) as served:
         answers: list[tuple[int, dict, dict]] = []

@@ -382,6 +382,31 @@ def test_requests_arriving_while_a_batch_is_encoded_join_its_search(sample_index
     assert sizes[:3] == ["1", "1", "1"] and sizes[3:] == ["3"], sizes  # three alone, then one batch of three
 
 
+def test_the_worker_stops_even_when_a_batch_fails_after_taking_the_stop_marker():
+    # A top-up may take the stop marker; a bug in that batch must not make the worker forget it (and hang SIGTERM).
+    from dsearch import serve
+
+    answered: list[int] = []
+
+    class Request:
+        queries = ["q"]
+
+        def finish(self, status: int, body: dict, checked: bool = False) -> None:
+            answered.append(status)
+
+    class Failing(serve.Batcher):
+        def _batch(self, jobs):  # type: ignore[no-untyped-def]
+            self.queue.put(serve._STOP)  # SIGTERM while the batch is encoded
+            self._take_waiting(jobs, 1)  # the top-up takes it
+            raise RuntimeError("a bug")
+
+    batcher = Failing([], serve.Limits())
+    batcher.queue.put(Request())
+    batcher.start()
+    batcher.thread.join(5)
+    assert not batcher.thread.is_alive() and answered == [500]
+
+
 def test_full_queue_is_503_with_retry_after(sample_index):
     with serving(sample_index, "--queue", "1", env=server_env(DSEARCH_TEST_QUERY_DELAY="0.6")) as served:
         answers: list[tuple[int, dict, dict]] = []

@@ -359,6 +359,7 @@ class Batcher:
         self.limits = limits
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=limits.queue)
         self.thread = threading.Thread(target=self._run, name="dsearch-search", daemon=True)
+        self._stopping = False  # the stop marker was taken (kept here too, should a batch fail after taking it)
 
     def start(self) -> None:
         self.thread.start()
@@ -393,7 +394,7 @@ class Batcher:
                 _log_unexpected(exc)
                 for job in jobs:
                     job.finish(500, {"error": "internal error; see the server's log"})
-            if stop:
+            if stop or self._stopping:
                 return
 
     def _take_waiting(self, jobs: list[Job], size: int) -> bool:
@@ -405,6 +406,7 @@ class Batcher:
             except queue.Empty:
                 return False
             if job is _STOP:
+                self._stopping = True
                 return True
             jobs.append(job)
             size += len(job.queries)

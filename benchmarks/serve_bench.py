@@ -1,17 +1,20 @@
 """`dsearch serve` under load: latency and throughput at 1, 4 and 16 concurrent clients, and a soak with publishes.
 
     flock /work/notes/bench.lock python benchmarks/serve_bench.py [--passages 100000] [--seconds 20]
-        [--clients 1,4,16] [--soak 180] [--publish-every 5]
+        [--clients 1,4,16] [--soak 180] [--publish-every 5] [--index-type hnsw] [--baseline-src SRC]
+        [--vectors /work/ann-data/scifact_sentences.npy]
 
 Builds a 100k-passage index for the bundled all-MiniLM-L6-v2 at its default precision (int8): SciFact sentences
-with random unit vectors, written through dsearch's own writer (benchmarks/synthetic.py); the queries are SciFact's
+with random unit vectors, written through dsearch's own writer (benchmarks/synthetic.py), or with --vectors the
+real vectors of real SciFact texts (what an ANN index needs to be measured: see ``build``); the queries are SciFact's
 1,109 real questions, encoded by the real int8 model in the server. Starts `dsearch serve` as its own process,
 then for each client count runs that many client threads, each with one keep-alive connection sending
 `GET /search?q=…&k=10` back to back, for --seconds after a short warm-up: p50/p99 latency and queries/s. The load
 generator shares the machine's cores with the server: its own CPU time and the server's are both reported (per
 request), so the figures can be read with that in mind. As baselines from the same run: a cold
 `dsearch query DIR "text"` (what a program pays per question without a server), and with --baseline-src the same
-load against a server running another checkout's src/ (an earlier version of serve).
+load against a server running another checkout's src/ (an earlier version of serve). With --index-type, the
+recall@10 of the served answers against the exact index's, on 300 of the real queries.
 
 Soak: --soak seconds of 4 clients while another thread republishes the index every --publish-every seconds (a
 full rebuild of the same passages: every publish collects the previous version's files);
@@ -25,6 +28,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -45,9 +49,53 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def build(target: Path, n: int) -> None:
-    """The synthetic index; called again on an existing one it republishes (a new manifest and segment)."""
-    write_random_index(target, (Passage(pid, text, None, "scifact-sentences") for pid, text in scifact_sentences(n)))
+def real_texts(limit: int) -> list[str]:
+    """The texts whose vectors /work/ann-data/scifact_sentences.npy holds, in its row order (the recipe of the
+    script that encoded them, RESULTS.md "Approximate and compressed indexes"): SciFact titles and sentences,
+    then consecutive sentence pairs, then triples."""
+    docs = [json.loads(line) for line in open(synthetic.SCIFACT / "corpus.jsonl")]
+    split = [[s.strip() for s in re.split(r"(?<=[.!?])\s+", d["text"]) if len(s.strip()) > 20] for d in docs]
+    texts: list[str] = []
+    for doc, sentences in zip(docs, split, strict=True):
+        texts += [doc["title"], *sentences]
+    for width in (2, 3):
+        for sentences in split:
+            texts += [" ".join(sentences[i : i + width]) for i in range(len(sentences) - width + 1)]
+    return texts[:limit]
+
+
+def build(target: Path, n: int, vectors: Path | None = None) -> None:
+    """The benchmark's index; called again on an existing one it republishes (a new manifest and segment).
+
+    Without ``vectors``: SciFact sentences with random unit vectors. Random 384-d vectors have no neighbourhood
+    structure, so an ANN index built on them needs its largest search effort (HNSW tuned itself to efSearch 1024
+    and still reached only 0.86 recall@10) and says nothing about ANN speed on real embeddings. With ``vectors``
+    (the real int8 all-MiniLM-L6-v2 vectors of ``real_texts``): real passages with their real vectors, so the
+    real queries find real neighbours and an ANN index is tuned as it would be in use.
+    """
+    if vectors is None:
+        passages = (Passage(pid, text, None, "scifact-sentences") for pid, text in scifact_sentences(n))
+        write_random_index(target, passages)
+        return
+    import numpy as np
+
+    from dsearch.encoder import load_encoder
+    from dsearch.indexer import describe_sources, model_info, new_manifest
+    from dsearch.store import SegmentWriter, content_hash, passage_row, publish, staging_area
+
+    stored = np.load(vectors, mmap_mode="r")
+    texts = real_texts(n)
+    if len(stored) < n or len(texts) < n:
+        raise SystemExit(f"{vectors}: holds {len(stored)} vectors for {len(texts)} texts; --passages asks {n}")
+    info = model_info(load_encoder(None, "auto"))
+    with staging_area(target) as staging:
+        writer = SegmentWriter(staging.segment_dir, info.dim)
+        for start in range(0, n, 5000):
+            chunk = [Passage(f"s{row}", texts[row], None, "scifact-real") for row in range(start, min(n, start + 5000))]
+            rows = [passage_row(p, content_hash(p.encoder_text)) for p in chunk]
+            writer.add(rows, np.asarray(stored[start : start + len(chunk)], dtype=np.float32))
+        segment = writer.close()
+        publish(staging, new_manifest(info, segment, {"sources": describe_sources([])}, {}))
 
 
 def start_server(index: Path, src: Path | None = None) -> tuple[subprocess.Popen, str, list[str]]:
@@ -193,6 +241,38 @@ def soak(url: str, pid: int, index: Path, queries: list[str], seconds: float, ev
     }
 
 
+RECALL_QUERIES = 300  # queries whose served top-10 is compared with the exact top-10
+
+
+def exact_top10(index: Path, queries: list[str]) -> list[list[str]]:
+    """The exact (flat) top-10 passage ids of each query, in-process, before the index is made approximate."""
+    from dsearch.api import Searcher
+
+    with Searcher(index, load_encoder=True) as searcher:
+        return [[h.id for h in hits] for hits in searcher.search(queries, 10)]
+
+
+def served_top10(url: str, queries: list[str]) -> list[list[str]]:
+    """The served top-10 passage ids of each query (one POST of many queries at a time)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    out: list[list[str]] = []
+    for start in range(0, len(queries), 50):
+        body = json.dumps({"queries": queries[start : start + 50], "k": 10})
+        connection.request("POST", "/search", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise SystemExit(f"recall queries failed: {response.status} {answer}")
+        out += [[h["id"] for h in result["hits"]] for result in answer["results"]]
+    connection.close()
+    return out
+
+
+def recall_at_10(exact: list[list[str]], served: list[list[str]]) -> float:
+    return round(sum(len(set(e) & set(s)) for e, s in zip(exact, served, strict=True)) / (10 * len(exact)), 4)
+
+
 def cold_query(index: Path, query: str, runs: int = 3) -> float:
     dsearch = str(Path(sys.executable).with_name("dsearch"))
     times = []
@@ -213,13 +293,25 @@ def main() -> None:
     parser.add_argument("--index-type", help="rebuild the ANN structure with `dsearch reindex --index-type` first")
     parser.add_argument("--baseline-src", type=Path, help="also measure a server running this src/ (same run)")
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="the SciFact folder (corpus, queries)")
+    parser.add_argument(
+        "--vectors",
+        type=Path,
+        help="real vectors of the texts real_texts() lists (/work/ann-data/scifact_sentences.npy) instead of random",
+    )
     args = parser.parse_args()
     synthetic.SCIFACT = args.scifact  # a git worktree sits elsewhere than ../shared
     queries = [json.loads(line)["text"] for line in open(args.scifact / "queries.jsonl")]
     with tempfile.TemporaryDirectory() as name:
         index = Path(name) / "idx"
-        build(index, args.passages)
-        results: dict = {"passages": args.passages, "cpus": os.cpu_count(), "index_type": "flat"}
+        build(index, args.passages, args.vectors)
+        results: dict = {
+            "passages": args.passages,
+            "cpus": os.cpu_count(),
+            "index_type": "flat",
+            "vectors": str(args.vectors) if args.vectors else "random",
+            "load_average_start": os.getloadavg(),
+        }
+        exact = exact_top10(index, queries[:RECALL_QUERIES]) if args.index_type else None
         if args.index_type:
             started = time.perf_counter()
             subprocess.run(
@@ -241,12 +333,15 @@ def main() -> None:
         process, url, lines = start_server(index)
         try:
             results["load"] = [load(url, process.pid, queries, c, args.seconds) for c in levels]
+            if exact is not None:  # what the served answers lose against the exact index, on real queries
+                results["recall_at_10_vs_exact"] = recall_at_10(exact, served_top10(url, queries[:RECALL_QUERIES]))
             if args.soak:
                 results["soak"] = soak(url, process.pid, index, queries, args.soak, args.publish_every, args.passages)
         finally:
             process.terminate()
             results["server_exit"] = process.wait(60)
         results["server_stderr_tail"] = "".join(lines[-5:])
+        results["load_average_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))
 
 

@@ -148,6 +148,40 @@ def test_the_server_runs_blas_on_one_thread_unless_told_otherwise(sample_index):
     assert "BLAS threads: 1\n" in served.stderr
 
 
+FAISS_THREADS = """
+import threading, faiss
+from dsearch import serve
+seen = {}
+def worker():
+    serve.limit_faiss_threads()
+    seen["worker"] = faiss.omp_get_max_threads()
+thread = threading.Thread(target=worker)
+thread.start()
+thread.join()
+print(seen["worker"], faiss.omp_get_max_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenMP starts one thread per core: needs 2+")
+def test_the_worker_searches_ann_indexes_on_one_openmp_thread_unless_told_otherwise(cli, sample_index):
+    # FAISS's idle OpenMP threads spin: two threads doubled an HNSW search's CPU for the same wall time.
+    base = {k: v for k, v in server_env().items() if k != "OMP_NUM_THREADS"}
+
+    def threads(**extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", FAISS_THREADS], env={**base, **extra}, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    cores = os.cpu_count()
+    assert threads() == f"1 {cores}"  # the calling thread only: the setting is per thread
+    assert threads(OMP_NUM_THREADS="2") == "2 2"  # the user's setting wins
+    assert cli("reindex", sample_index, "--index-type", "hnsw").exit_code == 0
+    with serving(sample_index, "-vv", env=base) as served:
+        assert served.search(q=QUERIES[0], k=2)[0] == 200
+    assert "FAISS OpenMP threads of the worker: 1\n" in served.stderr
+
+
 # --- results -------------------------------------------------------------------------------------------------
 
 
@@ -181,6 +215,52 @@ def test_results_equal_dsearch_query_jsonl(cli, sample_index):
         status, _, body = served.request("/search", {"queries": [{"qid": "q7", "text": QUERIES[1]}], "k": 2})
         assert status == 200 and {h["qid"] for h in hits_of(body)} == {"q7"}
     assert "Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_an_ann_index_serves_what_query_prints_whatever_the_batch(cli, sample_index, index_type):
+    # The server searches many requests' queries in one FAISS call (one OpenMP thread): each query's hits must
+    # still be those `dsearch query` prints for it alone.
+    assert cli("reindex", sample_index, "--index-type", index_type).exit_code == 0
+    queries = [*QUERIES, "bread dough yeast", "a marathon race", "northern lights"]
+    with serving(sample_index, env=server_env(DSEARCH_TEST_QUERY_DELAY="0.2")) as served:
+        expected = {q: jsonl(cli("query", sample_index, q, "-k", "4", "--format", "jsonl").stdout) for q in queries}
+        answers: dict[str, tuple[int, dict]] = {}
+
+        def ask(query: str) -> None:
+            answers[query] = served.search(q=query, k=4)
+
+        threads = [threading.Thread(target=ask, args=(q,)) for q in queries]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join()
+        for query in queries:
+            status, body = answers[query]
+            assert status == 200 and expected[query]
+            assert [{**h, "qid": "1"} for h in hits_of(body)] == expected[query], query
+        status, _, body = served.request("/search", {"queries": queries, "k": 4})
+        assert status == 200
+        assert [[{**h, "qid": "1"} for h in r["hits"]] for r in body["results"]] == [expected[q] for q in queries]
+
+
+def test_a_stored_nan_field_is_served_as_null(cli, tmp_path):
+    # Hits skip the second NaN walk on the way out: the user's own fields are still made valid JSON.
+    corpus = tmp_path / "odd.jsonl"
+    corpus.write_text('{"id": "a", "text": "volcano one", "x": NaN, "y": [Infinity, 1.5]}\n')
+    assert cli("index", corpus, "-o", tmp_path / "idx").exit_code == 0
+    with serving(tmp_path / "idx") as served:
+        parts = urllib.parse.urlsplit(served.url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        connection.request("GET", "/search?q=volcano")
+        response = connection.getresponse()
+        raw = response.read().decode("utf-8")
+        connection.close()
+    assert response.status == 200
+    strict = {"parse_constant": lambda c: pytest.fail(f"non-JSON constant {c}")}
+    [hit] = hits_of(json.loads(raw, **strict))
+    assert hit["fields"] == {"x": None, "y": [None, 1.5]} and hit["id"] == "a"
 
 
 def test_info_health_and_openapi(cli, sample_index):
@@ -275,6 +355,56 @@ def test_a_query_does_not_depend_on_its_batch_mates(sample_index):
         assert [(h["id"], h["score"]) for h in mixed] == [(h["id"], h["score"]) for h in hits_of(alone[QUERIES[1]])]
     batched = [line for line in served.lines if "batch of" in line]
     assert any(int(line.split("batch of ")[1].split()[0]) > 1 for line in batched), batched
+
+
+def test_requests_arriving_while_a_batch_is_encoded_join_its_search(sample_index):
+    # A flat index is read whole by every search call: requests that came in while the worker was encoding are
+    # encoded too and searched with the batch, not left for a scan of their own (and answered as if alone).
+    with serving(sample_index, "-vv", env=server_env(DSEARCH_TEST_QUERY_DELAY="0.4")) as served:
+        alone = {q: served.search(q=q, k=3)[1] for q in QUERIES}
+        answers: dict[str, tuple[int, dict]] = {}
+
+        def ask(query: str) -> None:
+            answers[query] = served.search(q=query, k=3)
+
+        first = threading.Thread(target=ask, args=(QUERIES[0],))
+        first.start()
+        time.sleep(0.15)  # the worker is encoding the first request now
+        late = [threading.Thread(target=ask, args=(q,)) for q in QUERIES[1:]]
+        for thread in late:
+            thread.start()
+        for thread in [first, *late]:
+            thread.join()
+        for query in QUERIES:
+            status, body = answers[query]
+            assert status == 200 and hits_of(body) == hits_of(alone[query])
+    sizes = [line.split("batch of ")[1].split(" queries")[0] for line in served.lines if "batch of" in line]
+    assert sizes[:3] == ["1", "1", "1"] and sizes[3:] == ["3"], sizes  # three alone, then one batch of three
+
+
+def test_the_worker_stops_even_when_a_batch_fails_after_taking_the_stop_marker():
+    # A top-up may take the stop marker; a bug in that batch must not make the worker forget it (and hang SIGTERM).
+    from dsearch import serve
+
+    answered: list[int] = []
+
+    class Request:
+        queries = ["q"]
+
+        def finish(self, status: int, body: dict, checked: bool = False) -> None:
+            answered.append(status)
+
+    class Failing(serve.Batcher):
+        def _batch(self, jobs):  # type: ignore[no-untyped-def]
+            self.queue.put(serve._STOP)  # SIGTERM while the batch is encoded
+            self._take_waiting(jobs, 1)  # the top-up takes it
+            raise RuntimeError("a bug")
+
+    batcher = Failing([], serve.Limits())
+    batcher.queue.put(Request())
+    batcher.start()
+    batcher.thread.join(5)
+    assert not batcher.thread.is_alive() and answered == [500]
 
 
 def test_full_queue_is_503_with_retry_after(sample_index):

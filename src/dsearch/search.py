@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -58,21 +59,24 @@ class Hit:
         """The hit as ``--format jsonl`` prints it: the same fields, names and rounding (README: Output formats)."""
         from dsearch.output import json_safe
 
+        score = round(float(self.score), 6)
         record = {
             "qid": self.qid,
             "query": self.query,
             "rank": self.rank,
-            "score": round(float(self.score), 6),
+            "score": score if math.isfinite(score) else None,
             "id": self.id,
             "title": self.title,
             "text": self.text,
             "source": self.source,
-            "fields": self.fields,
+            # Only the user's own fields can hold NaN or infinity (JSON has neither): the rest are texts,
+            # whole numbers and the score, so only they are walked (a server builds thousands of these a second).
+            "fields": json_safe(self.fields),
             "window": list(self.window) if self.window else None,
         }
         if self.retrievers is not None:
-            record["retrievers"] = self.retrievers
-        return json_safe(record)  # type: ignore[no-any-return]
+            record["retrievers"] = dict(self.retrievers)
+        return record
 
 
 def queries_from_texts(texts: Iterable[str]) -> Iterator[Query]:

@@ -358,6 +358,10 @@ def _inbox_dataset(inbox: Any) -> Any:
     return ray.data.read_datasource(InboxDatasource(), override_num_blocks=1, num_cpus=0)
 
 
+def _import_ray_data() -> None:
+    import ray.data  # noqa: F401
+
+
 _END = object()  # what the consumer thread queues after the Dataset's last batch
 
 
@@ -392,6 +396,7 @@ class RayEncoder:
         self._inbox: Any = None
         self._batches: queue.Queue[Any] = queue.Queue()  # from the consumer thread: batches, an exception, _END
         self._consumer: threading.Thread | None = None
+        self._importing: threading.Thread | None = None
         self._stopping = threading.Event()
         self._sizes: dict[int, int] = {}  # chunk -> texts, for chunks whose vectors are not back
         self._ready: dict[int, np.ndarray] = {}
@@ -411,6 +416,9 @@ class RayEncoder:
             options.update(include_dashboard=False)
         if quiet:
             _quiet_ray()
+        # Ray Data's usage report runs in an actor of its own, one more process to start beside the workers
+        # (about 0.5 s of a CPU); dsearch sends no usage data anywhere, so it turns that one off unless told.
+        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
         _route_ray_messages()
         try:
             with _without_backend_level_notice(quiet):
@@ -444,6 +452,10 @@ class RayEncoder:
                 self.workers, self.workers * self.cpus_per_worker, self.workers * self.gpus_per_worker, cpus, gpus,
             )  # fmt: skip
         self.depth = in_flight_chunks(self.workers) - 1  # the indexer holds depth + 1 chunks unwritten
+        # Ray Data's import (about 0.7 s) in the background while the driver loads its model and reads the first
+        # chunk, instead of on the way to the pool's start.
+        self._importing = threading.Thread(target=_import_ray_data, name="dsearch-ray-import", daemon=True)
+        self._importing.start()
 
     def _start(self, encoder: Encoder) -> None:
         """Settle what the workers load (the driver's model, on the device and at the precision chosen here) and
@@ -483,6 +495,8 @@ class RayEncoder:
         """The build's Dataset: the inbox's chunks, a row each, encoded by ``map_batches`` on the pool."""
         import warnings
 
+        if self._importing is not None:
+            self._importing.join()
         import ray.data
 
         assert self.spec is not None and self.workers is not None
@@ -583,6 +597,8 @@ class RayEncoder:
             self._stopping.set()
             self._inbox.close.remote()
             self._consumer.join(timeout=CLOSE_WAIT)
+        if self._importing is not None:
+            self._importing.join()  # not leaving Ray halfway through an import
         self.ray.shutdown()
 
 

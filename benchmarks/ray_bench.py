@@ -179,7 +179,9 @@ def main() -> None:
 
         def ray_build(name: str, env: dict[str, str] | None = None) -> tuple[float, dict]:
             """One timed Ray build against a cluster started for it (after a small one with --warm-cluster)."""
-            with local_cluster(cpus=cpus, env=niceness) as address:
+            # The cluster's workers import dsearch from the cluster's environment: the build's own PYTHONPATH.
+            path = {"PYTHONPATH": env["PYTHONPATH"]} if env and "PYTHONPATH" in env else {}
+            with local_cluster(cpus=cpus, env={**niceness, **path}) as address:
                 ray_args = ["--ray", "--ray-address", address, "--workers", str(args.workers)]
                 if args.warm_cluster:
                     timed_index([str(small), "-o", str(tmp / f"{name}-warm"), *common, *ray_args], env)

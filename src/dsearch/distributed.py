@@ -354,8 +354,14 @@ def _inbox_dataset(inbox: Any) -> Any:
             return [ReadTask(lambda: _read_inbox(inbox), meta)]
 
     # No CPU for the read task, which mostly waits for the driver: the workers have the cluster's CPUs. Its
-    # zero CPUs also keep Ray Data from fusing it into the workers' actors (their resources differ).
-    return ray.data.read_datasource(InboxDatasource(), override_num_blocks=1, num_cpus=0)
+    # zero CPUs also keep Ray Data from fusing it into the workers' actors (their resources differ). It runs on
+    # the driver's node, beside the inbox: a node lost there ends the build anyway.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.data.read_datasource(
+        InboxDatasource(), override_num_blocks=1, num_cpus=0, ray_remote_args={"scheduling_strategy": here}
+    )
 
 
 def _import_ray_data() -> None:

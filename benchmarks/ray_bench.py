@@ -12,7 +12,7 @@
    what is timed is everything the driver does besides encoding (reading, hashing, windows, writing FAISS and
    Parquet, checkpoints, publishing). A cluster saturates the driver when its workers together encode faster.
 3. The same through Ray Data: the `--ray` executor with workers that return zero vectors, so what is timed is
-   the driver's work plus Ray Data's (rounds, actor pools, shipping texts out and vectors back).
+   the driver's work plus Ray Data's (the actor pool, shipping texts out and vectors back).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from ray_cluster import local_cluster  # noqa: E402
 DSEARCH = [sys.executable, "-m", "dsearch"]
 
 
-def timed_index(args: list[str]) -> tuple[float, dict]:
+def timed_index(args: list[str], env: dict[str, str] | None = None) -> tuple[float, dict]:
     started = time.perf_counter()
-    result = subprocess.run([*DSEARCH, "index", *args, "--json"], capture_output=True, text=True)
+    result = subprocess.run([*DSEARCH, "index", *args, "--json"], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"dsearch index {' '.join(args)} failed: {result.stderr}")
@@ -68,15 +68,11 @@ class ZeroWorker:
         self.dim = spec.dim
 
     def __call__(self, batch):
-        import numpy as np
+        import pyarrow as pa
 
-        texts = [text for chunk in batch["texts"].to_pylist() for text in chunk]
         sizes = [len(chunk) for chunk in batch["texts"].to_pylist()]
-        return {
-            "chunk": np.repeat(batch["chunk"].to_numpy(), sizes),
-            "vector": np.zeros((len(texts), self.dim), dtype=np.float32),
-            "error": np.array([""] * len(texts)),
-        }
+        vectors = [bytes(4 * self.dim * size) for size in sizes]  # float32 zeros, as _Worker sends its vectors
+        return pa.table({"chunk": batch["chunk"], "vectors": vectors, "error": [""] * len(sizes)})
 
 
 def driver_ingest(corpus: Path, target: Path, precision: str, chunk_encoder=None) -> tuple[float, dict]:
@@ -103,8 +99,29 @@ def ray_ingest(corpus: Path, target: Path, precision: str, workers: int, env: di
             seconds, summary = driver_ingest(corpus, target, precision, chunks)
         finally:
             chunks.close()
-    summary["rounds"] = chunks.rounds
     return seconds + connect_s, summary
+
+
+def report(args: argparse.Namespace, cpus: int, load_before: float, pairs: list, baselines: list[float]) -> float:
+    """The local/Ray pairs as a table (with the baseline's Ray build when there is one); one worker's rate."""
+    precision = pairs[0][1]["precision"]
+    print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; precision {precision}")
+    print(f"Ray workers' nice value: {args.worker_niceness}; cluster: {'warm' if args.warm_cluster else 'fresh'}")
+    print(f"load average (1 min) before the builds: {load_before:.2f}")
+    base = f" baseline `--ray` wall s ({' '.join(args.baseline_env) or 'its defaults'}) | baseline vs local |"
+    ray = f"`--ray --workers {args.workers}` wall s"
+    head = f"| pair | local wall s |{base if baselines else ''} {ray} | Ray vs local |"
+    print(f"{head} load average after |")
+    print("|---" * (head.count("|") - 1) + "|---|")
+    for i, (local_s, _, ray_s, _, load) in enumerate(pairs, 1):
+        old = f" {baselines[i - 1]:.1f} | {100 * (baselines[i - 1] / local_s - 1):+.1f}% |" if baselines else ""
+        print(f"| {i} | {local_s:.1f} |{old} {ray_s:.1f} | {100 * (ray_s / local_s - 1):+.1f}% | {load:.2f} |")
+    local_total, ray_total = sum(p[0] for p in pairs), sum(p[2] for p in pairs)
+    print(f"overhead of --ray over all pairs: {100 * (ray_total / local_total - 1):+.1f}% of the local wall time")
+    if baselines:
+        print(f"overhead of the baseline over all pairs: {100 * (sum(baselines) / local_total - 1):+.1f}%")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (this machine has {cpus} CPUs, shared)")
+    return sum(p[3]["passages_per_second"] for p in pairs) / len(pairs) / args.workers
 
 
 def main() -> None:
@@ -122,6 +139,26 @@ def main() -> None:
     )
     parser.add_argument("--ingest-passages", type=int, default=50_000, help="passages for the driver's ingest rate")
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="BEIR SciFact folder")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also time, in every pair, a Ray build by the dsearch in this src folder (e.g. the code before a "
+        "change, from git archive), against a fresh cluster of its own as well",
+    )
+    parser.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for the baseline's build (e.g. DSEARCH_RAY_ROUND_CHUNKS=8 to force rounds)",
+    )
+    parser.add_argument(
+        "--warm-cluster",
+        action="store_true",
+        help="before each timed Ray build, run a 64-passage Ray build on the same cluster, as on a cluster that "
+        "has run a Ray Data job before (its detached helper actors are up); the default is a fresh cluster",
+    )
+    parser.add_argument("--no-ingest", action="store_true", help="skip the driver's ingest rates (parts 2 and 3)")
     args = parser.parse_args()
     synthetic.SCIFACT = args.scifact
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,13 +173,33 @@ def main() -> None:
         cpus = os.cpu_count() or 2
         load_before = os.getloadavg()[0]
         niceness = {"RAY_worker_niceness": str(args.worker_niceness)}
-        pairs = []
+        pairs, baselines = [], []
+        small = tmp / "small.jsonl"
+        small.write_text("".join(rows[:64]))
+
+        def ray_build(name: str, env: dict[str, str] | None = None) -> tuple[float, dict]:
+            """One timed Ray build against a cluster started for it (after a small one with --warm-cluster)."""
+            # The cluster's workers import dsearch from the cluster's environment: the build's own PYTHONPATH.
+            path = {"PYTHONPATH": env["PYTHONPATH"]} if env and "PYTHONPATH" in env else {}
+            with local_cluster(cpus=cpus, env={**niceness, **path}) as address:
+                ray_args = ["--ray", "--ray-address", address, "--workers", str(args.workers)]
+                if args.warm_cluster:
+                    timed_index([str(small), "-o", str(tmp / f"{name}-warm"), *common, *ray_args], env)
+                return timed_index([str(corpus), "-o", str(tmp / name), *common, *ray_args], env)
+
+        baseline_env = None
+        if args.baseline_src:
+            baseline_env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
+            baseline_env.update(item.split("=", 1) for item in args.baseline_env)
         for i in range(args.repeat):
             local_s, local = timed_index([str(corpus), "-o", str(tmp / f"local{i}"), *common])
-            with local_cluster(cpus=cpus, env=niceness) as address:
-                ray_args = ["--ray", "--ray-address", address, "--workers", str(args.workers)]
-                ray_s, ray = timed_index([str(corpus), "-o", str(tmp / f"ray{i}"), *common, *ray_args])
+            if baseline_env is not None:
+                baselines.append(ray_build(f"baseline{i}", baseline_env)[0])
+            ray_s, ray = ray_build(f"ray{i}")
             pairs.append((local_s, local, ray_s, ray, os.getloadavg()[0]))
+        if args.no_ingest:
+            report(args, cpus, load_before, pairs, baselines)
+            return
         big = tmp / "big.jsonl"
         big.write_text("".join(rows[: args.ingest_passages]))
         ingest_s, ingest = driver_ingest(big, tmp / "ingest", args.precision)
@@ -150,18 +207,8 @@ def main() -> None:
         abstracts_s, abstracts = driver_ingest(args.scifact / "corpus.jsonl", tmp / "abstracts", args.precision)
         ray_ingest_s, ray_ingested = ray_ingest(big, tmp / "ray-ingest", args.precision, args.workers, niceness)
 
-    per_worker = sum(p[3]["passages_per_second"] for p in pairs) / len(pairs) / args.workers
+    per_worker = report(args, cpus, load_before, pairs, baselines)
     driver_rate = ingest["indexed"] / ingest_s
-    precision = pairs[0][1]["precision"]
-    print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; precision {precision}")
-    print(f"Ray workers' nice value: {args.worker_niceness}")
-    print(f"load average (1 min) before the builds: {load_before:.2f}")
-    print(f"| pair | local wall s | `--ray --workers {args.workers}` wall s | Ray vs local | load average after |")
-    print("|---|---|---|---|---|")
-    for i, (local_s, _, ray_s, _, load) in enumerate(pairs, 1):
-        print(f"| {i} | {local_s:.1f} | {ray_s:.1f} | {100 * (ray_s / local_s - 1):+.1f}% | {load:.2f} |")
-    local_total, ray_total = sum(p[0] for p in pairs), sum(p[2] for p in pairs)
-    print(f"overhead of --ray over all pairs: {100 * (ray_total / local_total - 1):+.1f}% of the local wall time")
     print(
         f"driver ingest, no encoding: {ingest['indexed']} passages ({ingest['windows']} vectors) in {ingest_s:.1f} s "
         f"= {driver_rate:.0f} passages/s, {ingest['windows'] / ingest_s:.0f} vectors/s"
@@ -173,7 +220,7 @@ def main() -> None:
     )
     print(
         f"driver ingest through Ray Data (--workers {args.workers} returning zero vectors): {ray_ingested['indexed']} "
-        f"passages ({ray_ingested['windows']} vectors, {ray_ingested['rounds']} rounds) in {ray_ingest_s:.1f} s = "
+        f"passages ({ray_ingested['windows']} vectors) in {ray_ingest_s:.1f} s = "
         f"{ray_ingested['windows'] / ray_ingest_s:.0f} vectors/s"
     )
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (this machine has {cpus} CPUs, shared)")

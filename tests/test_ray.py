@@ -169,24 +169,57 @@ def test_update_with_ray_sends_only_new_and_changed_passages(ray_cluster, ray_se
     # The driver counts the texts it shipped: the windows of the 4 passages, nothing else.
     windows = sum(1 for row in OpenIndex(target).iter_rows(("id",)) if row["id"] in {"p3", "p10", "p500", "new-1"})
     assert f"ray: connected to {ray_cluster} " in result.stderr
-    assert f"ray: sent {windows} texts to 2 workers in 1 round\n" in result.stderr
+    assert f"ray: sent {windows} texts to 2 workers\n" in result.stderr
     rebuilt = root / "update-local.idx"
     assert _index(new_corpus, "-o", rebuilt, *common).returncode == 0
     _assert_same_index(rebuilt, target)
 
 
-def test_rounds_of_chunks_give_the_local_index(ray_cluster, ray_setup):
-    """A corpus larger than one round (one Ray Dataset) is encoded in several, each by a fresh actor pool; the
-    rows still come back in corpus order."""
+def test_one_dataset_streams_the_whole_build_in_corpus_order(ray_cluster, ray_setup):
+    """The build is one Ray Dataset (one actor pool), fed chunk by chunk while the driver reads; with the driver
+    holding only two chunks at a time (DSEARCH_RAY_IN_FLIGHT=2), each chunk must travel through Ray Data on its own
+    as soon as it is submitted, or the build would wait for ever; the rows still come back in corpus order."""
     root, corpus, common, local = ray_setup
-    target = root / "rounds.idx"
-    env = {**os.environ, "DSEARCH_RAY_ROUND_CHUNKS": "2"}  # 2 chunks of 128 passages a round: 4 rounds for 800
-    args = (corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-v", "--json")
+    target = root / "in-flight.idx"
+    env = {**os.environ, "DSEARCH_RAY_IN_FLIGHT": "2"}  # 7 chunks of 128 passages for 800, two at a time
+    args = (corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-vv", "--json")
     result = _index(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["indexed"] == 800
-    assert " in 4 rounds\n" in result.stderr
+    assert result.stderr.count("first vectors back") == 1  # one Dataset for the whole build
     _assert_same_index(local, target)
+
+
+def test_the_actor_pool_lasts_the_whole_build(ray_cluster, tiny_seed_model):
+    """Chunks submitted one at a time, each after the previous one's vectors came back (as the driver does once it
+    holds its in-flight bound), all go to the same actors: the pool starts once per build, not per batch of chunks.
+    The workers here answer with their process id in place of vectors."""
+    from dsearch.distributed import RayEncoder
+    from dsearch.encoder import load_encoder
+
+    class PidWorker:
+        def __init__(self, spec) -> None:
+            self.dim = spec.dim
+
+        def __call__(self, batch):
+            import pyarrow as pa
+
+            sizes = [len(texts) for texts in batch["texts"].to_pylist()]
+            vectors = [np.full((size, self.dim), os.getpid(), dtype=np.float32).tobytes() for size in sizes]
+            return pa.table({"chunk": batch["chunk"], "vectors": vectors, "error": [""] * len(sizes)})
+
+    driver = load_encoder(str(tiny_seed_model), "fp32")
+    chunks = type("PidRay", (RayEncoder,), {"worker_class": PidWorker})(ray_cluster, 2)
+    pids = []
+    try:
+        for i in range(8):
+            vectors = chunks.result(chunks.submit(driver, [f"passage {i}-{j}" for j in range(i + 1)]))
+            assert vectors.shape == (i + 1, driver.dim)
+            pids.append(int(vectors[0, 0]))
+    finally:
+        chunks.close()
+    assert len(set(pids)) <= 2  # two actors for the eight chunks (a pool per chunk would have made eight)
+    assert all(pid > 0 for pid in pids)
 
 
 def test_gpu_workers_get_a_gpu_and_the_manifest_records_fp16(ray_cluster, ray_setup):
@@ -221,17 +254,17 @@ def test_gpu_workers_get_a_gpu_and_the_manifest_records_fp16(ray_cluster, ray_se
 def test_a_worker_with_other_model_files_refuses_through_ray_data(ray_cluster, tiny_seed_model):
     """A worker whose model files are not the driver's refuses its chunk; the driver gets that one-line
     ModelError back out of Ray Data (which would otherwise pass on only a traceback's text)."""
-    from dataclasses import replace
-
     from dsearch.distributed import RayEncoder
     from dsearch.encoder import load_encoder
     from dsearch.errors import ModelError
 
     driver = load_encoder(str(tiny_seed_model), "fp32")
+    real = driver.fingerprint
+    driver.fingerprint = "0" * 32  # what the driver has; the worker loads the real files
     chunks = RayEncoder(ray_cluster, 1)
     try:
         handle = chunks.submit(driver, ["a passage about volcanoes"])
-        chunks.spec = replace(chunks.spec, fingerprint="0" * 32)  # what the driver has; the worker has the real one
+        assert chunks.spec.fingerprint != real
         with pytest.raises(ModelError) as caught:
             chunks.result(handle)
     finally:

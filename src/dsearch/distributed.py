@@ -5,15 +5,14 @@ publishes exactly as a local build does, so ids, rows, windows, resume and ``--u
 to encode travel, as whole chunks (a chunk is the local build's unit of work: ``batch_size`` ×
 ``BATCHES_PER_CHUNK`` passages, in corpus order, so a rerun makes the same chunks).
 
-On the cluster, the chunks go through Ray Data: ``ray.data.from_items`` (one row, one block per chunk) →
+On the cluster, the chunks go through one Ray Dataset for the whole build: a read task that takes the chunks from a
+small driver-side actor (the inbox) as the driver submits them, one row and one block per chunk →
 ``map_batches`` with a callable class over an actor pool of ``--workers`` actors (one loaded model each, ``num_cpus``
 / ``num_gpus`` per actor, restarted by Ray when a worker process dies) → ``iter_batches`` with ``preserve_order``,
-so the vectors come back in corpus order and the driver writes them as it would its own.
-
-A Ray Dataset wants its input up front, while the build streams (memory bounded by the chunks in flight, never the
-corpus). So the chunks go in rounds: the driver reads a round's chunks, runs them as one Dataset, and reads the
-next round while that one encodes. Each round starts its own actor pool (one model load per worker per round),
-so a round is large: ``ROUND_CHUNKS_PER_WORKER`` chunks per worker.
+so the vectors come back in corpus order and the driver writes them as it would its own. A thread of the driver
+runs the Dataset from the first chunk on, so the pool starts (worker processes, model loads) while the driver is
+still reading, and stays up until the last chunk: one pool start per build, whatever the corpus's size. The driver
+holds at most ``in_flight`` chunks (texts, rows and vectors) that are submitted and not yet written.
 
 Ray is imported only here and only when ``--ray`` is given; without the ``ray`` extra, ``--ray`` is a one-line
 error.
@@ -23,16 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dsearch.errors import DsearchError, IncompleteError, ModelError, UsageError
@@ -51,24 +51,25 @@ RAY_MISSING = 'encoding on a Ray cluster needs Ray: pip install "dsearch[ray]"'
 RETRIES = 3
 # Chunks queued per actor: one being encoded, one waiting, so a worker never idles while the driver writes.
 IN_FLIGHT_PER_WORKER = 2
-# Chunks per worker in one round (one Ray Dataset). Each round loads the model once per worker (a few seconds) and
-# drains at its end (up to a chunk per worker idle); at 32 chunks of 256 passages a worker encodes for minutes per
-# round, so both stay a few per cent. The driver holds at most two rounds of chunks (texts, rows and vectors).
-ROUND_CHUNKS_PER_WORKER = 32
-ROUND_MAX_CHUNKS = 1024  # memory bound of a large cluster's round: 1024 × 256 passages
+# Chunks the driver reads ahead per worker: the two queued on its actor, and two more so that the next ones are
+# already in Ray's object store when a worker finishes. The driver holds these chunks (texts, rows, vectors) only.
+IN_FLIGHT_CHUNKS_PER_WORKER = 4
+IN_FLIGHT_MAX_CHUNKS = 1024  # the memory bound on a large cluster: 1024 × 256 passages
 # How long to wait for the cluster's port before calling it unreachable: ray.init itself retries for minutes.
 CONNECT_TIMEOUT = 5.0
+# How long close() lets the Dataset wind down (its last chunks, the actors' exit) before leaving Ray.
+CLOSE_WAIT = 5.0
 # Test hook (DSEARCH_TEST_FAULT=fake-cuda): the probe reports CUDA and the "GPU" worker runs its fp16 path on the
 # CPU, so the choice, the GPU resource request and the fp16 manifest are tested on a machine without a GPU.
 FAKE_CUDA = "fake-cuda"
 
 
-def round_chunks(workers: int) -> int:
-    """Chunks in one round (``DSEARCH_RAY_ROUND_CHUNKS`` overrides it: tests make many small rounds)."""
-    override = os.environ.get("DSEARCH_RAY_ROUND_CHUNKS", "")
+def in_flight_chunks(workers: int) -> int:
+    """Chunks submitted and not yet written (``DSEARCH_RAY_IN_FLIGHT`` overrides it: tests make it small)."""
+    override = os.environ.get("DSEARCH_RAY_IN_FLIGHT", "")
     if override.isdigit() and int(override) > 0:
         return int(override)
-    return min(workers * ROUND_CHUNKS_PER_WORKER, ROUND_MAX_CHUNKS)
+    return min(workers * IN_FLIGHT_CHUNKS_PER_WORKER, IN_FLIGHT_MAX_CHUNKS)
 
 
 class ChunkEncoder(Protocol):
@@ -227,27 +228,26 @@ class _Worker:
             self.error = f"{where}: {type(exc).__name__}: {exc}"
         self.chunks = 0
 
-    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
-        """One row per chunk in (``chunk``, ``texts``), one row per text out (``chunk``, ``vector``, ``error``).
+    def __call__(self, batch: Any) -> Any:
+        """One row per chunk in (``chunk``, ``texts``), one row per chunk out (``chunk``, ``vectors``: its float32
+        vectors' bytes, ``error``).
 
-        A dsearch error (another model on this node) comes back as data, one row with ``error`` set: raised here,
-        Ray Data would hand the driver only its traceback as text, not the one-line error to show."""
-        import numpy as np
+        A row per chunk, never per text: every block of the Dataset is then one chunk, which it must be for the read
+        task to hand on each chunk as soon as it is submitted (see ``dataset``). A dsearch error (another model on
+        this node) comes back as data, with ``error`` set: raised here, Ray Data would hand the driver only its
+        traceback as text, not the one-line error to show."""
+        import pyarrow as pa
 
-        ids, vectors, errors = [], [], []
+        chunks, vectors, errors = [], [], []
         for chunk, texts in zip(batch["chunk"].to_pylist(), batch["texts"].to_pylist(), strict=True):
+            chunks.append(chunk)
             try:
-                encoded = self.encode(texts)
+                vectors.append(self.encode(texts).tobytes())
+                errors.append("")
             except DsearchError as exc:
-                return {
-                    "chunk": np.array([chunk], dtype=np.int64),
-                    "vector": np.zeros((1, self.dim), dtype=np.float32),
-                    "error": np.array([f"{type(exc).__name__}:{exc}"]),
-                }
-            ids.append(np.full(len(texts), chunk, dtype=np.int64))
-            vectors.append(encoded)
-            errors += [""] * len(texts)
-        return {"chunk": np.concatenate(ids), "vector": np.concatenate(vectors), "error": np.array(errors)}
+                vectors.append(b"")
+                errors.append(f"{type(exc).__name__}:{exc}")
+        return pa.table({"chunk": pa.array(chunks, pa.int64()), "vectors": vectors, "error": errors})
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """A chunk's vectors: the same call, on the same texts, as a local build makes."""
@@ -300,6 +300,77 @@ def import_ray() -> Any:
     return ray
 
 
+class _Inbox:
+    """The chunks the driver has submitted and the read task has not taken yet, by chunk number (a Ray actor on
+    the driver's node: the driver streams, so the Dataset cannot have its input up front)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.chunks: dict[int, list[str]] = {}
+        self.closed = False
+        self.changed = asyncio.Condition()
+
+    async def put(self, number: int, texts: list[str]) -> None:
+        async with self.changed:
+            self.chunks[number] = texts
+            self.changed.notify_all()
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    async def take(self, number: int) -> list[str] | None:
+        """Chunk ``number``'s texts, once submitted; None once the driver has closed the inbox."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: number in self.chunks or self.closed)
+            return self.chunks.pop(number, None)
+
+
+def _read_inbox(inbox: Any) -> Iterator[Any]:
+    """The Dataset's only read task: chunk 0, 1, 2, … as they are submitted, one block (of one row) each."""
+    import pyarrow as pa
+    import ray
+
+    number = 0
+    while (texts := ray.get(inbox.take.remote(number))) is not None:
+        yield pa.table({"chunk": pa.array([number], pa.int64()), "texts": pa.array([texts], pa.list_(pa.string()))})
+        number += 1
+
+
+def _inbox_dataset(inbox: Any) -> Any:
+    """A Dataset of the chunks in ``inbox``, in chunk order, as long as the build lasts."""
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class InboxDatasource(Datasource):  # type: ignore[misc]
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, *args: Any, **kwargs: Any) -> list[Any]:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(lambda: _read_inbox(inbox), meta)]
+
+    # No CPU for the read task, which mostly waits for the driver: the workers have the cluster's CPUs. Its
+    # zero CPUs also keep Ray Data from fusing it into the workers' actors (their resources differ). It runs on
+    # the driver's node, beside the inbox: a node lost there ends the build anyway.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.data.read_datasource(
+        InboxDatasource(), override_num_blocks=1, num_cpus=0, ray_remote_args={"scheduling_strategy": here}
+    )
+
+
+def _import_ray_data() -> None:
+    import ray.data  # noqa: F401
+
+
+_END = object()  # what the consumer thread queues after the Dataset's last batch
+
+
 class RayEncoder:
     """Chunks encoded by Ray Data (``map_batches`` over an actor pool), taken back in submission order."""
 
@@ -327,14 +398,15 @@ class RayEncoder:
         self.workers = workers
         self.depth = 0
         self.sent = 0
-        self.rounds = 0
         self.spec: EncoderSpec | None = None
-        self._queued: list[tuple[int, list[str]]] = []  # submitted, not yet in a round
-        self._sizes: dict[int, int] = {}  # chunk -> texts, for chunks in a round whose vectors are not all back
-        self._parts: dict[int, list[np.ndarray]] = {}
+        self._inbox: Any = None
+        self._batches: queue.Queue[Any] = queue.Queue()  # from the consumer thread: batches, an exception, _END
+        self._consumer: threading.Thread | None = None
+        self._importing: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._sizes: dict[int, int] = {}  # chunk -> texts, for chunks whose vectors are not back
         self._ready: dict[int, np.ndarray] = {}
-        self._stream: Any = None  # the running round's iterator of output batches
-        self._round_started: float | None = None
+        self._started: float | None = None
         self._next = 0
         self._connect(connect_timeout)
 
@@ -350,6 +422,9 @@ class RayEncoder:
             options.update(include_dashboard=False)
         if quiet:
             _quiet_ray()
+        # Ray Data's usage report runs in an actor of its own, one more process to start beside the workers
+        # (about 0.5 s of a CPU); dsearch sends no usage data anywhere, so it turns that one off unless told.
+        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
         _route_ray_messages()
         try:
             with _without_backend_level_notice(quiet):
@@ -382,11 +457,15 @@ class RayEncoder:
                 "ray: %d workers need %g CPUs and %g GPUs, the cluster has %g and %g: some wait until it grows",
                 self.workers, self.workers * self.cpus_per_worker, self.workers * self.gpus_per_worker, cpus, gpus,
             )  # fmt: skip
-        # The indexer reads a whole round ahead before it takes the first result: that round is what runs.
-        self.depth = round_chunks(self.workers) - 1
+        self.depth = in_flight_chunks(self.workers) - 1  # the indexer holds depth + 1 chunks unwritten
+        # Ray Data's import (about 0.7 s) in the background while the driver loads its model and reads the first
+        # chunk, instead of on the way to the pool's start.
+        self._importing = threading.Thread(target=_import_ray_data, name="dsearch-ray-import", daemon=True)
+        self._importing.start()
 
     def _start(self, encoder: Encoder) -> None:
-        """Settle what the workers load: the driver's model, on the device and at the precision chosen here."""
+        """Settle what the workers load (the driver's model, on the device and at the precision chosen here) and
+        start the Dataset that encodes every chunk of the build."""
         ray = self.ray
         cuda = False
         if self.gpus_per_worker > 0:
@@ -399,32 +478,47 @@ class RayEncoder:
             spec = EncoderSpec(**{**asdict(spec), "precision": precision})
         self.spec = spec
         log.info("ray: %d workers will load %s (%s, %s)", self.workers, spec.name, spec.precision, spec.device)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._inbox = ray.remote(num_cpus=0, scheduling_strategy=here)(_Inbox).remote()
+        self._started = time.perf_counter()
+        dataset = self.dataset()  # here, not in the thread: it is built from what the driver holds now
+        self._consumer = threading.Thread(target=self._consume, args=(dataset,), name="dsearch-ray", daemon=True)
+        self._consumer.start()
 
     def submit(self, encoder: Encoder, texts: list[str]) -> Any:
         if self.spec is None:
             self._start(encoder)
         handle = self._next
         self._next += 1
-        self._queued.append((handle, texts))
+        self._sizes[handle] = len(texts)
+        self._inbox.put.remote(handle, texts)
         self.sent += len(texts)
         return handle
 
-    def dataset(self, chunks: list[tuple[int, list[str]]]) -> Any:
-        """One round as a Ray Dataset: a row (and a block) per chunk, encoded by ``map_batches`` on the pool."""
+    def dataset(self) -> Any:
+        """The build's Dataset: the inbox's chunks, a row each, encoded by ``map_batches`` on the pool."""
         import warnings
 
+        if self._importing is not None:
+            self._importing.join()
         import ray.data
 
         assert self.spec is not None and self.workers is not None
-        items = [{"chunk": chunk, "texts": texts} for chunk, texts in chunks]
-        pool = ray.data.ActorPoolStrategy(
-            size=min(self.workers, len(items)), max_tasks_in_flight_per_actor=IN_FLIGHT_PER_WORKER
-        )
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # rows must stay in corpus order
+        context.enable_progress_bars = False  # dsearch's own bar counts the passages
+        context.print_on_execution_start = False
+        # Ray Data gathers small blocks until they reach this size; a chunk must instead travel on its own at once
+        # (the driver waits for its vectors before it submits more), so every block stays one row, one chunk.
+        context.target_max_block_size = 1
+        pool = ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_WORKER)
         with warnings.catch_warnings():
             # max_restarts/max_task_retries have no named parameter; Ray Data warns about passing them anyway.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            return _inbox_dataset(self._inbox).map_batches(
                 self.worker_class,
                 fn_constructor_args=(self.spec,),
                 batch_size=1,  # one chunk per call: the worker encodes exactly the texts a local build would
@@ -437,40 +531,34 @@ class RayEncoder:
                 **_runtime_env(),
             )
 
-    def _launch(self) -> None:
-        """Run every queued chunk as the next round."""
-        import ray.data
-
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # rows must stay in corpus order
-        context.enable_progress_bars = False  # dsearch's own bar counts the passages
-        context.print_on_execution_start = False
-        chunks, self._queued = self._queued, []
-        self._sizes.update((chunk, len(texts)) for chunk, texts in chunks)
-        self.rounds += 1
-        log.debug("ray: round %d: %d chunks, %d texts", self.rounds, len(chunks), sum(len(t) for _, t in chunks))
-        self._round_started = time.perf_counter()
-        self._stream = iter(self.dataset(chunks).iter_batches(batch_size=None, batch_format="numpy"))
+    def _consume(self, dataset: Any) -> None:
+        """The consumer thread: runs the Dataset and queues its output batches for ``result``."""
+        try:
+            # No prefetching: Ray Data's prefetcher waits for the batch after the one it hands on, which is a chunk
+            # the driver submits only once it has this one's vectors. This thread is the prefetcher.
+            batches = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+            for batch in batches:
+                self._batches.put(batch)
+                if self._stopping.is_set():
+                    break
+        except BaseException as exc:  # handed to the driver's thread, which raises it where result() was called
+            self._batches.put(exc)
+        finally:
+            self._batches.put(_END)
 
     def _take(self) -> None:
-        """Take the next batch of vectors from the running round, starting one when none runs."""
-        if self._stream is None:
-            if not self._queued:
-                raise RuntimeError("a Ray build asked for a chunk that was never submitted")
-            self._launch()
-        try:
-            batch = next(self._stream)
-            if self._round_started is not None:
-                log.debug(
-                    "ray: round %d: first vectors back after %.1f s",
-                    self.rounds,
-                    time.perf_counter() - self._round_started,
-                )
-                self._round_started = None
-        except StopIteration:
-            self._stream = None
-            return
-        chunks, vectors = batch["chunk"], batch["vector"]
+        """Take the next batch of vectors from the Dataset."""
+        if self._consumer is None:
+            raise RuntimeError("a Ray build asked for a chunk that was never submitted")
+        batch = self._batches.get()
+        if batch is _END:
+            self._batches.put(_END)
+            raise IncompleteError("the Ray Dataset ended before every chunk came back")
+        if isinstance(batch, BaseException):
+            raise batch
+        if self._started is not None:
+            log.debug("ray: first vectors back %.1f s after the Dataset started", time.perf_counter() - self._started)
+            self._started = None
         failed = next((str(text) for text in batch["error"] if text), None)
         if failed is not None:  # a worker refused (_Worker.__call__): its one-line error, as its own type
             import dsearch.errors
@@ -478,15 +566,14 @@ class RayEncoder:
             name, _, message = failed.partition(":")
             error_type = getattr(dsearch.errors, name, DsearchError)
             raise error_type(message) if issubclass(error_type, DsearchError) else DsearchError(message)
-        starts = [0, *(i for i in range(1, len(chunks)) if chunks[i] != chunks[i - 1]), len(chunks)]
-        for begin, end in pairwise(starts):  # a batch holds one chunk or more, whole or in part
-            chunk = int(chunks[begin])
-            self._parts.setdefault(chunk, []).append(vectors[begin:end])
-            if sum(len(part) for part in self._parts[chunk]) == self._sizes[chunk]:
-                import numpy as np
+        import numpy as np
 
-                self._ready[chunk] = np.concatenate(self._parts.pop(chunk)).astype(np.float32, copy=False)
-                del self._sizes[chunk]
+        assert self.spec is not None
+        for chunk, data in zip(batch["chunk"], batch["vectors"], strict=True):
+            vectors = np.frombuffer(data, dtype=np.float32).reshape(-1, self.spec.dim)
+            if len(vectors) != self._sizes.pop(int(chunk)):
+                raise IncompleteError(f"a Ray worker sent {len(vectors)} vectors for chunk {chunk}")
+            self._ready[int(chunk)] = vectors
 
     def result(self, handle: Any) -> np.ndarray:
         ray = self.ray
@@ -494,7 +581,6 @@ class RayEncoder:
             while handle not in self._ready:
                 self._take()
         except ray.exceptions.RayError as exc:
-            self._stream = None
             cause = _dsearch_cause(exc)
             if cause is not None:
                 raise cause from None
@@ -510,9 +596,15 @@ class RayEncoder:
 
     def close(self) -> None:
         if self.sent:
-            rounds = f"{self.rounds} round{'s' if self.rounds != 1 else ''}"
-            log.info("ray: sent %d texts to %d workers in %s", self.sent, self.workers or 0, rounds)
-        self._stream = None  # ends a round still running (an error, an interrupt): Ray Data stops its actors
+            log.info("ray: sent %d texts to %d workers", self.sent, self.workers or 0)
+        if self._consumer is not None:
+            # The read task ends, so the Dataset does once the chunks still in it are encoded (an error, an
+            # interrupt): the thread stops at its next batch. Waiting is bounded: the cluster goes either way.
+            self._stopping.set()
+            self._inbox.close.remote()
+            self._consumer.join(timeout=CLOSE_WAIT)
+        if self._importing is not None:
+            self._importing.join()  # not leaving Ray halfway through an import
         self.ray.shutdown()
 
 

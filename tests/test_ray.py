@@ -109,6 +109,21 @@ def test_a_killed_worker_is_retried_and_the_index_is_complete(ray_cluster, ray_s
     _assert_same_index(local, target)
 
 
+def test_a_killed_read_task_is_retried_and_the_index_is_complete(ray_cluster, ray_setup):
+    """The Dataset's one read task (it hands the workers the driver's chunks) killed mid-run: Ray retries it from
+    chunk 0, the chunks the driver already has go on empty, and the build neither hangs nor loses a chunk."""
+    root, corpus, common, local = ray_setup
+    target = root / "killed-reader.idx"
+    marker = root / "reader-killed"
+    env = {**os.environ, "DSEARCH_TEST_FAULT": f"reader-killed:{marker}", "DSEARCH_RAY_IN_FLIGHT": "2"}
+    args = (corpus, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-v")
+    result = _index(*args, env=env)
+    assert marker.exists()  # the read task did kill itself (SIGKILL, before handing on chunk 2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    _assert_same_index(local, target)
+
+
 def test_a_worker_that_keeps_dying_ends_the_run_with_exit_3(ray_cluster, ray_setup):
     root, corpus, common, local = ray_setup
     target = root / "dying.idx"

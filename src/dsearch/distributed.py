@@ -241,6 +241,10 @@ class _Worker:
         chunks, vectors, errors = [], [], []
         for chunk, texts in zip(batch["chunk"].to_pylist(), batch["texts"].to_pylist(), strict=True):
             chunks.append(chunk)
+            if not texts:  # a chunk resent by a retried read task, whose vectors the driver has: nothing to do
+                vectors.append(b"")
+                errors.append("")
+                continue
             try:
                 vectors.append(self.encode(texts).tobytes())
                 errors.append("")
@@ -301,13 +305,17 @@ def import_ray() -> Any:
 
 
 class _Inbox:
-    """The chunks the driver has submitted and the read task has not taken yet, by chunk number (a Ray actor on
-    the driver's node: the driver streams, so the Dataset cannot have its input up front)."""
+    """The chunks the driver has submitted and not yet had back, by chunk number (a Ray actor on the driver's node:
+    the driver streams, so the Dataset cannot have its input up front).
+
+    A chunk stays here until the driver has its vectors (``done``), not just until the read task takes it: a read
+    task killed mid-run is retried by Ray from chunk 0, and must find again every chunk still on its way."""
 
     def __init__(self) -> None:
         import asyncio
 
         self.chunks: dict[int, list[str]] = {}
+        self.finished: set[int] = set()
         self.closed = False
         self.changed = asyncio.Condition()
 
@@ -316,25 +324,39 @@ class _Inbox:
             self.chunks[number] = texts
             self.changed.notify_all()
 
+    async def done(self, number: int) -> None:
+        """The driver has chunk ``number``'s vectors: a retried read task sends it on empty."""
+        self.chunks.pop(number, None)
+        self.finished.add(number)
+
     async def close(self) -> None:
         async with self.changed:
             self.closed = True
             self.changed.notify_all()
 
     async def take(self, number: int) -> list[str] | None:
-        """Chunk ``number``'s texts, once submitted; None once the driver has closed the inbox."""
+        """Chunk ``number``'s texts once submitted ([] if the driver has its vectors already); None once the driver
+        has closed the inbox."""
         async with self.changed:
-            await self.changed.wait_for(lambda: number in self.chunks or self.closed)
-            return self.chunks.pop(number, None)
+            await self.changed.wait_for(
+                lambda: number in self.chunks or number in self.finished or self.closed
+            )
+            return [] if number in self.finished else self.chunks.get(number)
 
 
 def _read_inbox(inbox: Any) -> Iterator[Any]:
-    """The Dataset's only read task: chunk 0, 1, 2, … as they are submitted, one block (of one row) each."""
+    """The Dataset's only read task: chunk 0, 1, 2, … as they are submitted, one block (of one row) each.
+
+    Retried from the start if its process dies; chunks the driver already has go on empty, so that the blocks keep
+    their numbers."""
     import pyarrow as pa
     import ray
 
+    fault = os.environ.get("DSEARCH_TEST_FAULT", "")
     number = 0
     while (texts := ray.get(inbox.take.remote(number))) is not None:
+        if fault.startswith("reader-killed:") and number == 2:
+            _fault(fault.split(":", 1)[1])
         yield pa.table({"chunk": pa.array([number], pa.int64()), "texts": pa.array([texts], pa.list_(pa.string()))})
         number += 1
 
@@ -360,7 +382,10 @@ def _inbox_dataset(inbox: Any) -> Any:
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.data.read_datasource(
-        InboxDatasource(), override_num_blocks=1, num_cpus=0, ray_remote_args={"scheduling_strategy": here}
+        InboxDatasource(),
+        override_num_blocks=1,
+        num_cpus=0,
+        ray_remote_args={"scheduling_strategy": here, **_runtime_env()},
     )
 
 
@@ -570,10 +595,13 @@ class RayEncoder:
 
         assert self.spec is not None
         for chunk, data in zip(batch["chunk"], batch["vectors"], strict=True):
+            if int(chunk) not in self._sizes:  # sent again by a retried read task: the driver has its vectors
+                continue
             vectors = np.frombuffer(data, dtype=np.float32).reshape(-1, self.spec.dim)
             if len(vectors) != self._sizes.pop(int(chunk)):
                 raise IncompleteError(f"a Ray worker sent {len(vectors)} vectors for chunk {chunk}")
             self._ready[int(chunk)] = vectors
+            self._inbox.done.remote(int(chunk))
 
     def result(self, handle: Any) -> np.ndarray:
         ray = self.ray
@@ -609,9 +637,10 @@ class RayEncoder:
 
 
 def _runtime_env() -> dict[str, Any]:
-    """The test hooks' variable, for the workers: ``DSEARCH_TEST_FAULT`` (a killed worker, a fake GPU)."""
+    """The test hooks' variable, for the workers and the read task: ``DSEARCH_TEST_FAULT`` (a killed worker or
+    read task, a fake GPU)."""
     fault = os.environ.get("DSEARCH_TEST_FAULT", "")
-    if fault.startswith("worker-") or fault == FAKE_CUDA:
+    if fault.startswith(("worker-", "reader-")) or fault == FAKE_CUDA:
         return {"runtime_env": {"env_vars": {"DSEARCH_TEST_FAULT": fault}}}
     return {}
 

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 from dsearch.errors import UsageError, option, spell
 
 BUILTIN = ("id", "title", "source")
+ROW_COLUMN = "__row"  # DuckDB's view: each passage's row number, beside its columns
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
 READ_BATCH = 5000
@@ -229,7 +230,9 @@ class DuckDBFilter:
         self.fields = filter_columns(types)
         # Fields that differ from another column only in case get private names in the view (DuckDB would bind
         # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
-        self.private = _private_names(_clashing(self.fields), set(self.fields))
+        # The view's own __row column is taken too: a field named so (in any case) gets a private name as well.
+        clashing = _clashing([*self.fields, ROW_COLUMN]) & set(types)
+        self.private = _private_names(clashing, {*self.fields, ROW_COLUMN})
         # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only
         # the small columns; file_row_number + the segment's first row is the row.
         scans = [

@@ -109,9 +109,10 @@ class Searcher:
     Searcher at once, in any mode, and each gets exactly the answer it would get alone (tested). The model loads
     once, BM25 opens once, ``where`` masks are shared, and ANN knobs stay per call. The parts that are not safe to
     share take turns under a lock: the BM25 stemmer (microseconds a query), the Parquet reads of the hits'
-    passages (pyarrow's reader crashed when shared), and a search on a FAISS index that wraps its IVF (nprobe is a
-    setting there). Encoding (ONNX Runtime) and the vector search itself (numpy, FAISS) run in parallel, outside
-    any lock. ``close()`` only once the other threads are done with the Searcher.
+    passages (pyarrow's reader crashed when shared), and a search on a FAISS index that wraps its IVF in something
+    other than a transform or a refine stage (OPQ, PCA, RFlat take nprobe per call; in others it is a setting).
+    Encoding (ONNX Runtime) and the vector search itself (numpy, FAISS) run in parallel, outside any lock.
+    ``close()`` only once the other threads are done with the Searcher.
     """
 
     directory: Path

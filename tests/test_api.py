@@ -723,3 +723,39 @@ def test_where_on_a_factory_index_that_wraps_its_ivf(tmp_path, cli, factory):
     result = cli("query", tmp_path / "idx", queries[0], "--where", "n < 3", "--format", "jsonl")
     assert (result.exit_code, result.stderr) == (0, "")
     assert [int(json.loads(line)["id"][1:]) % 10 < 3 for line in result.stdout.splitlines()] == [True] * 10
+
+
+def test_a_slow_model_load_holds_up_no_lexical_or_filtered_search(sample_index):
+    """The first dense search loads the model (seconds for a real one); meanwhile other threads' lexical searches,
+    BM25 open and where masks must go on, not wait for the load behind the same lock."""
+    import threading
+
+    loading, release = threading.Event(), threading.Event()
+
+    class SlowLoader:
+        def load_encoder(self, name, **options):
+            raise AssertionError("the index's own model is loaded with query_encoder")
+
+        def query_encoder(self, model, **options):
+            loading.set()
+            assert release.wait(30)
+            return HashingEncoder(model.name)
+
+    with Searcher(sample_index, loader=SlowLoader()) as s:
+        dense = threading.Thread(target=lambda: s.search("volcano", 3))
+        dense.start()
+        try:
+            assert loading.wait(30)
+            answers: list = []
+            other = threading.Thread(
+                target=lambda: answers.append(s.search("volcano", 3, mode="lexical", where="id <> 'x'")[0])
+            )
+            other.start()
+            other.join(20)
+            finished = not other.is_alive()
+        finally:
+            release.set()
+            dense.join(30)
+        other.join(30)
+        assert finished, "a lexical search with a filter waited for the model to load"
+        assert answers and answers[0] and s.encoder_loaded

@@ -154,7 +154,11 @@ class Searcher:
         self._loader: EncoderLoader = loader if loader is not None else _DefaultLoader()
         self._may_load = load_encoder is not False
         self._encoder: Encoder | None = None
-        self._lock = threading.Lock()  # one model load, one BM25 open, however many threads ask at once
+        # One model load, one BM25 open, however many threads ask at once; each has its own lock, so that a model
+        # loading (seconds) holds up neither a lexical search nor a where mask (nor the masks' cache, self._lock).
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._lexical_lock = threading.Lock()
         self._lexical: Lexical | None = None
         self._masks: OrderedDict[str, Any] = OrderedDict()
         if encoder is not None:
@@ -177,7 +181,7 @@ class Searcher:
     def encoder(self) -> Encoder:
         """The query encoder, loaded on first use (``ModelError`` when it does not fit the index)."""
         if self._encoder is None:
-            with self._lock:
+            with self._model_lock:
                 if self._encoder is None:
                     if not self._may_load:
                         raise UsageError(
@@ -456,7 +460,7 @@ class Searcher:
         if self._lexical is None:
             from dsearch.hybrid import Lexical
 
-            with self._lock:
+            with self._lexical_lock:
                 if self._lexical is None:
                     self._lexical = Lexical(self._open())
         return self._lexical

@@ -304,6 +304,32 @@ def test_an_option_reads_as_a_flag_or_a_parameter():
     assert pickle.loads(pickle.dumps(err)).for_cli() == err.for_cli()  # e.g. from a worker process
 
 
+def test_an_input_error_survives_pickling_with_both_spellings(tmp_path):
+    """InputError takes (where, problem, fix): unpickling it (a build_index run in a process pool, say) called it
+    with the message alone, a TypeError in the caller instead of the error."""
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dsearch.errors import option
+
+    err = InputError("c.jsonl:3", "missing id field 'id'", f"name it with {option('id_field')}")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is InputError
+    assert (str(back), back.for_cli()) == (str(err), err.for_cli())
+    assert str(back) == "c.jsonl:3: missing id field 'id' (name it with id_field=)"
+    assert back.for_cli() == "c.jsonl:3: missing id field 'id' (name it with --id-field)"
+    assert (back.where, back.problem, back.exit_code) == ("c.jsonl:3", "missing id field 'id'", err.exit_code)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "one"}\n{"text": "two"}\n')
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # no fork of threads
+        future = pool.submit(build_index, tmp_path / "idx", corpus, encoder=HashingEncoder())
+        with pytest.raises(InputError) as raised:
+            future.result(60)
+    assert raised.value.for_cli().startswith(f"{corpus}:2: missing id field")
+    assert "--id-field" in raised.value.for_cli() and "id_field=" in str(raised.value)
+
+
 def test_corrupt_vectors_tell_a_python_caller_to_verify_with_the_searcher(cli, sample_index):
     from test_query_contract import QUERY, corrupt_vector, top_dims
 

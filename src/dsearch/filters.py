@@ -321,9 +321,18 @@ def _rename(where: str, columns: list[str], private: dict[str, str]) -> str:
         kind, text = tokens[i]
         if kind not in ("id", "qid"):
             continue
-        before = tokens[code[position - 1]][1] if position else ""
+        previous = tokens[code[position - 1]] if position else ("start", "")
+        before = previous[1]
         after = tokens[code[position + 1]] if position + 1 < len(code) else ("end", "")
         if before in (".", "::") or before.lower() == "as" or after[1] == "(" or after[1] == ".":
+            continue
+        # A date part: extract(year FROM day), or an interval's unit after its amount (INTERVAL 1 YEAR,
+        # INTERVAL '1' year, INTERVAL (n) YEAR): no column stands right after a literal or a ")".
+        opening = tokens[code[position - 2]][1] if position > 1 else ""
+        if kind == "id" and (
+            (before == "(" and opening.lower() == "extract") or previous[0] == "str" or before[-1:].isdigit()
+            or before == ")"
+        ):  # fmt: skip
             continue
         if kind == "id" and (text.lower() in _KEYWORDS or text.lower() in _RESERVED or after[0] == "str"):
             continue

@@ -254,7 +254,7 @@ class _Worker:
         import numpy as np
 
         if self.error is not None:
-            raise ModelError(self.error.split("\n")[0])  # not splitlines(): it splits at spell()'s \x1e too
+            raise ModelError(re.split(r"[\r\n]", self.error)[0])  # not splitlines(): it splits at spell()'s \x1e
         self.chunks += 1
         fault = os.environ.get("DSEARCH_TEST_FAULT", "")
         if fault.startswith("worker-killed:") and self.chunks >= 2:

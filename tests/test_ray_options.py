@@ -148,3 +148,11 @@ def test_a_workers_error_keeps_the_cli_and_api_spellings(monkeypatch):
     out = distributed._Worker(distributed.EncoderSpec("m", "fp32", 8, False, "0" * 32, 4))(batch)
     error = distributed.worker_error(str(out["error"][0]))
     assert (error.for_cli(), str(error)) == ("chunk refused; pass --max-remove 5", "chunk refused; pass max_remove=5")
+
+    def crash(spec):
+        raise RuntimeError("first line\r\nsecond line")
+
+    monkeypatch.setattr(distributed, "load_worker_encoder", crash)
+    with pytest.raises(ModelError) as raised:
+        distributed._Worker(distributed.EncoderSpec("m", "fp32", 8, False, "0" * 32, 4)).encode(["a passage"])
+    assert str(raised.value).endswith(": RuntimeError: first line") and str(raised.value).startswith("cannot load")

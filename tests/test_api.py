@@ -304,6 +304,32 @@ def test_an_option_reads_as_a_flag_or_a_parameter():
     assert pickle.loads(pickle.dumps(err)).for_cli() == err.for_cli()  # e.g. from a worker process
 
 
+def test_an_input_error_survives_pickling_with_both_spellings(tmp_path):
+    """InputError takes (where, problem, fix): unpickling it (a build_index run in a process pool, say) called it
+    with the message alone, a TypeError in the caller instead of the error."""
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dsearch.errors import option
+
+    err = InputError("c.jsonl:3", "missing id field 'id'", f"name it with {option('id_field')}")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is InputError
+    assert (str(back), back.for_cli()) == (str(err), err.for_cli())
+    assert str(back) == "c.jsonl:3: missing id field 'id' (name it with id_field=)"
+    assert back.for_cli() == "c.jsonl:3: missing id field 'id' (name it with --id-field)"
+    assert (back.where, back.problem, back.exit_code) == ("c.jsonl:3", "missing id field 'id'", err.exit_code)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "one"}\n{"text": "two"}\n')
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # no fork of threads
+        future = pool.submit(build_index, tmp_path / "idx", corpus, encoder=HashingEncoder())
+        with pytest.raises(InputError) as raised:
+            future.result(60)
+    assert raised.value.for_cli().startswith(f"{corpus}:2: missing id field")
+    assert "--id-field" in raised.value.for_cli() and "id_field=" in str(raised.value)
+
+
 def test_corrupt_vectors_tell_a_python_caller_to_verify_with_the_searcher(cli, sample_index):
     from test_query_contract import QUERY, corrupt_vector, top_dims
 
@@ -692,3 +718,70 @@ def test_threads_keep_their_own_nprobe_on_a_wrapped_ivf(tmp_path):
             thread.join()
     assert not failures, failures[:3]
     assert not mismatches, mismatches[:5]
+
+
+@pytest.mark.parametrize("factory", ["OPQ8,IVF16,PQ8", "IVF16,PQ8,RFlat", "PCA32,IVF16,PQ8,RFlat"])
+def test_where_on_a_factory_index_that_wraps_its_ivf(tmp_path, cli, factory):
+    """--where on an IVF wrapped in a transform (OPQ, PCA) or a refine stage (RFlat), from a FAISS factory string:
+    FAISS refused the plain selector parameters handed to the wrapper ('IndexIVF params have incorrect type', an
+    unexpected error); the filter and nprobe travel to the IVF inside, per call, and every hit passes the filter."""
+    import random
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(300)]
+    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=12)), "n": i % 10} for i in range(600)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    built = cli("index", corpus, "-o", tmp_path / "idx", "--index-type", factory, "--no-lexical", "-q")
+    assert built.exit_code == 0, built.stderr
+    queries = [" ".join(rng.choices(words, k=6)) for _ in range(10)]
+    with searcher(tmp_path / "idx") as s:
+        for nprobe in (None, 1, 16):
+            answers = s.search(queries, 10, where="n < 3", nprobe=nprobe)
+            # all lists hold 10 allowed passages for each query; one list of 16 may hold fewer (IVF's own limit)
+            assert all(len(hits) == 10 if nprobe == 16 else 0 < len(hits) <= 10 for hits in answers)
+            assert {int(h.id[1:]) % 10 for hits in answers for h in hits} <= {0, 1, 2}
+        # nprobe still reaches the IVF inside: all 16 lists find each query's best allowed passage by its
+        # exact score (re-ranked), which one list alone misses for some query
+        full = [[h.id for h in hits] for hits in s.search(queries, 10, where="n < 3", nprobe=16)]
+        one = [[h.id for h in hits] for hits in s.search(queries, 10, where="n < 3", nprobe=1)]
+        assert full != one
+    result = cli("query", tmp_path / "idx", queries[0], "--where", "n < 3", "--format", "jsonl")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert [int(json.loads(line)["id"][1:]) % 10 < 3 for line in result.stdout.splitlines()] == [True] * 10
+
+
+def test_a_slow_model_load_holds_up_no_lexical_or_filtered_search(sample_index):
+    """The first dense search loads the model (seconds for a real one); meanwhile other threads' lexical searches,
+    BM25 open and where masks must go on, not wait for the load behind the same lock."""
+    import threading
+
+    loading, release = threading.Event(), threading.Event()
+
+    class SlowLoader:
+        def load_encoder(self, name, **options):
+            raise AssertionError("the index's own model is loaded with query_encoder")
+
+        def query_encoder(self, model, **options):
+            loading.set()
+            assert release.wait(30)
+            return HashingEncoder(model.name)
+
+    with Searcher(sample_index, loader=SlowLoader()) as s:
+        dense = threading.Thread(target=lambda: s.search("volcano", 3))
+        dense.start()
+        try:
+            assert loading.wait(30)
+            answers: list = []
+            other = threading.Thread(
+                target=lambda: answers.append(s.search("volcano", 3, mode="lexical", where="id <> 'x'")[0])
+            )
+            other.start()
+            other.join(20)
+            finished = not other.is_alive()
+        finally:
+            release.set()
+            dense.join(30)
+        other.join(30)
+        assert finished, "a lexical search with a filter waited for the model to load"
+        assert answers and answers[0] and s.encoder_loaded

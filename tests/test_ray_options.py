@@ -115,3 +115,44 @@ def test_an_int8_worker_keeps_to_its_threads(tiny_seed_model):
     assert worker.encode_documents(["a passage", "another one"]).tolist() == driver.encode_documents(
         ["a passage", "another one"]
     ).tolist()
+
+
+def test_a_workers_error_keeps_the_cli_and_api_spellings(monkeypatch):
+    """A worker's dsearch error travels back to the driver as text (a model that cannot load, or fails a chunk):
+    the CLI must still print its flags (--trust-remote-code) and the API its parameters (trust_remote_code=True),
+    not whichever spelling str() gave on the worker."""
+    import numpy as np
+    import pyarrow as pa
+
+    import dsearch.distributed as distributed
+    from dsearch.errors import ModelError, option
+
+    def refuse(spec):
+        raise ModelError(f"cannot load model 'm': pass {option('trust_remote_code', True)} if you trust it")
+
+    monkeypatch.setattr(distributed, "load_worker_encoder", refuse)
+    worker = distributed._Worker(distributed.EncoderSpec("m", "fp32", 8, False, "0" * 32, 4))
+    batch = {"chunk": pa.array([0]), "texts": pa.array([["a passage"]])}
+    out = worker(batch)
+    assert out["vector"].shape == (1, 4) and np.count_nonzero(out["vector"]) == 0
+    error = distributed.worker_error(str(out["error"][0]))  # what the driver raises
+    assert type(error) is ModelError
+    assert error.for_cli() == "cannot load model 'm': pass --trust-remote-code if you trust it"
+    assert str(error) == "cannot load model 'm': pass trust_remote_code=True if you trust it"
+
+    class Failing:
+        def encode_documents(self, texts):
+            raise ModelError(f"chunk refused; pass {option('max_remove', 5)}")
+
+    monkeypatch.setattr(distributed, "load_worker_encoder", lambda spec: Failing())
+    out = distributed._Worker(distributed.EncoderSpec("m", "fp32", 8, False, "0" * 32, 4))(batch)
+    error = distributed.worker_error(str(out["error"][0]))
+    assert (error.for_cli(), str(error)) == ("chunk refused; pass --max-remove 5", "chunk refused; pass max_remove=5")
+
+    def crash(spec):
+        raise RuntimeError("first line\r\nsecond line")
+
+    monkeypatch.setattr(distributed, "load_worker_encoder", crash)
+    with pytest.raises(ModelError) as raised:
+        distributed._Worker(distributed.EncoderSpec("m", "fp32", 8, False, "0" * 32, 4)).encode(["a passage"])
+    assert str(raised.value).endswith(": RuntimeError: first line") and str(raised.value).startswith("cannot load")

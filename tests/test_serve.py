@@ -814,3 +814,35 @@ def test_lexical_or_hybrid_on_an_index_without_bm25_is_the_clients_400_not_a_503
         status, body = served.search(q="volcano", k=2)
         assert status == 200 and len(hits_of(body)) == 2
         assert served.request("/health")[0] == 200  # the index itself is fine
+
+
+def test_a_new_version_that_cannot_load_its_model_names_the_cli_flag(cli, tmp_path):
+    """In process: a publish whose model cannot be loaded here (a new model, not in this machine's cache) keeps the
+    old version serving; the error the server logs and /health shows names `dsearch`'s flags (--model PATH), not
+    the Python API's parameters (model=PATH)."""
+    from fakes import HashingEncoder
+
+    from dsearch.encoder import MODEL_PATH
+    from dsearch.errors import ModelError
+    from dsearch.serve import Slot, version_opener
+
+    index = tmp_path / "idx"
+    assert cli("index", write_generation(tmp_path / "g1.jsonl", 1), "-o", index).exit_code == 0
+    encoder, loads = HashingEncoder(), []
+
+    def load_encoder(info):
+        loads.append(info.name)
+        if len(loads) > 1:
+            raise ModelError(f"cannot load model {info.name!r}: copy the model folder here and pass {MODEL_PATH}")
+        return encoder
+
+    slot = Slot("idx", index, version_opener(load_encoder))
+    first = slot.current.id
+    assert cli("index", write_generation(tmp_path / "g2.jsonl", 2), "-o", index).exit_code == 0
+    slot.refresh()
+    assert slot.current.id == first and len(loads) == 2
+    assert slot.error == (
+        "cannot load model 'hash-test': copy the model folder here and pass --model PATH; "
+        "still serving the version opened before"
+    )
+    slot.close()

@@ -109,9 +109,10 @@ class Searcher:
     Searcher at once, in any mode, and each gets exactly the answer it would get alone (tested). The model loads
     once, BM25 opens once, ``where`` masks are shared, and ANN knobs stay per call. The parts that are not safe to
     share take turns under a lock: the BM25 stemmer (microseconds a query), the Parquet reads of the hits'
-    passages (pyarrow's reader crashed when shared), and a search on a FAISS index that wraps its IVF (nprobe is a
-    setting there). Encoding (ONNX Runtime) and the vector search itself (numpy, FAISS) run in parallel, outside
-    any lock. ``close()`` only once the other threads are done with the Searcher.
+    passages (pyarrow's reader crashed when shared), and a search on a FAISS index that wraps its IVF in something
+    other than a transform or a refine stage (OPQ, PCA, RFlat take nprobe per call; in others it is a setting).
+    Encoding (ONNX Runtime) and the vector search itself (numpy, FAISS) run in parallel, outside any lock.
+    ``close()`` only once the other threads are done with the Searcher.
     """
 
     directory: Path
@@ -153,7 +154,11 @@ class Searcher:
         self._loader: EncoderLoader = loader if loader is not None else _DefaultLoader()
         self._may_load = load_encoder is not False
         self._encoder: Encoder | None = None
-        self._lock = threading.Lock()  # one model load, one BM25 open, however many threads ask at once
+        # One model load, one BM25 open, however many threads ask at once; each has its own lock, so that a model
+        # loading (seconds) holds up neither a lexical search nor a where mask (nor the masks' cache, self._lock).
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._lexical_lock = threading.Lock()
         self._lexical: Lexical | None = None
         self._masks: OrderedDict[str, Any] = OrderedDict()
         if encoder is not None:
@@ -176,7 +181,7 @@ class Searcher:
     def encoder(self) -> Encoder:
         """The query encoder, loaded on first use (``ModelError`` when it does not fit the index)."""
         if self._encoder is None:
-            with self._lock:
+            with self._model_lock:
                 if self._encoder is None:
                     if not self._may_load:
                         raise UsageError(
@@ -455,7 +460,7 @@ class Searcher:
         if self._lexical is None:
             from dsearch.hybrid import Lexical
 
-            with self._lock:
+            with self._lexical_lock:
                 if self._lexical is None:
                     self._lexical = Lexical(self._open())
         return self._lexical

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dsearch.errors import DsearchError, IncompleteError, ModelError, UsageError
+from dsearch.errors import DsearchError, IncompleteError, InputError, ModelError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -222,7 +222,7 @@ class _Worker:
             _check_gpu_assigned(spec)
             self.encoder = load_worker_encoder(spec)
         except DsearchError as exc:
-            self.error = str(exc)
+            self.error = exc.template  # both spellings: the driver prints its CLI's or its API's
         except Exception as exc:  # a worker bug or a missing package: name it in one line
             where = f"cannot load model {spec.name!r} on worker {socket.gethostname()}"
             self.error = f"{where}: {type(exc).__name__}: {exc}"
@@ -250,7 +250,7 @@ class _Worker:
                 errors.append("")
             except DsearchError as exc:
                 vectors.append(b"")
-                errors.append(f"{type(exc).__name__}:{exc}")
+                errors.append(f"{type(exc).__name__}:{exc.template}")  # worker_error reads it
         return pa.table({"chunk": pa.array(chunks, pa.int64()), "vectors": vectors, "error": errors})
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -258,7 +258,7 @@ class _Worker:
         import numpy as np
 
         if self.error is not None:
-            raise ModelError(self.error.splitlines()[0])
+            raise ModelError(re.split(r"[\r\n]", self.error)[0])  # not splitlines(): it splits at spell()'s \x1e
         self.chunks += 1
         fault = os.environ.get("DSEARCH_TEST_FAULT", "")
         if fault.startswith("worker-killed:") and self.chunks >= 2:
@@ -266,6 +266,17 @@ class _Worker:
         elif fault == "worker-killed-always" and self.chunks >= 2:  # every restart dies too: retries run out
             os.kill(os.getpid(), signal.SIGKILL)
         return np.asarray(self.encoder.encode_documents(texts), dtype=np.float32)
+
+
+def worker_error(text: str) -> DsearchError:
+    """The error a worker sent back as ``Type:message`` (``_Worker.__call__``), as its own type."""
+    import dsearch.errors
+
+    name, _, message = text.partition(":")
+    error_type = getattr(dsearch.errors, name, DsearchError)
+    if not (isinstance(error_type, type) and issubclass(error_type, DsearchError)) or error_type is InputError:
+        error_type = DsearchError  # InputError takes (where, problem): a worker's encoder never raises one
+    return error_type(message)
 
 
 def _check_gpu_assigned(spec: EncoderSpec) -> None:
@@ -586,11 +597,7 @@ class RayEncoder:
             self._started = None
         failed = next((str(text) for text in batch["error"] if text), None)
         if failed is not None:  # a worker refused (_Worker.__call__): its one-line error, as its own type
-            import dsearch.errors
-
-            name, _, message = failed.partition(":")
-            error_type = getattr(dsearch.errors, name, DsearchError)
-            raise error_type(message) if issubclass(error_type, DsearchError) else DsearchError(message)
+            raise worker_error(failed)
         import numpy as np
 
         assert self.spec is not None

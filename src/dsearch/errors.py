@@ -96,6 +96,16 @@ class InputError(DsearchError):
             message += f" ({fix})"
         super().__init__(message)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle rebuilds an exception as cls(*args), which is not this __init__'s signature: from the message as
+        # made (both spellings) and the attributes instead, so that a worker process's error reaches its caller.
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
+
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
+    """An exception of ``cls`` with ``args``, without calling its ``__init__`` (``InputError.__reduce__``)."""
+    return cls.__new__(cls, *args)
+
 
 class IndexDirError(DsearchError):
     """A missing, incomplete, corrupt or incompatible index directory."""

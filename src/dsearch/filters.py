@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 from dsearch.errors import UsageError, option, spell
 
 BUILTIN = ("id", "title", "source")
+ROW_COLUMN = "__row"  # DuckDB's view: each passage's row number, beside its columns
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
 READ_BATCH = 5000
@@ -229,7 +230,9 @@ class DuckDBFilter:
         self.fields = filter_columns(types)
         # Fields that differ from another column only in case get private names in the view (DuckDB would bind
         # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
-        self.private = _private_names(_clashing(self.fields), set(self.fields))
+        # The view's own __row column is taken too: a field named so (in any case) gets a private name as well.
+        clashing = _clashing([*self.fields, ROW_COLUMN]) & set(types)
+        self.private = _private_names(clashing, {*self.fields, ROW_COLUMN})
         # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only
         # the small columns; file_row_number + the segment's first row is the row.
         scans = [
@@ -318,9 +321,18 @@ def _rename(where: str, columns: list[str], private: dict[str, str]) -> str:
         kind, text = tokens[i]
         if kind not in ("id", "qid"):
             continue
-        before = tokens[code[position - 1]][1] if position else ""
+        previous = tokens[code[position - 1]] if position else ("start", "")
+        before = previous[1]
         after = tokens[code[position + 1]] if position + 1 < len(code) else ("end", "")
         if before in (".", "::") or before.lower() == "as" or after[1] == "(" or after[1] == ".":
+            continue
+        # A date part: extract(year FROM day), or an interval's unit after its amount (INTERVAL 1 YEAR,
+        # INTERVAL '1' year, INTERVAL (n) YEAR): no column stands right after a literal or a ")".
+        opening = tokens[code[position - 2]][1] if position > 1 else ""
+        if kind == "id" and (
+            (before == "(" and opening.lower() == "extract") or previous[0] == "str" or before[-1:].isdigit()
+            or before == ")"
+        ):  # fmt: skip
             continue
         if kind == "id" and (text.lower() in _KEYWORDS or text.lower() in _RESERVED or after[0] == "str"):
             continue

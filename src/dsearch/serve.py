@@ -255,7 +255,7 @@ class Slot:
         try:
             new = self._open(self.directory)
         except DsearchError as exc:
-            self._failed(stamp, f"{exc}; still serving the version opened before")
+            self._failed(stamp, f"{exc.for_cli()}; still serving the version opened before")  # the server's log
             return
         except Exception as exc:  # a full /tmp, a bug: the server goes on with the version it has
             _log_unexpected(exc)

@@ -243,8 +243,8 @@ class FaissIndex:
     raw: Any  # store.FlatVectors of the same segment
     defaults: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch chosen at build time
     rerank: bool = False
-    # An IVF inside a wrapper (a FAISS factory such as OPQ16,IVF256,PQ16) takes nprobe as a setting on the shared
-    # index, not as a per-call parameter: searches that set it take turns, so each runs with its own.
+    # An IVF inside a wrapper that cannot pass parameters down (_ivf_params: OPQ16,IVF256,PQ16 and IVF,PQ,RFlat
+    # can) takes nprobe as a setting on the shared index: searches that set it take turns (_wrapped_ivf).
     _knob_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def search(
@@ -278,9 +278,10 @@ class FaissIndex:
         ivf = _ivf_of(faiss, self.index)
         if ivf is not None:
             nprobe = max(1, min(ivf.nlist, round(int(knobs.get("nprobe", 1)) * effort)))
-            if isinstance(faiss.downcast_index(self.index), faiss.IndexIVF):  # (SWIG wrappers: no `is`)
-                return faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
-            ivf.nprobe = nprobe  # wrapped (e.g. a pre-transform): set it on the IVF inside
+            params = _ivf_params(faiss, self.index, faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
+            if params is not None:
+                return params
+            ivf.nprobe = nprobe  # another wrapper: set on the IVF inside (under FaissIndex._knob_lock)
         hnsw = _hnsw_of(faiss, self.index)
         if hnsw is not None:
             ef = max(1, round(int(knobs.get("efSearch", 16)) * effort))
@@ -316,10 +317,38 @@ def _ivf_of(faiss: Any, index: Any) -> Any:
         return None
 
 
+def _ivf_params(faiss: Any, index: Any, ivf_params: Any) -> Any:
+    """``ivf_params`` (nprobe, the allowed rows) as ``index`` takes them for the IVF it is or wraps: inside each
+    wrapper's own parameters (a transform such as OPQ or PCA, a refine stage); None for another wrapper. FAISS's
+    IVF refuses parameters of any other type ("IndexIVF params have incorrect type"), and so does a refine stage."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):  # (SWIG wrappers: isinstance, never `is`)
+        return ivf_params
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = _ivf_params(faiss, index.index, ivf_params)
+        params = faiss.SearchParametersPreTransform()
+        if inner is not None:
+            params.index_params = inner
+    elif isinstance(index, faiss.IndexRefine):
+        inner = _ivf_params(faiss, index.base_index, ivf_params)
+        params = faiss.IndexRefineSearchParameters()
+        if inner is not None:
+            params.k_factor = index.k_factor  # the index's own, as a search without parameters uses
+            params.base_index_params = inner
+    else:
+        return None
+    if inner is None:
+        return None
+    params.referenced_objects = [inner]  # SWIG keeps no reference to the inner parameters: Python must
+    return params
+
+
 def _wrapped_ivf(faiss: Any, index: Any) -> Any:
-    """The IVF inside ``index`` when it is wrapped (its nprobe is then set on it, not passed per call)."""
+    """The IVF inside ``index`` when its nprobe must be set on it, not passed per call (``_ivf_params``)."""
     ivf = _ivf_of(faiss, index)
-    return ivf if ivf is not None and not isinstance(faiss.downcast_index(index), faiss.IndexIVF) else None
+    if ivf is None or _ivf_params(faiss, index, faiss.SearchParametersIVF()) is not None:
+        return None
+    return ivf
 
 
 def _hnsw_of(faiss: Any, index: Any) -> Any:

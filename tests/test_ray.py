@@ -303,3 +303,26 @@ def test_an_unreachable_address_fails_in_seconds(tmp_path):
         "(ray start --head) or give the address of its head node with --ray-address"
     ]
     assert not (tmp_path / "idx").exists()
+
+
+def test_a_bad_line_read_after_chunks_were_sent_ends_the_run_at_once(ray_cluster, ray_setup):
+    """An error in the driver between a submit and its result (a bad corpus line, read once chunks are on their
+    way): close() ends the Dataset and the run exits 1 with the parser's one line, without waiting on the workers."""
+    root, corpus, common, local = ray_setup
+    lines = corpus.read_text().splitlines(keepends=True)
+    broken = root / "broken.jsonl"
+    broken.write_text("".join(lines[:600]) + "{not json\n" + "".join(lines[600:]))
+    target = root / "broken.idx"
+    env = {**os.environ, "DSEARCH_RAY_IN_FLIGHT": "2"}
+    started = time.monotonic()
+    args = (broken, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-v")
+    result = _index(*args, env=env)
+    assert time.monotonic() - started < 120
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    error = [line for line in result.stderr.splitlines() if line.startswith("dsearch: error: ")]
+    assert len(error) == 1 and "601" in error[0], result.stderr
+    assert result.stderr.splitlines()[-1] == error[0]
+    sent = [line for line in result.stderr.splitlines() if "ray: sent " in line]
+    assert sent and int(sent[0].split("ray: sent ")[1].split()[0]) > 0  # chunks were on their way to the workers
+    assert not (target / "manifest.json").exists()

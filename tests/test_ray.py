@@ -326,3 +326,32 @@ def test_a_bad_line_read_after_chunks_were_sent_ends_the_run_at_once(ray_cluster
     sent = [line for line in result.stderr.splitlines() if "ray: sent " in line]
     assert sent and int(sent[0].split("ray: sent ")[1].split()[0]) > 0  # chunks were on their way to the workers
     assert not (target / "manifest.json").exists()
+
+
+def test_ctrl_c_during_a_ray_build_exits_3_without_a_hang(ray_cluster, ray_setup):
+    """Ctrl-C while the driver waits for vectors: close() ends the Dataset's read task and the run exits 3."""
+    root, corpus, common, local = ray_setup
+    big = root / "big.jsonl"
+    big.write_text(_corpus(6000))
+    target = root / "interrupted.idx"
+    args = [big, "-o", target, *common, "--ray", "--ray-address", ray_cluster, "--workers", "2", "-v"]
+    process = subprocess.Popen([*DSEARCH, "index", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    lines = []
+    for line in process.stderr:  # type: ignore[union-attr]
+        lines.append(line)
+        if "workers will load" in line:
+            break
+    time.sleep(3)  # chunks are on their way to the workers
+    process.send_signal(signal.SIGINT)
+    try:
+        stdout, rest = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the interrupted Ray build hung")
+    stderr = "".join(lines) + rest
+    assert process.returncode == 3, stderr
+    assert stdout == ""
+    assert stderr.splitlines()[-1].startswith("dsearch: error: "), stderr
+    assert not (target / "manifest.json").exists()

@@ -846,3 +846,73 @@ def test_a_new_version_that_cannot_load_its_model_names_the_cli_flag(cli, tmp_pa
         "still serving the version opened before"
     )
     slot.close()
+
+
+def test_a_top_up_with_an_encoding_error_and_mixed_modes_answers_every_request_once_from_one_version():
+    # Requests that arrive while the first one is encoded join the batch: an encoding error answers only the
+    # dense ones it was encoded with, a lexical one is searched anyway, and every request is encoded and searched
+    # with the version acquired for the batch, even when a new one is published meanwhile.
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dsearch import serve
+    from dsearch.search import Query
+
+    answers: dict[int, list[int]] = {}
+
+    class Loop:
+        def call_soon_threadsafe(self, settle, future, value):  # type: ignore[no-untyped-def]
+            answers.setdefault(future, []).append(value[0])
+
+    class Searcher:
+        def __init__(self, name: str) -> None:
+            self.version, self.encoded, self.searched = name, 0, []
+
+        def encode_queries(self, texts):  # type: ignore[no-untyped-def]
+            self.encoded += 1
+            if self.encoded == 1:
+                for job in late:  # these arrive while the first request is encoded
+                    batcher.queue.put(job)
+            if any("bad" in text for text in texts):
+                raise serve.InputError("bad", "cannot encode this", "rephrase it")
+            return np.full((len(texts), 4), self.encoded, np.float32)
+
+        def search(self, queries, k, mode=None, alpha=None, where=None, min_score=None, vectors=None):  # type: ignore[no-untyped-def]
+            assert (vectors is None) == (mode == "lexical") and (vectors is None or len(vectors) == len(queries))
+            self.searched.append([q.text for q in queries])
+            return [[] for _ in queries]
+
+    versions = []
+
+    class Slot:
+        name, directory = "a", "/nowhere"
+
+        def refresh(self) -> None:
+            pass
+
+        def acquire(self):  # type: ignore[no-untyped-def]
+            searcher = Searcher(f"v{len(versions) + 1}")  # every acquire sees a newly published version
+            versions.append(searcher)
+            return SimpleNamespace(
+                searcher=searcher, files=SimpleNamespace(shadow=None), info={"lexical": True}, id=searcher.version
+            )
+
+        def release(self, version) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    slot = Slot()
+
+    def job(number: int, text: str, mode: str | None = None) -> serve.Job:
+        return serve.Job(slot, [Query(str(number), text)], 3, mode, None, None, None, Loop(), number)  # type: ignore[arg-type]
+
+    late = [job(2, "bad query"), job(3, "words", "lexical"), job(4, "good"), job(5, "hybrid words", "hybrid")]
+    batcher = serve.Batcher([], serve.Limits())
+    batcher.queue.put(job(1, "first"))
+    batcher.start()
+    deadline = time.monotonic() + 5
+    while len(answers) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert answers == {1: [200], 2: [400], 3: [200], 4: [400], 5: [400]}  # 2, 4 and 5 were encoded together
+    assert len(versions) == 1 and sorted(versions[0].searched) == [["first"], ["words"]]

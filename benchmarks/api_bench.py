@@ -105,7 +105,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(SRC))
     import synthetic
-    from synthetic import scifact_sentences, write_random_index
+    from synthetic import add_lexical, scifact_sentences, write_random_index
 
     if args.scifact is not None:  # a worktree's ../shared is not the clone's
         synthetic.SCIFACT = args.scifact
@@ -117,17 +117,7 @@ def main() -> None:
         started = time.perf_counter()
         sentences = scifact_sentences(args.passages)
         write_random_index(index, (Passage(pid, text, None, "scifact") for pid, text in sentences))
-        # BM25 for the hybrid figure: the segment writer above builds vectors and metadata only.
-        from dsearch.lexical import build_lexical
-        from dsearch.manifest import MANIFEST_FILE, read_manifest
-        from dsearch.store import PASSAGES_FILE, file_info
-
-        manifest = read_manifest(index)
-        segment = manifest.segments[0]
-        for name in build_lexical(index / segment.path, PASSAGES_FILE):
-            segment.files[name] = file_info(index / segment.path / name)
-        manifest.corpus["lexical"] = True
-        (index / MANIFEST_FILE).write_text(manifest.to_json())
+        add_lexical(index)  # BM25 for the hybrid figure
         print(f"index of {args.passages:,} passages built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
         core = {"baseline": [], "this": []}

@@ -51,3 +51,18 @@ def write_random_index(target: Path, passages: Iterable[Passage], sources: list[
             writer.add([passage_row(p, content_hash(p.encoder_text)) for p in chunk], vectors)
         segment = writer.close()
         publish(staging, new_manifest(info, segment, {"sources": describe_sources(sources or [])}, {}))
+
+
+def add_lexical(target: Path) -> None:
+    """Give the one-segment index at ``target`` its BM25 files (``write_random_index`` writes vectors and metadata
+    only), for benchmarks of the lexical and hybrid modes."""
+    from dsearch.lexical import build_lexical
+    from dsearch.manifest import MANIFEST_FILE, read_manifest
+    from dsearch.store import PASSAGES_FILE, file_info
+
+    manifest = read_manifest(target)
+    segment = manifest.segments[0]
+    for name in build_lexical(target / segment.path, PASSAGES_FILE):
+        segment.files[name] = file_info(target / segment.path / name)
+    manifest.corpus["lexical"] = True
+    (target / MANIFEST_FILE).write_text(manifest.to_json())

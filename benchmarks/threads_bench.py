@@ -83,27 +83,18 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(SRC))
     import synthetic
-    from synthetic import scifact_sentences, write_random_index
+    from synthetic import add_lexical, scifact_sentences, write_random_index
 
     if args.scifact is not None:  # a worktree's ../shared is not the clone's
         synthetic.SCIFACT = args.scifact
 
     from dsearch.corpus import Passage
-    from dsearch.lexical import build_lexical
-    from dsearch.manifest import MANIFEST_FILE, read_manifest
-    from dsearch.store import PASSAGES_FILE, file_info
-
     with tempfile.TemporaryDirectory(prefix="threads-bench-") as tmp:
         index = Path(tmp) / "idx"
         started = time.perf_counter()
         sentences = scifact_sentences(args.passages)
         write_random_index(index, (Passage(pid, text, None, "scifact") for pid, text in sentences))
-        manifest = read_manifest(index)  # BM25 too: the segment writer above builds vectors and metadata only
-        segment = manifest.segments[0]
-        for name in build_lexical(index / segment.path, PASSAGES_FILE):
-            segment.files[name] = file_info(index / segment.path / name)
-        manifest.corpus["lexical"] = True
-        (index / MANIFEST_FILE).write_text(manifest.to_json())
+        add_lexical(index)  # BM25 too
         print(f"index of {args.passages:,} passages built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         queries = Path(tmp) / "queries.txt"
         with open(synthetic.SCIFACT / "queries.jsonl") as lines:

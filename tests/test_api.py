@@ -785,3 +785,32 @@ def test_a_slow_model_load_holds_up_no_lexical_or_filtered_search(sample_index):
         other.join(30)
         assert finished, "a lexical search with a filter waited for the model to load"
         assert answers and answers[0] and s.encoder_loaded
+
+
+@pytest.mark.parametrize("factory", ["PCA32,HNSW16", "HNSW16,RFlat"])
+def test_ef_reaches_an_hnsw_wrapped_in_a_factory_index(tmp_path, cli, factory):
+    """An HNSW inside a transform (PCA) or a refine stage, from a FAISS factory string: the build tunes its
+    efSearch as it does a plain HNSW's, and --ef (with or without --where) reaches the graph inside. It used to be
+    ignored there: every search ran at FAISS's default efSearch whatever --ef said."""
+    import random
+
+    rng = random.Random(11)
+    words = [f"w{i}" for i in range(400)]
+    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=12)), "n": i % 10} for i in range(1500)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    built = cli("index", corpus, "-o", tmp_path / "idx", "--index-type", factory, "--no-lexical", "-q")
+    assert built.exit_code == 0, built.stderr
+    queries = [" ".join(rng.choices(words, k=6)) for _ in range(40)]
+    with searcher(tmp_path / "idx") as s:
+        assert "efSearch" in s.info()["index_params"]  # tuned at build time, as for --index-type hnsw
+        low = [[h.id for h in hits] for hits in s.search(queries, 10, ef=1)]
+        high = [[h.id for h in hits] for hits in s.search(queries, 10, ef=400)]
+        assert low != high  # efSearch reaches the graph
+        filtered = s.search(queries, 10, where="n < 3", ef=400)
+        assert all(len(hits) == 10 for hits in filtered)
+        assert {int(h.id[1:]) % 10 for hits in filtered for h in hits} <= {0, 1, 2}
+    one = cli("query", tmp_path / "idx", queries[0], "--ef", "1", "--format", "ids")
+    many = cli("query", tmp_path / "idx", queries[0], "--ef", "400", "--format", "ids")
+    assert (one.exit_code, one.stderr, many.exit_code, many.stderr) == (0, "", 0, "")
+    assert len(one.stdout.split()) == len(many.stdout.split()) == 10

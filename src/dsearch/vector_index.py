@@ -285,7 +285,8 @@ class FaissIndex:
         hnsw = _hnsw_of(faiss, self.index)
         if hnsw is not None:
             ef = max(1, round(int(knobs.get("efSearch", 16)) * effort))
-            return faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
+            # _hnsw_of looks inside exactly the wrappers that _ivf_params passes parameters through
+            return _ivf_params(faiss, self.index, faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
         if selector is not None:
             return faiss.SearchParameters(sel=selector)
         return None
@@ -318,11 +319,12 @@ def _ivf_of(faiss: Any, index: Any) -> Any:
 
 
 def _ivf_params(faiss: Any, index: Any, ivf_params: Any) -> Any:
-    """``ivf_params`` (nprobe, the allowed rows) as ``index`` takes them for the IVF it is or wraps: inside each
-    wrapper's own parameters (a transform such as OPQ or PCA, a refine stage); None for another wrapper. FAISS's
-    IVF refuses parameters of any other type ("IndexIVF params have incorrect type"), and so does a refine stage."""
+    """``ivf_params`` (nprobe or efSearch, the allowed rows) as ``index`` takes them for the IVF or HNSW it is or
+    wraps: inside each wrapper's own parameters (a transform such as OPQ or PCA, a refine stage); None for another
+    wrapper. FAISS's IVF refuses parameters of any other type ("IndexIVF params have incorrect type"), and so do
+    a refine stage and HNSW (which would otherwise search with its build-time efSearch)."""
     index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexIVF):  # (SWIG wrappers: isinstance, never `is`)
+    if isinstance(index, faiss.IndexIVF) or hasattr(index, "hnsw"):  # (SWIG wrappers: isinstance, never `is`)
         return ivf_params
     if isinstance(index, faiss.IndexPreTransform):
         inner = _ivf_params(faiss, index.index, ivf_params)
@@ -352,8 +354,15 @@ def _wrapped_ivf(faiss: Any, index: Any) -> Any:
 
 
 def _hnsw_of(faiss: Any, index: Any) -> Any:
+    """The HNSW index ``index`` is, or wraps in a transform (``PCA32,HNSW16``) or a refine stage; else None."""
     index = faiss.downcast_index(index)
-    return index if hasattr(index, "hnsw") else None
+    if hasattr(index, "hnsw"):
+        return index
+    if isinstance(index, faiss.IndexPreTransform):
+        return _hnsw_of(faiss, index.index)
+    if isinstance(index, faiss.IndexRefine):
+        return _hnsw_of(faiss, index.base_index)
+    return None
 
 
 def ann_file(files: dict[str, Any]) -> str | None:

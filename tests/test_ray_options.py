@@ -101,17 +101,26 @@ def test_a_workers_dsearch_error_is_found_inside_ray_datas_wrapping():
 
 
 @pytest.mark.slow
-def test_an_int8_worker_keeps_to_its_threads(tiny_seed_model):
+def test_an_int8_worker_keeps_to_its_threads(tiny_seed_model, monkeypatch):
     """int8 runs texts side by side on a thread pool as wide as the node's cores; a Ray worker given one CPU must
-    run one thread, or two workers on a 2-core node run four threads and slow each other down."""
+    run one thread, or two workers on a 2-core node run four threads and slow each other down. Its tokenizer
+    runs on that one thread too, unless the cluster says otherwise."""
     from dsearch.distributed import EncoderSpec, load_worker_encoder
     from dsearch.encoder import load_encoder
 
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)  # restored after the test
     driver = load_encoder(str(tiny_seed_model), "int8")
     assert driver.workers == (os.cpu_count() or 1)  # what a local build uses
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # loading a model does not touch it: only a worker does
     spec = EncoderSpec.of(driver, batch_size=16, trust_remote_code=False, threads=1, device="cpu")
     worker = load_worker_encoder(spec)
     assert worker.workers == 1
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # set on the cluster: kept
+    load_worker_encoder(spec)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    two = load_worker_encoder(EncoderSpec.of(driver, batch_size=16, trust_remote_code=False, threads=2, device="cpu"))
+    assert two.workers == 2
     assert worker.encode_documents(["a passage", "another one"]).tolist() == driver.encode_documents(
         ["a passage", "another one"]
     ).tolist()

@@ -159,6 +159,12 @@ def load_worker_encoder(spec: EncoderSpec) -> Encoder:
 def _limit_threads(encoder: Any, threads: int) -> None:
     """Keep a worker to its share of the node's cores: ONNX Runtime's default is every core, and two sessions
     spinning on the same cores slow each other down."""
+    if threads == 1:
+        # The tokenizer's own thread pool (a thread per core of the node) gives a one-thread worker nothing but
+        # switching: two one-thread encoders on two cores spent 2.5% less CPU without it, on average over five
+        # pairs (+0.4% to -5.8%; benchmarks/RESULTS.md). Read at each call, so setting it now is in time; a value
+        # set on the cluster wins.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     session = getattr(encoder, "session", None)
     if session is not None:
         # int8 runs texts side by side, each on a one-thread session, on as many threads as `workers` says (the

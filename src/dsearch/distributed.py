@@ -161,7 +161,7 @@ def _limit_threads(encoder: Any, threads: int) -> None:
     spinning on the same cores slow each other down."""
     if threads == 1:
         # The tokenizer's own thread pool (a thread per core of the node) gives a one-thread worker nothing but
-        # switching: two one-thread encoders on two cores spent 2.5% less CPU without it, on average over five
+        # switching: two one-thread encoders on two cores spent 2.8% less CPU without it, on average over three
         # pairs (+0.4% to -5.8%; benchmarks/RESULTS.md). Read at each call, so setting it now is in time; a value
         # set on the cluster wins.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

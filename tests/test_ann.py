@@ -484,3 +484,23 @@ def test_ivfpq_rerank_reads_its_candidates_without_the_memory_map(cli, tmp_path,
     np.testing.assert_allclose(scores, expected[0], atol=1e-6)
     exact = OpenIndex(flat_index).search(queries, 10)
     np.testing.assert_array_equal(rows[:, :1], exact[1][:, :1])  # each query's own row first, exactly scored
+
+
+@pytest.mark.parametrize("factory", ["PCA32,Flat", "PCA32,HNSW16", "PCAR16,IVF4,Flat", "PCAW32,HNSW16"])
+def test_an_index_that_reduces_the_dimension_still_prints_exact_scores(cli, tmp_path, flat_index, factory):
+    """A lossy transform (PCA) keeps no exact vector: its scores are not cosines, so it re-ranks like PQ does."""
+    target = tmp_path / "reduced"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", factory, "-q").exit_code == 0
+    exact_scores = {(q, i): s for q, i, s in _hits(cli, flat_index, "-k", "200")}
+    hits = _hits(cli, target)
+    assert len(hits) == 5 * len(QUERIES)
+    assert all(exact_scores[(q, i)] == pytest.approx(s, abs=1e-5) for q, i, s in hits)
+    # An index built before this rule (its manifest says no re-rank) is re-ranked all the same.
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["index_params"]["rerank"] is True
+    manifest["index_params"]["rerank"] = False
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    assert all(exact_scores[(q, i)] == pytest.approx(s, abs=1e-5) for q, i, s in _hits(cli, target))
+    # --min-score reads the cosine, as on the exact index.
+    kept = cli("query", target, QUERIES[0], "-k", "5", "--format", "ids", "--min-score", "0.3")
+    assert kept.stdout.split() == [i for q, i, s in _hits(cli, target) if q == "1" and s >= 0.3]

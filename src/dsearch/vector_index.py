@@ -61,7 +61,14 @@ class IndexPlan:
 
     @property
     def compressed(self) -> bool:
-        return self.factory is not None and bool(re.search(r"PQ|SQ|LSH|RaBitQ", self.factory))
+        return self.factory is not None and lossy(self.factory)
+
+
+def lossy(factory: str) -> bool:
+    """Whether a factory's index scores with something other than the exact vectors: codes (PQ, SQ, LSH,
+    RaBitQ) or a transform that reduces the dimension (PCA, OPQ, ITQ). Its candidates are re-ranked exactly
+    from the raw store, else it would print PCA-space scores, not cosines, and --min-score would read those."""
+    return bool(re.search(r"PQ|SQ|LSH|RaBitQ|PCA|ITQ", factory))
 
 
 def parse_memory(text: str) -> int:
@@ -392,7 +399,9 @@ def open_ann(path: Path, raw: Any, params: dict[str, Any]) -> FaissIndex:
             f"rebuild it with 'dsearch reindex {path.parent.parent}'"
         )
     defaults = {key: params[key] for key in ("nprobe", "efSearch") if key in params}
-    return FaissIndex(index, raw, defaults, bool(params.get("rerank")))
+    # lossy(): an index built before PCA counted as lossy has "rerank": false in its manifest
+    rerank = bool(params.get("rerank")) or lossy(str(params.get("factory", "")))
+    return FaissIndex(index, raw, defaults, rerank)
 
 
 # --- measuring recall --------------------------------------------------------------------------------

@@ -504,3 +504,15 @@ def test_an_index_that_reduces_the_dimension_still_prints_exact_scores(cli, tmp_
     # --min-score reads the cosine, as on the exact index.
     kept = cli("query", target, QUERIES[0], "-k", "5", "--format", "ids", "--min-score", "0.3")
     assert kept.stdout.split() == [i for q, i, s in _hits(cli, target) if q == "1" and s >= 0.3]
+
+
+@pytest.mark.parametrize("factory", ["HNSW16_PQ8", "OPQ8,IVF4,PQ8"])  # 256 PQ centroids: more than 200 passages
+def test_a_factory_faiss_cannot_train_on_the_corpus_is_one_line_and_the_index_is_kept(cli, flat_index, factory):
+    before = _hits(cli, flat_index)
+    for args in (("index", SAMPLE / "passages.jsonl", "-o", flat_index, "--index-type", factory),
+                 ("reindex", flat_index, "--index-type", factory)):
+        result = cli(*args)
+        one_error_line(result, 2, factory, "200 vectors", "Number of training points (200)", "--index-type")
+        assert "unexpected" not in result.stderr and "report it" not in result.stderr
+        assert read_manifest(flat_index).index_type == FLAT and _hits(cli, flat_index) == before
+        assert cli("status", flat_index).exit_code == 0  # nothing left behind either

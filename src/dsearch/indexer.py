@@ -875,7 +875,10 @@ def build_segment_index(
     params: dict[str, Any] = {"requested": requested, "reason": plan.reason}
     if plan.index_type == FLAT:
         return FLAT, params
-    name, built = build_ann(segment_dir, raw, plan, previous=previous)
+    try:
+        name, built = build_ann(segment_dir, raw, plan, previous=previous)
+    except ValueError as exc:  # a factory string FAISS accepts but cannot train on these vectors
+        raise UsageError(f"cannot build the index: {exc}; choose another {option('index_type')}") from None
     segment.files[name] = file_info(segment_dir / name)
     return plan.index_type, {**params, **built}
 

@@ -599,9 +599,13 @@ def build_ann(
             log.info("%s: %s", plan.factory, reason)
     if index is None:
         reason = None
-        index = _trained(faiss, raw, plan, seed)
-        for start in range(0, raw.ntotal, ADD_CHUNK):
-            index.add(raw.rows(start, ADD_CHUNK))
+        try:
+            index = _trained(faiss, raw, plan, seed)
+            for start in range(0, raw.ntotal, ADD_CHUNK):
+                index.add(raw.rows(start, ADD_CHUNK))
+        except RuntimeError as exc:  # FAISS's own checks, e.g. fewer vectors than a factory's PQ centroids
+            problem = _reason(exc)
+            raise ValueError(f"FAISS cannot build {plan.factory!r} from {raw.ntotal} vectors ({problem})") from None
     factory = previous.params["factory"] if reason is not None and previous is not None else plan.factory
     trained_rows = int(previous.params.get("trained_rows", previous.rows)) if reason and previous else raw.ntotal
     name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"  # the form store.ANN_NAME collects when no manifest lists it
@@ -634,6 +638,17 @@ def build_ann(
     }
     log.info("built %s in %.1f s: recall@10 %.4f with %s", factory, built, recall, knobs or "defaults")
     return name, params
+
+
+def _reason(exc: Exception) -> str:
+    """What a FAISS C++ error says, without its source location: "Error in f() at file.cpp:66: Error: 'x' failed:
+    Number of training points (200) should be ..." gives the part after the last "failed:" or "Error:"."""
+    text = " ".join(str(exc).split())
+    for marker in ("failed:", "Error:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+            break
+    return text[:200] or type(exc).__name__
 
 
 def _trained(faiss: Any, raw: Any, plan: IndexPlan, seed: int) -> Any:

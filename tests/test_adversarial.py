@@ -338,3 +338,45 @@ def test_a_field_type_in_the_manifest_cannot_smuggle_sql_into_where(tmp_path, cl
     one_error_line(result, 1, "field_types")
     assert not planted.exists()
     assert cli("status", index).exit_code == 6
+
+
+# --- symlink loops and names too long: one line, never "unexpected ... report it" -------------------------
+
+
+@pytest.fixture
+def loop(tmp_path) -> Path:
+    """``loop`` -> ``loop2`` -> ``loop``: what a mistyped ``ln -s`` in a cron setup leaves."""
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    return tmp_path / "loop"
+
+
+def test_a_corpus_that_is_a_symlink_loop_is_one_line_and_the_index_kept(tmp_path, cli, sample_index, loop):
+    before = cli("query", sample_index, "northern lights", "-f", "ids").stdout
+    for extra in ([], ["--update"]):
+        result = cli("index", loop, "-o", sample_index, *extra)
+        one_error_line(result, 1, str(loop), "symlink", "Too many levels of symbolic links", "fix the link")
+        assert "unexpected" not in result.stderr
+        assert cli("query", sample_index, "northern lights", "-f", "ids").stdout == before
+    new = tmp_path / "new.idx"
+    one_error_line(cli("index", loop, "-o", new), 1, "symlink")
+    assert not new.exists()
+
+
+def test_status_with_a_corpus_that_is_a_symlink_loop_says_corpus_changed(cli, sample_index, loop):
+    result = cli("status", sample_index, "--corpus", loop)
+    assert (result.exit_code, result.stderr) == (8, "")
+    assert result.stdout.startswith(f"corpus-changed: {loop} ")
+
+
+@pytest.mark.parametrize("below", ["idx", "a/b/idx"])
+def test_o_through_a_symlink_loop_is_one_line_and_creates_nothing(tmp_path, cli, loop, below):
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", loop / below)
+    one_error_line(result, 1, str(loop / below), "Too many levels of symbolic links", "another -o")
+    assert listing(tmp_path) == ["loop", "loop2"]
+
+
+def test_an_o_name_too_long_is_one_line(tmp_path, cli):
+    target = tmp_path / ("x" * 300)
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, "too long", "another -o")
+    assert listing(tmp_path) == []

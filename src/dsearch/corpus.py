@@ -369,8 +369,18 @@ def _read_path(
             )
         return
     if not os.path.exists(path):
+        if os.path.islink(path):  # a link to nothing, or to itself through others (a loop)
+            raise InputError(path, f"a symlink that leads nowhere ({_link_problem(path)})", "fix the link")
         raise InputError(path, "no such file or directory")
     yield from _read_file(path, fmt or detect_format(path), Path(path).name, names, token_spans, max_tokens, stdin)
+
+
+def _link_problem(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.strerror or "unreadable"
+    return "unreadable"
 
 
 def _read_file(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | Non
     by_path.pop("-", None)
     paths = corpus if corpus is not None else list(by_path)
     for path in paths:
-        resolved = str(Path(path).resolve())
+        resolved = os.path.realpath(path)  # not Path.resolve(): it raises RuntimeError on a symlink loop
         then = by_path.get(resolved)
         if then is None:
             then, inside = _recorded_part(by_path, resolved)

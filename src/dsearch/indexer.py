@@ -169,7 +169,7 @@ def describe_source(path: str, budget: int | None = None, exclude: Iterable[str]
         with suppress(OSError):
             stats[f] = f.stat()
     source: dict[str, Any] = {
-        "path": str(p.resolve()),
+        "path": os.path.realpath(p),  # not Path.resolve(): it raises RuntimeError on a symlink loop
         "files": len(stats),
         "bytes": sum(s.st_size for s in stats.values()),
         "mtime": max((s.st_mtime for s in stats.values()), default=0.0),
@@ -451,6 +451,8 @@ _DISK_FIXES = {
     errno.EPERM: "check its permissions or choose another -o",
     errno.EROFS: "the file system is read-only: choose another -o",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another -o",
+    errno.ENAMETOOLONG: "a name in the path is too long: choose another -o",
+    errno.ELOOP: "a symlink in the path leads back to itself: fix the link or choose another -o",
 }
 
 

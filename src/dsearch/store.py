@@ -11,6 +11,7 @@ Layout (see README, "The index directory")::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -373,6 +374,13 @@ def index_lock(target: Path) -> Iterator[Path]:
             raise IndexDirError(
                 f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
                 "nothing was changed (create that folder, or choose another -o)"
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+                raise  # the build's one line for these names the path and the fix (indexer._DISK_FIXES)
+            # A symlink loop above DIR, a name too long, a file system that takes no folders (/proc)
+            raise IndexDirError(
+                f"{target}: cannot create it ({exc.strerror}); nothing was changed (choose another -o)"
             ) from None
         real = target.resolve()
         path = real / LOCK_FILE

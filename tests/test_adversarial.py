@@ -380,3 +380,38 @@ def test_an_o_name_too_long_is_one_line(tmp_path, cli):
     target = tmp_path / ("x" * 300)
     one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, "too long", "another -o")
     assert listing(tmp_path) == []
+
+
+# --- a file size limit (ulimit -f) or a full disk while writing -------------------------------------------
+
+
+@pytest.fixture
+def file_size_limit():
+    """Sets RLIMIT_FSIZE of this process (None: as it was); Python ignores SIGXFSZ, so a write past it is EFBIG."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (before[0] if size is None else size, before[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+
+def test_a_build_past_the_file_size_limit_is_one_line_and_publishes_nothing(tmp_path, cli, file_size_limit):
+    target = tmp_path / "idx"
+    file_size_limit(20_000)  # the vectors alone are 200 x 64 x 4 = 51 kB
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", target)
+    file_size_limit(None)
+    one_error_line(result, 1, "File too large", "nothing was published", "ulimit -f")
+    assert not target.exists()
+
+
+def test_a_reindex_past_the_file_size_limit_is_one_line_and_leaves_no_half_written_file(
+    cli, sample_index, file_size_limit
+):
+    before = listing(next(sample_index.glob("seg-*")))
+    file_size_limit(40_000)  # the HNSW file holds the 51 kB of vectors and the graph
+    result = cli("reindex", sample_index, "--index-type", "hnsw")
+    file_size_limit(None)
+    one_error_line(result, 1, "ann-", "File too large", "ulimit -f")
+    assert listing(next(sample_index.glob("seg-*"))) == before  # no half-written ANN file
+    assert cli("status", sample_index).exit_code == 0
+    assert cli("reindex", sample_index, "--index-type", "hnsw").exit_code == 0  # and with room, it works

@@ -10,6 +10,7 @@ Everything here imports faiss lazily: ``dsearch --help`` and flat queries never 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import re
 import threading
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -609,7 +610,7 @@ def build_ann(
     factory = previous.params["factory"] if reason is not None and previous is not None else plan.factory
     trained_rows = int(previous.params.get("trained_rows", previous.rows)) if reason and previous else raw.ntotal
     name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"  # the form store.ANN_NAME collects when no manifest lists it
-    faiss.write_index(index, str(segment_dir / name))
+    _write_index(faiss, index, segment_dir / name)
     built = time.perf_counter() - started
     del index
     opened = open_ann(segment_dir / name, raw, {"rerank": plan.compressed})
@@ -638,6 +639,23 @@ def build_ann(
     }
     log.info("built %s in %.1f s: recall@10 %.4f with %s", factory, built, recall, knobs or "defaults")
     return name, params
+
+
+# What FAISS's "write error in FILE: 9599 != 12928 (File too large)" ends with, for the errors that are the user's.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+
+
+def _write_index(faiss: Any, index: Any, path: Path) -> None:
+    """``faiss.write_index``, leaving no half-written file behind, and a full disk as the OSError it is (FAISS
+    reports it as a RuntimeError naming strerror), so that the caller's one line names the path and the fix."""
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:
+        path.unlink(missing_ok=True)
+        for code in _WRITE_ERRNOS:
+            if f"({os.strerror(code)})" in str(exc):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
 
 
 def _reason(exc: Exception) -> str:
@@ -690,35 +708,58 @@ def reindex(target: Path, requested: str, memory: int | None) -> Any:
     Under the index's write lock. The old ANN files are not opened (they may be the corrupt thing being
     replaced); the raw vectors are checked against their checksums first. The new files get new names, the
     manifest is replaced in one rename, and only then are the old files removed: a reader sees the old index
-    or the new one, and one that opened the old files keeps them (POSIX).
+    or the new one, and one that opened the old files keeps them (POSIX). A run that fails before the swap
+    (a full disk) removes the files it wrote; only a kill leaves them, for the next run's tidy().
     """
+    try:
+        return _reindex(target, requested, memory)
+    except OSError as exc:  # disk full, read-only: one line naming the path and the fix
+        from dsearch.indexer import disk_error
+
+        error = disk_error(exc, target)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _reindex(target: Path, requested: str, memory: int | None) -> Any:
     from dsearch.indexer import build_segment_index
-    from dsearch.manifest import MANIFEST_FILE, read_manifest
+    from dsearch.manifest import FORMAT_VERSION, MANIFEST_FILE, read_manifest
     from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, fault_point, file_info, index_lock, tidy
 
     with index_lock(target):
         tidy(target)  # what crashed runs left, the ANN file of a killed reindex among it
         manifest = read_manifest(target)
         old_files: list[Path] = []
+        new_files: list[Path] = []
         index_type, params = manifest.index_type, manifest.index_params
-        for segment in manifest.segments:
-            seg_dir = target / segment.path
-            raw_path = seg_dir / INDEX_FILE
-            if not raw_path.exists() or file_info(raw_path) != segment.files.get(INDEX_FILE):
-                raise IndexDirError(
-                    f"{raw_path}: the stored vectors are missing or corrupt, so the ANN index cannot be rebuilt "
-                    "from them; rebuild the index with 'dsearch index'"
-                )
-            for name in [n for n in segment.files if n.startswith(ANN_PREFIX)]:
-                del segment.files[name]
-                old_files.append(seg_dir / name)
-            index_type, params = build_segment_index(seg_dir, segment, requested, memory)
-        manifest.index_type, manifest.index_params = index_type, params
-        from dsearch.manifest import FORMAT_VERSION
-
-        manifest.format_version = FORMAT_VERSION
-        fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next run's tidy() takes them
-        _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
+        try:
+            for segment in manifest.segments:
+                seg_dir = target / segment.path
+                raw_path = seg_dir / INDEX_FILE
+                if not raw_path.exists() or file_info(raw_path) != segment.files.get(INDEX_FILE):
+                    raise IndexDirError(
+                        f"{raw_path}: the stored vectors are missing or corrupt, so the ANN index cannot be "
+                        "rebuilt from them; rebuild the index with 'dsearch index'"
+                    )
+                for name in [n for n in segment.files if n.startswith(ANN_PREFIX)]:
+                    del segment.files[name]
+                    old_files.append(seg_dir / name)
+                there = set(seg_dir.glob(f"{ANN_PREFIX}*"))
+                try:
+                    index_type, params = build_segment_index(seg_dir, segment, requested, memory)
+                finally:  # what this build wrote, listed yet or not (a failure may come after the write)
+                    new_files += [p for p in seg_dir.glob(f"{ANN_PREFIX}*") if p not in there and not p.is_symlink()]
+            manifest.index_type, manifest.index_params = index_type, params
+            manifest.format_version = FORMAT_VERSION
+            fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next tidy() takes them
+            _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
+        except BaseException:
+            # Not published: the files this run wrote are nobody's (a kill, which runs no code, leaves them)
+            for path in [*new_files, target / f".{MANIFEST_FILE}.tmp"]:
+                with suppress(OSError):
+                    path.unlink()
+            raise
         _fsync_dir(target)
         for path in old_files:
             path.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -415,3 +416,38 @@ def test_a_reindex_past_the_file_size_limit_is_one_line_and_leaves_no_half_writt
     assert listing(next(sample_index.glob("seg-*"))) == before  # no half-written ANN file
     assert cli("status", sample_index).exit_code == 0
     assert cli("reindex", sample_index, "--index-type", "hnsw").exit_code == 0  # and with room, it works
+
+
+# --- Parquet files damaged in place (same size): undetected until read, then one line ----------------------
+
+
+@pytest.mark.parametrize("name", ["passages.parquet", "fields.parquet"])
+def test_a_parquet_file_damaged_in_place_is_one_line_wherever_it_is_read(tmp_path, cli, sample_index, name):
+    """A flipped byte keeps the size, so only checksums (status, info --verify) see it; a query that reads the
+    page gets one line naming the damage (it was 'unexpected OSError/IndexError/KeyError ... report it', or an
+    error message of several lines from pyarrow's)."""
+    seg = next(sample_index.glob("seg-*"))
+    size = (seg / name).stat().st_size
+    reads = [
+        ("query", "northern lights", "-f", "ids", "--where", "topic = 'physics and chemistry'"),
+        ("query", "northern lights", "-f", "jsonl", "-k", "200"),
+        ("get", "astronomy-17", "physics-05", "-f", "jsonl"),
+    ]
+    failed = 0
+    for offset in range(0, size, size // 40):
+        damaged = tmp_path / f"idx-{offset}"
+        shutil.copytree(sample_index, damaged)
+        path = damaged / seg.name / name
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        for args in reads:
+            result = cli(args[0], damaged, *args[1:])
+            if result.exit_code == 0:
+                continue  # a byte no read decodes (or one decoded to another valid value: status finds it)
+            failed += 1
+            one_error_line(result, 1, str(damaged / seg.name))
+            assert "unexpected" not in result.stderr, (offset, args, result.stderr)
+        assert cli("status", damaged).exit_code == 6
+        shutil.rmtree(damaged)
+    assert failed > 10  # the damage was seen, not skipped

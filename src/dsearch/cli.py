@@ -1327,6 +1327,8 @@ def _deps_from_environment() -> Deps | None:
 def _fail(message: str, code: int) -> int:
     if SETTINGS.debug:
         traceback.print_exc()
+    # One line whatever the message quotes: pyarrow's and FAISS's texts carry newlines ("...failed.\n")
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"dsearch: error: {message}", file=sys.stderr)
     return code
 

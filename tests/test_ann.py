@@ -516,3 +516,26 @@ def test_a_factory_faiss_cannot_train_on_the_corpus_is_one_line_and_the_index_is
         assert "unexpected" not in result.stderr and "report it" not in result.stderr
         assert read_manifest(flat_index).index_type == FLAT and _hits(cli, flat_index) == before
         assert cli("status", flat_index).exit_code == 0  # nothing left behind either
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
+def test_an_ann_file_whose_ids_point_past_the_segment_is_one_line_naming_reindex(cli, tmp_path, index_type):
+    """Damaged ids in an IVF list (same file size) sent a re-rank out of the raw store: 'unexpected IndexError'."""
+    import faiss
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", index_type, "-q").exit_code == 0
+    ann = next(target.glob("seg-*/ann-*.faiss"))
+    index = faiss.read_index(str(ann))
+    invlists = faiss.extract_index_ivf(index).invlists
+    for list_no in range(invlists.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            faiss.rev_swig_ptr(invlists.get_ids(list_no), size)[:] += 1_000_000
+    before = ann.stat().st_size
+    faiss.write_index(index, str(ann))
+    assert ann.stat().st_size == before  # damage of the kind a size check does not see
+    result = cli("query", target, *QUERIES, "-f", "ids", "--effort", "1000")
+    one_error_line(result, 1, str(ann), "corrupt", f"dsearch reindex {target}")
+    assert cli("reindex", target).exit_code == 0
+    assert cli("query", target, *QUERIES, "-f", "ids").exit_code == 0

@@ -251,6 +251,7 @@ class FaissIndex:
     raw: Any  # store.FlatVectors of the same segment
     defaults: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch chosen at build time
     rerank: bool = False
+    path: Path | None = None  # the ANN file, named when it turns out corrupt
     # An IVF inside a wrapper that cannot pass parameters down (_ivf_params: OPQ16,IVF256,PQ16 and IVF,PQ,RFlat
     # can) takes nprobe as a setting on the shared index: searches that set it take turns (_wrapped_ivf).
     _knob_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -272,9 +273,21 @@ class FaissIndex:
                 scores, rows = self.index.search(queries, fetch, params=search_params)
             else:
                 scores, rows = self.index.search(queries, fetch)
+        self._check_rows(rows)
         if self.rerank:
             scores, rows = self._rerank(queries, rows, k)
         return scores, rows.astype(np.int64)
+
+    def _check_rows(self, rows: Any) -> None:
+        """Rows past the segment (a damaged id list in the ANN file) would index the raw store out of range."""
+        bad = (rows >= self.raw.ntotal) | (rows < -1)
+        if bad.any():
+            where = self.path or "the ANN index file"
+            directory = self.path.parent.parent if self.path is not None else "DIR"
+            raise IndexDirError(
+                f"{where}: returned row {int(rows[bad][0])} of a segment of {self.raw.ntotal} rows (the file is "
+                f"corrupt); rebuild it from the stored vectors with 'dsearch reindex {directory}'"
+            )
 
     def _params(self, faiss: Any, knobs: dict[str, Any], effort: float, allowed_rows: Any) -> Any:
         """FAISS search parameters: the query-time knobs (scaled by effort) and an allowed-rows selector."""
@@ -402,7 +415,7 @@ def open_ann(path: Path, raw: Any, params: dict[str, Any]) -> FaissIndex:
     defaults = {key: params[key] for key in ("nprobe", "efSearch") if key in params}
     # lossy(): an index built before PCA counted as lossy has "rerank": false in its manifest
     rerank = bool(params.get("rerank")) or lossy(str(params.get("factory", "")))
-    return FaissIndex(index, raw, defaults, rerank)
+    return FaissIndex(index, raw, defaults, rerank, path)
 
 
 # --- measuring recall --------------------------------------------------------------------------------

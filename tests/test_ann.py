@@ -539,3 +539,21 @@ def test_an_ann_file_whose_ids_point_past_the_segment_is_one_line_naming_reindex
     one_error_line(result, 1, str(ann), "corrupt", f"dsearch reindex {target}")
     assert cli("reindex", target).exit_code == 0
     assert cli("query", target, *QUERIES, "-f", "ids").exit_code == 0
+
+
+@pytest.mark.parametrize("factory", ["hnsw", "PCA32,HNSW16,RFlat"])
+def test_an_ef_past_the_index_size_searches_everything_instead_of_overflowing(cli, tmp_path, factory):
+    """--ef 3000000000 (or --effort 1e30) overflowed FAISS's int ('unexpected OverflowError'), and --ef 2000000000
+    took 16 GB and 41 s on an 18k-row index: efSearch is capped at the rows there are, as nprobe is at nlist."""
+    import faiss
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", factory, "-q").exit_code == 0
+    everything = _hits(cli, target, "--ef", "200")
+    for knob in (("--ef", "3000000000"), ("--ef", "99999999999999999999"), ("--effort", "1e30")):
+        assert _hits(cli, target, *knob) == everything
+    ann = OpenIndex(target).segments[0].ann
+    params = ann._params(faiss, {"efSearch": 2_000_000_000}, 1.0, None)
+    while not hasattr(params, "efSearch"):  # down through the refine stage and the transform (as Python objects)
+        params = params.referenced_objects[0]
+    assert params.efSearch == 200

@@ -305,7 +305,9 @@ class FaissIndex:
             ivf.nprobe = nprobe  # another wrapper: set on the IVF inside (under FaissIndex._knob_lock)
         hnsw = _hnsw_of(faiss, self.index)
         if hnsw is not None:
-            ef = max(1, round(int(knobs.get("efSearch", 16)) * effort))
+            # Capped at the rows there are (beyond, HNSW visits nothing more): a huge --ef overflowed FAISS's int,
+            # and 2,000,000,000 allocated 16 GB of search heaps on an 18k-row index.
+            ef = max(1, round(min(float(knobs.get("efSearch", 16)) * effort, self.index.ntotal)))
             # _hnsw_of looks inside exactly the wrappers that _ivf_params passes parameters through
             return _ivf_params(faiss, self.index, faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
         if selector is not None:

@@ -293,9 +293,9 @@ def test_a_max_age_that_would_switch_the_check_off_is_a_usage_error(cli, sample_
 # --- query ids in a BEIR queries.jsonl -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qid", ["", "  ", {"a": 1}, [1], True])
+@pytest.mark.parametrize("qid", ["", "  ", {"a": 1}, [1], True, float("nan"), float("inf")])
 def test_a_queries_jsonl_id_that_cannot_be_a_qid_is_an_error_naming_the_line(tmp_path, cli, sample_index, qid):
-    queries = tmp_path / "queries.jsonl"
+    queries = tmp_path / "queries.jsonl"  # (json.dumps writes NaN and Infinity, which Python's JSON reads back)
     queries.write_text(json.dumps({"_id": "q1", "text": "volcano"}) + "\n" + json.dumps({"_id": qid, "text": "lava"}))
     one_error_line(cli("query", sample_index, "--queries", queries, "-f", "trec"), 1, "queries.jsonl:2", "query id")
 

@@ -199,6 +199,24 @@ def test_eval_run_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, c
     assert qrels.read_bytes() == (SAMPLE / "qrels.txt").read_bytes()
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "SEG/index.faiss", "SEG/passages.parquet", "link to manifest"])
+def test_eval_run_naming_a_file_of_the_index_is_refused_and_the_index_kept(tmp_path, cli, sample_index, name):
+    """--run DIR/manifest.json replaced the manifest with a TREC run: the index was gone (status: corrupt)."""
+    seg = next(sample_index.glob("seg-*")).name
+    run = sample_index / name.replace("SEG", seg)
+    if name == "link to manifest":
+        run = tmp_path / "run.trec"
+        run.symlink_to(sample_index / "manifest.json")
+    before = {p: p.read_bytes() for p in sample_index.rglob("*") if p.is_file()}
+    cli.loaded.clear()
+    inputs = ("--queries", SAMPLE / "queries.tsv", "--qrels", SAMPLE / "qrels.txt")
+    result = cli("eval", sample_index, *inputs, "--run", run)
+    one_error_line(result, 2, f"--run {run}", "a file of the index", "another path")
+    assert cli.loaded == []  # refused before any query ran
+    assert {p: p.read_bytes() for p in sample_index.rglob("*") if p.is_file()} == before
+    assert cli("status", sample_index).exit_code == 0
+
+
 # --- -o paths that cannot be a directory ----------------------------------------------------------------
 
 

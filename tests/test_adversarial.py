@@ -469,3 +469,26 @@ def test_a_parquet_file_damaged_in_place_is_one_line_wherever_it_is_read(tmp_pat
         assert cli("status", damaged).exit_code == 6
         shutil.rmtree(damaged)
     assert failed > 10  # the damage was seen, not skipped
+
+
+# --- status prints one line, whatever the paths hold -------------------------------------------------------
+
+
+def test_status_is_one_line_when_the_corpus_path_holds_a_newline_and_its_command_still_runs(tmp_path, cli):
+    """A corpus folder named with a newline split the status line (and its 'run ...' command) in two, so a
+    monitor reading one line got half a message; an ESC in the name reached the terminal raw."""
+    corpus = tmp_path / "new\nline\x1b[31m"
+    corpus.mkdir()
+    (corpus / "c.jsonl").write_bytes((SAMPLE / "passages.jsonl").read_bytes())
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    with open(corpus / "c.jsonl", "a") as fh:
+        fh.write('{"id": "new-1", "text": "aurora borealis"}\n')
+    status = cli("status", index)
+    assert status.exit_code == 8 and status.stderr == ""
+    assert status.stdout.count("\n") == 1 and "\x1b" not in status.stdout
+    assert status.stdout.startswith("corpus-changed: ")
+    command = status.stdout.split("; run '", 1)[1][:-2]  # what the line says to run, as a shell reads it
+    run = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, check=True)
+    words = run.stdout.decode().split("\0")[:-1]
+    assert words == ["dsearch", "index", str(corpus), "-o", str(index), "--update"]

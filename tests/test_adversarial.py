@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,24 @@ def test_eval_run_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, c
     assert qrels.read_bytes() == (SAMPLE / "qrels.txt").read_bytes()
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "SEG/index.faiss", "SEG/passages.parquet", "link to manifest"])
+def test_eval_run_naming_a_file_of_the_index_is_refused_and_the_index_kept(tmp_path, cli, sample_index, name):
+    """--run DIR/manifest.json replaced the manifest with a TREC run: the index was gone (status: corrupt)."""
+    seg = next(sample_index.glob("seg-*")).name
+    run = sample_index / name.replace("SEG", seg)
+    if name == "link to manifest":
+        run = tmp_path / "run.trec"
+        run.symlink_to(sample_index / "manifest.json")
+    before = {p: p.read_bytes() for p in sample_index.rglob("*") if p.is_file()}
+    cli.loaded.clear()
+    inputs = ("--queries", SAMPLE / "queries.tsv", "--qrels", SAMPLE / "qrels.txt")
+    result = cli("eval", sample_index, *inputs, "--run", run)
+    one_error_line(result, 2, f"--run {run}", "a file of the index", "another path")
+    assert cli.loaded == []  # refused before any query ran
+    assert {p: p.read_bytes() for p in sample_index.rglob("*") if p.is_file()} == before
+    assert cli("status", sample_index).exit_code == 0
+
+
 # --- -o paths that cannot be a directory ----------------------------------------------------------------
 
 
@@ -292,9 +311,9 @@ def test_a_max_age_that_would_switch_the_check_off_is_a_usage_error(cli, sample_
 # --- query ids in a BEIR queries.jsonl -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qid", ["", "  ", {"a": 1}, [1], True])
+@pytest.mark.parametrize("qid", ["", "  ", {"a": 1}, [1], True, float("nan"), float("inf")])
 def test_a_queries_jsonl_id_that_cannot_be_a_qid_is_an_error_naming_the_line(tmp_path, cli, sample_index, qid):
-    queries = tmp_path / "queries.jsonl"
+    queries = tmp_path / "queries.jsonl"  # (json.dumps writes NaN and Infinity, which Python's JSON reads back)
     queries.write_text(json.dumps({"_id": "q1", "text": "volcano"}) + "\n" + json.dumps({"_id": qid, "text": "lava"}))
     one_error_line(cli("query", sample_index, "--queries", queries, "-f", "trec"), 1, "queries.jsonl:2", "query id")
 
@@ -338,3 +357,138 @@ def test_a_field_type_in_the_manifest_cannot_smuggle_sql_into_where(tmp_path, cl
     one_error_line(result, 1, "field_types")
     assert not planted.exists()
     assert cli("status", index).exit_code == 6
+
+
+# --- symlink loops and names too long: one line, never "unexpected ... report it" -------------------------
+
+
+@pytest.fixture
+def loop(tmp_path) -> Path:
+    """``loop`` -> ``loop2`` -> ``loop``: what a mistyped ``ln -s`` in a cron setup leaves."""
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    return tmp_path / "loop"
+
+
+def test_a_corpus_that_is_a_symlink_loop_is_one_line_and_the_index_kept(tmp_path, cli, sample_index, loop):
+    before = cli("query", sample_index, "northern lights", "-f", "ids").stdout
+    for extra in ([], ["--update"]):
+        result = cli("index", loop, "-o", sample_index, *extra)
+        one_error_line(result, 1, str(loop), "symlink", "Too many levels of symbolic links", "fix the link")
+        assert "unexpected" not in result.stderr
+        assert cli("query", sample_index, "northern lights", "-f", "ids").stdout == before
+    new = tmp_path / "new.idx"
+    one_error_line(cli("index", loop, "-o", new), 1, "symlink")
+    assert not new.exists()
+
+
+def test_status_with_a_corpus_that_is_a_symlink_loop_says_corpus_changed(cli, sample_index, loop):
+    result = cli("status", sample_index, "--corpus", loop)
+    assert (result.exit_code, result.stderr) == (8, "")
+    assert result.stdout.startswith(f"corpus-changed: {loop} ")
+
+
+@pytest.mark.parametrize("below", ["idx", "a/b/idx"])
+def test_o_through_a_symlink_loop_is_one_line_and_creates_nothing(tmp_path, cli, loop, below):
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", loop / below)
+    one_error_line(result, 1, str(loop / below), "Too many levels of symbolic links", "another -o")
+    assert listing(tmp_path) == ["loop", "loop2"]
+
+
+def test_an_o_name_too_long_is_one_line(tmp_path, cli):
+    target = tmp_path / ("x" * 300)
+    one_error_line(cli("index", SAMPLE / "passages.jsonl", "-o", target), 1, "too long", "another -o")
+    assert listing(tmp_path) == []
+
+
+# --- a file size limit (ulimit -f) or a full disk while writing -------------------------------------------
+
+
+@pytest.fixture
+def file_size_limit():
+    """Sets RLIMIT_FSIZE of this process (None: as it was); Python ignores SIGXFSZ, so a write past it is EFBIG."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (before[0] if size is None else size, before[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+
+def test_a_build_past_the_file_size_limit_is_one_line_and_publishes_nothing(tmp_path, cli, file_size_limit):
+    target = tmp_path / "idx"
+    file_size_limit(20_000)  # the vectors alone are 200 x 64 x 4 = 51 kB
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", target)
+    file_size_limit(None)
+    one_error_line(result, 1, "File too large", "nothing was published", "ulimit -f")
+    assert not target.exists()
+
+
+def test_a_reindex_past_the_file_size_limit_is_one_line_and_leaves_no_half_written_file(
+    cli, sample_index, file_size_limit
+):
+    before = listing(next(sample_index.glob("seg-*")))
+    file_size_limit(40_000)  # the HNSW file holds the 51 kB of vectors and the graph
+    result = cli("reindex", sample_index, "--index-type", "hnsw")
+    file_size_limit(None)
+    one_error_line(result, 1, "ann-", "File too large", "ulimit -f")
+    assert listing(next(sample_index.glob("seg-*"))) == before  # no half-written ANN file
+    assert cli("status", sample_index).exit_code == 0
+    assert cli("reindex", sample_index, "--index-type", "hnsw").exit_code == 0  # and with room, it works
+
+
+# --- Parquet files damaged in place (same size): undetected until read, then one line ----------------------
+
+
+@pytest.mark.parametrize("name", ["passages.parquet", "fields.parquet"])
+def test_a_parquet_file_damaged_in_place_is_one_line_wherever_it_is_read(tmp_path, cli, sample_index, name):
+    """A flipped byte keeps the size, so only checksums (status, info --verify) see it; a query that reads the
+    page gets one line naming the damage (it was 'unexpected OSError/IndexError/KeyError ... report it', or an
+    error message of several lines from pyarrow's)."""
+    seg = next(sample_index.glob("seg-*"))
+    size = (seg / name).stat().st_size
+    reads = [
+        ("query", "northern lights", "-f", "ids", "--where", "topic = 'physics and chemistry'"),
+        ("query", "northern lights", "-f", "jsonl", "-k", "200"),
+        ("get", "astronomy-17", "physics-05", "-f", "jsonl"),
+    ]
+    failed = 0
+    for offset in range(0, size, size // 40):
+        damaged = tmp_path / f"idx-{offset}"
+        shutil.copytree(sample_index, damaged)
+        path = damaged / seg.name / name
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        for args in reads:
+            result = cli(args[0], damaged, *args[1:])
+            if result.exit_code == 0:
+                continue  # a byte no read decodes (or one decoded to another valid value: status finds it)
+            failed += 1
+            one_error_line(result, 1, str(damaged / seg.name))
+            assert "unexpected" not in result.stderr, (offset, args, result.stderr)
+        assert cli("status", damaged).exit_code == 6
+        shutil.rmtree(damaged)
+    assert failed > 10  # the damage was seen, not skipped
+
+
+# --- status prints one line, whatever the paths hold -------------------------------------------------------
+
+
+def test_status_is_one_line_when_the_corpus_path_holds_a_newline_and_its_command_still_runs(tmp_path, cli):
+    """A corpus folder named with a newline split the status line (and its 'run ...' command) in two, so a
+    monitor reading one line got half a message; an ESC in the name reached the terminal raw."""
+    corpus = tmp_path / "new\nline\x1b[31m"
+    corpus.mkdir()
+    (corpus / "c.jsonl").write_bytes((SAMPLE / "passages.jsonl").read_bytes())
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    with open(corpus / "c.jsonl", "a") as fh:
+        fh.write('{"id": "new-1", "text": "aurora borealis"}\n')
+    status = cli("status", index)
+    assert status.exit_code == 8 and status.stderr == ""
+    assert status.stdout.count("\n") == 1 and "\x1b" not in status.stdout
+    assert status.stdout.startswith("corpus-changed: ")
+    command = status.stdout.split("; run '", 1)[1][:-2]  # what the line says to run, as a shell reads it
+    run = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, check=True)
+    words = run.stdout.decode().split("\0")[:-1]
+    assert words == ["dsearch", "index", str(corpus), "-o", str(index), "--update"]

@@ -484,3 +484,76 @@ def test_ivfpq_rerank_reads_its_candidates_without_the_memory_map(cli, tmp_path,
     np.testing.assert_allclose(scores, expected[0], atol=1e-6)
     exact = OpenIndex(flat_index).search(queries, 10)
     np.testing.assert_array_equal(rows[:, :1], exact[1][:, :1])  # each query's own row first, exactly scored
+
+
+@pytest.mark.parametrize("factory", ["PCA32,Flat", "PCA32,HNSW16", "PCAR16,IVF4,Flat", "PCAW32,HNSW16"])
+def test_an_index_that_reduces_the_dimension_still_prints_exact_scores(cli, tmp_path, flat_index, factory):
+    """A lossy transform (PCA) keeps no exact vector: its scores are not cosines, so it re-ranks like PQ does."""
+    target = tmp_path / "reduced"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", factory, "-q").exit_code == 0
+    exact_scores = {(q, i): s for q, i, s in _hits(cli, flat_index, "-k", "200")}
+    hits = _hits(cli, target)
+    assert len(hits) == 5 * len(QUERIES)
+    assert all(exact_scores[(q, i)] == pytest.approx(s, abs=1e-5) for q, i, s in hits)
+    # An index built before this rule (its manifest says no re-rank) is re-ranked all the same.
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["index_params"]["rerank"] is True
+    manifest["index_params"]["rerank"] = False
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    assert all(exact_scores[(q, i)] == pytest.approx(s, abs=1e-5) for q, i, s in _hits(cli, target))
+    # --min-score reads the cosine, as on the exact index.
+    kept = cli("query", target, QUERIES[0], "-k", "5", "--format", "ids", "--min-score", "0.3")
+    assert kept.stdout.split() == [i for q, i, s in _hits(cli, target) if q == "1" and s >= 0.3]
+
+
+@pytest.mark.parametrize("factory", ["HNSW16_PQ8", "OPQ8,IVF4,PQ8"])  # 256 PQ centroids: more than 200 passages
+def test_a_factory_faiss_cannot_train_on_the_corpus_is_one_line_and_the_index_is_kept(cli, flat_index, factory):
+    before = _hits(cli, flat_index)
+    for args in (("index", SAMPLE / "passages.jsonl", "-o", flat_index, "--index-type", factory),
+                 ("reindex", flat_index, "--index-type", factory)):
+        result = cli(*args)
+        one_error_line(result, 2, factory, "200 vectors", "Number of training points (200)", "--index-type")
+        assert "unexpected" not in result.stderr and "report it" not in result.stderr
+        assert read_manifest(flat_index).index_type == FLAT and _hits(cli, flat_index) == before
+        assert cli("status", flat_index).exit_code == 0  # nothing left behind either
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
+def test_an_ann_file_whose_ids_point_past_the_segment_is_one_line_naming_reindex(cli, tmp_path, index_type):
+    """Damaged ids in an IVF list (same file size) sent a re-rank out of the raw store: 'unexpected IndexError'."""
+    import faiss
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", index_type, "-q").exit_code == 0
+    ann = next(target.glob("seg-*/ann-*.faiss"))
+    index = faiss.read_index(str(ann))
+    invlists = faiss.extract_index_ivf(index).invlists
+    for list_no in range(invlists.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            faiss.rev_swig_ptr(invlists.get_ids(list_no), size)[:] += 1_000_000
+    before = ann.stat().st_size
+    faiss.write_index(index, str(ann))
+    assert ann.stat().st_size == before  # damage of the kind a size check does not see
+    result = cli("query", target, *QUERIES, "-f", "ids", "--effort", "1000")
+    one_error_line(result, 1, str(ann), "corrupt", f"dsearch reindex {target}")
+    assert cli("reindex", target).exit_code == 0
+    assert cli("query", target, *QUERIES, "-f", "ids").exit_code == 0
+
+
+@pytest.mark.parametrize("factory", ["hnsw", "PCA32,HNSW16,RFlat"])
+def test_an_ef_past_the_index_size_searches_everything_instead_of_overflowing(cli, tmp_path, factory):
+    """--ef 3000000000 (or --effort 1e30) overflowed FAISS's int ('unexpected OverflowError'), and --ef 2000000000
+    took 16 GB and 41 s on an 18k-row index: efSearch is capped at the rows there are, as nprobe is at nlist."""
+    import faiss
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", factory, "-q").exit_code == 0
+    everything = _hits(cli, target, "--ef", "200")
+    for knob in (("--ef", "3000000000"), ("--ef", "99999999999999999999"), ("--effort", "1e30")):
+        assert _hits(cli, target, *knob) == everything
+    ann = OpenIndex(target).segments[0].ann
+    params = ann._params(faiss, {"efSearch": 2_000_000_000}, 1.0, None)
+    while not hasattr(params, "efSearch"):  # down through the refine stage and the transform (as Python objects)
+        params = params.referenced_objects[0]
+    assert params.efSearch == 200

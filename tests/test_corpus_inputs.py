@@ -450,3 +450,43 @@ def test_windows_with_the_real_tokenizer_start_at_sentences(tmp_path, bundled_en
     assert all(w.startswith("Sentence number ") for w in windows)
     assert all(len(spans(w)) <= 64 for w in windows)
     assert {s for w in windows for s in sentences if s in w} == set(sentences)  # every sentence whole somewhere
+
+
+# --- Parquet binary columns (Spark and others write strings without the UTF8 annotation) -------------------
+
+
+def test_parquet_binary_id_title_and_text_are_read_as_utf8_not_as_python_reprs(tmp_path, cli):
+    """Ids from a binary column were stored as "b'a1'": silently wrong ids that no qrels or 'get a1' could find."""
+    corpus = tmp_path / "spark.parquet"
+    table = pa.table(
+        {
+            "id": pa.array([b"a1", "é2".encode()], pa.binary()),
+            "title": pa.array([b"T\xc3\xa9", None], pa.binary()),
+            "text": pa.array([b"northern lights", b"volcano lava"], pa.binary()),
+        }
+    )
+    pq.write_table(table, corpus)
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    got = [json.loads(line) for line in cli("get", index, "a1", "é2", "-f", "jsonl").stdout.splitlines()]
+    assert [(g["id"], g["title"], g["text"]) for g in got] == [
+        ("a1", "Té", "northern lights"),
+        ("é2", None, "volcano lava"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "problem"),
+    [
+        ("id", pa.array([b"a1", b"\xff\xfe"], pa.binary()), "id field 'id' holds bytes that are not UTF-8"),
+        ("text", pa.array([b"ok", b"bad\xff"], pa.binary()), "text field 'text' holds bytes that are not UTF-8"),
+        ("id", pa.array([1.5, float("nan")]), "id field 'id' is not a string or a number"),
+    ],
+)
+def test_parquet_ids_and_texts_that_cannot_be_text_are_errors_naming_the_row(tmp_path, cli, column, values, problem):
+    columns = {"id": pa.array(["a1", "a2"]), "text": pa.array(["x", "y"])}
+    columns[column] = values
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table(columns), corpus)
+    one_error_line(cli("index", corpus, "-o", tmp_path / "idx"), 1, f"{corpus}:row 2", problem)
+    assert not (tmp_path / "idx").exists()

@@ -220,3 +220,27 @@ def test_wide_characters_are_measured_in_terminal_columns():
 def test_get_table_of_nothing_prints_nothing(cli, sample_index):
     result = cli("get", sample_index, "nope", "-f", "table")
     one_error_line(result, 1, "no passage with id 'nope'")
+
+
+def test_tables_print_brackets_and_colons_in_passages_as_they_are(cli, tmp_path, monkeypatch):
+    """Rich read "[bold]x[/bold]" in a passage as markup (the id printed as "x", which 'get' then cannot find),
+    "[link=URL]" as a hyperlink and ":fire:" as an emoji: a table shows the passage's own characters."""
+    corpus = tmp_path / "brackets.jsonl"
+    record = {
+        "id": "[bold]v-1[/bold]",
+        "title": "[link=http://e.x]t[/link]",
+        "text": "volcano [red]lava[/red] :fire: [/]",
+        "[i]year[/i]": 2020,
+    }
+    corpus.write_text(json.dumps(record) + "\n")
+    index = tmp_path / "brackets.idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    monkeypatch.setenv("COLUMNS", "160")
+    for args in (("query", index, "volcano", "--full"), ("get", index, "[bold]v-1[/bold]")):
+        result = cli(*args, "-f", "table")
+        assert (result.exit_code, result.stderr) == (0, ""), result.stderr
+        for shown in ("[bold]v-1[/bold]", "[link=http://e.x]t[/link]", "[red]lava[/red] :fire: [/]"):
+            assert shown in result.stdout
+        assert "🔥" not in result.stdout and "\x1b" not in result.stdout
+    info = cli("info", index)
+    assert info.exit_code == 0 and "[i]year[/i]" in info.stdout

@@ -1119,6 +1119,8 @@ def eval_command(
         for flag, given in (("--queries", queries_file), ("--qrels", qrels_file)):
             if _same_file(run_file, given):  # replacing it would lose the judgements or topics
                 raise UsageError(f"--run {run_file} is the {flag} file; give --run another path")
+        if _index_file(run_file, directory):  # replacing it would lose the index
+            raise UsageError(f"--run {run_file} is a file of the index {directory}; give --run another path")
     qrels = read_qrels(str(qrels_file))
     queries = read_query_file(str(queries_file))
     searcher, mode = _open_searcher(
@@ -1153,6 +1155,20 @@ def eval_command(
         for qid, values in report.per_query.items():
             for name, value in values.items():
                 print(f"{name}\t{escape_field(qid)}\t{value:.4f}")
+
+
+def _index_file(path: Path, directory: Path) -> bool:
+    """Whether ``path`` (through any symlinks) is, or would be, one of dsearch's own files inside the index
+    ``directory``: its manifest, lock, a segment or a staging area."""
+    from dsearch.manifest import MANIFEST_FILE, SEGMENT_NAME
+    from dsearch.store import LOCK_FILE, STAGING_NAME
+
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    if not real.is_relative_to(root) or real == root:
+        return False
+    top = real.relative_to(root).parts[0]
+    ours = (MANIFEST_FILE, LOCK_FILE, f".{MANIFEST_FILE}.tmp")
+    return top in ours or bool(SEGMENT_NAME.fullmatch(top) or STAGING_NAME.fullmatch(top))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -1327,6 +1343,8 @@ def _deps_from_environment() -> Deps | None:
 def _fail(message: str, code: int) -> int:
     if SETTINGS.debug:
         traceback.print_exc()
+    # One line whatever the message quotes: pyarrow's and FAISS's texts carry newlines ("...failed.\n")
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"dsearch: error: {message}", file=sys.stderr)
     return code
 

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -369,8 +370,18 @@ def _read_path(
             )
         return
     if not os.path.exists(path):
+        if os.path.islink(path):  # a link to nothing, or to itself through others (a loop)
+            raise InputError(path, f"a symlink that leads nowhere ({_link_problem(path)})", "fix the link")
         raise InputError(path, "no such file or directory")
     yield from _read_file(path, fmt or detect_format(path), Path(path).name, names, token_spans, max_tokens, stdin)
+
+
+def _link_problem(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.strerror or "unreadable"
+    return "unreadable"
 
 
 def _read_file(
@@ -461,6 +472,17 @@ def _pick(record: dict[str, Any], wanted: str | None, defaults: tuple[str, ...])
 _NOT_ID_TYPES = (dict, list, bool)
 
 
+def _text_of_bytes(value: Any) -> Any:
+    """A Parquet binary column's value as the text it holds (Spark and others write strings as binary, without
+    the UTF8 annotation): its UTF-8 decoding, or None when it is not UTF-8; any other value unchanged."""
+    if not isinstance(value, bytes | bytearray):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _passage_from_record(record: dict[str, Any], where: str, source: str, names: FieldNames) -> Passage | InputError:
     id_key = _pick(record, names.id, DEFAULT_ID_FIELDS)
     text_key = _pick(record, names.text, DEFAULT_TEXT_FIELDS)
@@ -468,8 +490,11 @@ def _passage_from_record(record: dict[str, Any], where: str, source: str, names:
     if id_key is None or record.get(id_key) is None:
         wanted = names.id or "/".join(DEFAULT_ID_FIELDS)
         return InputError(where, f"missing id field {wanted!r}", f"name it with {option('id_field')}, or {SKIP_HINT}")
-    raw_id = record[id_key]
-    if type(raw_id) is not str and isinstance(raw_id, _NOT_ID_TYPES):
+    raw_id = _text_of_bytes(record[id_key])
+    if raw_id is None:
+        return InputError(where, f"id field {id_key!r} holds bytes that are not UTF-8", SKIP_HINT)
+    not_finite = isinstance(raw_id, float) and not math.isfinite(raw_id)  # "nan" would be an id, and a duplicate
+    if not_finite or (type(raw_id) is not str and isinstance(raw_id, _NOT_ID_TYPES)):
         return InputError(where, f"id field {id_key!r} is not a string or a number", SKIP_HINT)
     # The id is kept exactly as given (spaces, tabs and all): qrels and other tools must find it unchanged.
     pid = str(raw_id)
@@ -479,12 +504,16 @@ def _passage_from_record(record: dict[str, Any], where: str, source: str, names:
         wanted = names.text or "/".join(DEFAULT_TEXT_FIELDS)
         fix = f"name it with {option('text_field')}, or {SKIP_HINT}"
         return InputError(where, f"missing text field {wanted!r}", fix)
-    text = record[text_key]
+    text = _text_of_bytes(record[text_key])
+    if text is None and record[text_key] is not None:
+        return InputError(where, f"text field {text_key!r} holds bytes that are not UTF-8", SKIP_HINT)
     if text is None:
         text = ""
     if not isinstance(text, str):
         return InputError(where, f"text field {text_key!r} is not a string", SKIP_HINT)
-    title = record.get(title_key) if title_key else None
+    title = _text_of_bytes(record.get(title_key)) if title_key else None
+    if title is None and title_key and record.get(title_key) is not None:
+        return InputError(where, f"title field {title_key!r} holds bytes that are not UTF-8", SKIP_HINT)
     title = str(title) if title not in (None, "") else None
     used = {id_key, text_key, title_key}
     fields = {k: v for k, v in record.items() if k not in used}

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dsearch.errors import UsageError, option, spell
+from dsearch.errors import IndexDirError, UsageError, option, spell
 
 BUILTIN = ("id", "title", "source")
 ROW_COLUMN = "__row"  # DuckDB's view: each passage's row number, beside its columns
@@ -889,7 +889,6 @@ def fast_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
     """``allowed_rows`` without DuckDB for the common subset of WHERE (see the module's docstring); None when the
     condition, or the index, needs DuckDB."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     kinds = {name: "VARCHAR" for name in BUILTIN}
     kinds.update({name: kind for name, kind in types.items() if name not in BUILTIN})
@@ -903,24 +902,15 @@ def fast_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
         masks = []
         for seg in index.segments:
             seg_dir = index.directory / seg.segment.path
-            columns: dict[str, _Column] = {}
-            if fields:
-                if FIELDS_FILE not in seg.segment.files:
-                    raise _Unsupported("an index from before fields.parquet")
-                strings = [name for name in fields if used[name] == "VARCHAR"]  # lists of strings stay plain
-                table = pq.ParquetFile(seg_dir / FIELDS_FILE, read_dictionary=strings)
-                stored = {field.name: _arrow_type_name(field.type) for field in table.schema_arrow}
-                if any(stored.get(name) != _ARROW_TYPES[used[name]] for name in fields):
-                    raise _Unsupported("a field written without its column, or as another type than the manifest's")
-                read = table.read(columns=fields, use_threads=False)  # one thread: 2.5 ms where a pool took 6
-                columns.update({name: _read_column(read.column(name), used[name]) for name in fields})
-            if builtin:
-                # Ids and titles are (nearly) all distinct: read as plain strings, which costs 100k ids 0.03 s
-                # where a dictionary of them took 0.14 s. Sources repeat, so they are read as a dictionary.
-                dictionary = [name for name in builtin if name == "source"]
-                passages = pq.ParquetFile(seg_dir / "passages.parquet", read_dictionary=dictionary)
-                read = passages.read(columns=builtin, use_threads=False)
-                columns.update({name: _read_column(read.column(name), "VARCHAR") for name in builtin})
+            try:
+                columns = _fast_columns(seg, seg_dir, fields, builtin, used)
+            except (OSError, ValueError, IndexError, KeyError) as exc:
+                # A damaged file of the right size (undetected until status compares checksums): a bad footer
+                # (ArrowInvalid, a ValueError), a column name or dictionary index out of range. One line, not a crash.
+                raise IndexDirError(
+                    f"{seg_dir}: cannot read the stored fields ({exc}); check it with 'dsearch status "
+                    f"{index.directory}' and rebuild the index"
+                ) from exc
             if any(len(c.valid) != seg.segment.rows for c in columns.values()):
                 raise _Unsupported("columns that do not match the segment")  # DuckDB's path reports the damage
             true, _ = _Evaluator(columns, used, seg.segment.rows).eval(tree)
@@ -928,3 +918,28 @@ def fast_allowed_rows(index: Any, where: str, types: dict[str, str]) -> Any:
     except _Unsupported:
         return None
     return np.concatenate(masks) if masks else np.zeros(index.rows, dtype=bool)
+
+
+def _fast_columns(seg: Any, seg_dir: Path, fields: list[str], builtin: list[str], used: dict[str, str]) -> dict:
+    """The columns a fast ``--where`` reads from one segment: fields from fields.parquet, the rest from passages."""
+    import pyarrow.parquet as pq
+
+    columns: dict[str, _Column] = {}
+    if fields:
+        if FIELDS_FILE not in seg.segment.files:
+            raise _Unsupported("an index from before fields.parquet")
+        strings = [name for name in fields if used[name] == "VARCHAR"]  # lists of strings stay plain
+        table = pq.ParquetFile(seg_dir / FIELDS_FILE, read_dictionary=strings)
+        stored = {field.name: _arrow_type_name(field.type) for field in table.schema_arrow}
+        if any(stored.get(name) != _ARROW_TYPES[used[name]] for name in fields):
+            raise _Unsupported("a field written without its column, or as another type than the manifest's")
+        read = table.read(columns=fields, use_threads=False)  # one thread: 2.5 ms where a pool took 6
+        columns.update({name: _read_column(read.column(name), used[name]) for name in fields})
+    if builtin:
+        # Ids and titles are (nearly) all distinct: read as plain strings, which costs 100k ids 0.03 s
+        # where a dictionary of them took 0.14 s. Sources repeat, so they are read as a dictionary.
+        dictionary = [name for name in builtin if name == "source"]
+        passages = pq.ParquetFile(seg_dir / "passages.parquet", read_dictionary=dictionary)
+        read = passages.read(columns=builtin, use_threads=False)
+        columns.update({name: _read_column(read.column(name), "VARCHAR") for name in builtin})
+    return columns

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +72,36 @@ class StatusReport:
         if not self.problems:
             age = f", built {_human_age(self.age_seconds)} ago" if self.age_seconds is not None else ""
             busy = "; a run is updating it now" if self.updating else ""
-            return f"ok: {self.index}: {self.passages:,} passages{age}{busy}"  # 2,000 as `info` writes it
-        return "; ".join(f"{p['kind']}: {p['detail']}" for p in self.problems)
+            return _one_line(f"ok: {self.index}: {self.passages:,} passages{age}{busy}")  # 2,000 as `info` has it
+        return _one_line("; ".join(f"{p['kind']}: {p['detail']}" for p in self.problems))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """The status line stays one line for the monitor that reads it, and sends no raw control characters to a
+    terminal, whatever a path holds: a newline shows as ``\\x0a`` (the command in it is quoted without any)."""
+    return _CONTROL.sub(lambda m: _code(m.group()), text)
+
+
+def _code(char: str) -> str:
+    return f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}"
+
+
+def shell_join(words: list[str]) -> str:
+    """``shlex.join``, except that a word with a control character (a newline in a folder's name) is written in
+    bash's ``$'...'`` quoting, so that the command stays on one line and runs as printed in bash and zsh."""
+    return " ".join(_ansi_c_quote(w) if _CONTROL.search(w) else shlex.quote(w) for w in words)
+
+
+def _ansi_c_quote(word: str) -> str:
+    def escape(char: str) -> str:
+        if char in "\\'":
+            return "\\" + char
+        return _code(char) if _CONTROL.fullmatch(char) else char
+
+    return "$'" + "".join(escape(c) for c in word) + "'"
 
 
 def _human_age(seconds: float | None) -> str:
@@ -166,7 +196,7 @@ def update_command(directory: Path, manifest: Manifest, given: list[str] | None 
     for name, value in (corpus.get("fields") or {}).items():
         if value is not None and name in ("id", "text", "title"):
             words += [f"--{name}-field", str(value)]
-    return shlex.join(words)
+    return shell_join(words)
 
 
 def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | None:
@@ -182,7 +212,7 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | Non
     by_path.pop("-", None)
     paths = corpus if corpus is not None else list(by_path)
     for path in paths:
-        resolved = str(Path(path).resolve())
+        resolved = os.path.realpath(path)  # not Path.resolve(): it raises RuntimeError on a symlink loop
         then = by_path.get(resolved)
         if then is None:
             then, inside = _recorded_part(by_path, resolved)

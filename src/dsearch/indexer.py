@@ -169,7 +169,7 @@ def describe_source(path: str, budget: int | None = None, exclude: Iterable[str]
         with suppress(OSError):
             stats[f] = f.stat()
     source: dict[str, Any] = {
-        "path": str(p.resolve()),
+        "path": os.path.realpath(p),  # not Path.resolve(): it raises RuntimeError on a symlink loop
         "files": len(stats),
         "bytes": sum(s.st_size for s in stats.values()),
         "mtime": max((s.st_mtime for s in stats.values()), default=0.0),
@@ -451,6 +451,9 @@ _DISK_FIXES = {
     errno.EPERM: "check its permissions or choose another -o",
     errno.EROFS: "the file system is read-only: choose another -o",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another -o",
+    errno.EFBIG: "a file reached the size limit (ulimit -f, or the file system's): raise it or choose another -o",
+    errno.ENAMETOOLONG: "a name in the path is too long: choose another -o",
+    errno.ELOOP: "a symlink in the path leads back to itself: fix the link or choose another -o",
 }
 
 
@@ -512,16 +515,24 @@ def build_index(
             ann=(index_type, memory),
         )
     except OSError as exc:
-        fix = _DISK_FIXES.get(exc.errno or 0)
-        if fix is None:
+        error = disk_error(exc, target)
+        if error is None:
             raise
-        # Disk full, no permission, read-only: the user's to fix, so one line naming the path, not a bug report.
-        where = Path(exc.filename) if exc.filename else target
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) and not _within(where, target):
-            # A corpus file, not the index: another -o would not help.
-            not_dir = exc.errno == errno.ENOTDIR
-            fix = "a part of the path is a file, not a folder" if not_dir else "check its permissions"
-        raise IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})") from exc
+        raise error from exc
+
+
+def disk_error(exc: OSError, target: Path) -> IndexDirError | None:
+    """The one line for an OSError that is the user's to fix (disk full, no permission, read-only) while writing
+    the index at ``target``, naming the path; None for any other OSError (a bug report)."""
+    fix = _DISK_FIXES.get(exc.errno or 0)
+    if fix is None:
+        return None
+    where = Path(exc.filename) if exc.filename else target
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR) and not _within(where, target):
+        # A corpus file, not the index: another -o would not help.
+        not_dir = exc.errno == errno.ENOTDIR
+        fix = "a part of the path is a file, not a folder" if not_dir else "check its permissions"
+    return IndexDirError(f"{where}: {exc.strerror}; nothing was published ({fix})")
 
 
 def _within(path: Path, directory: Path) -> bool:
@@ -875,7 +886,10 @@ def build_segment_index(
     params: dict[str, Any] = {"requested": requested, "reason": plan.reason}
     if plan.index_type == FLAT:
         return FLAT, params
-    name, built = build_ann(segment_dir, raw, plan, previous=previous)
+    try:
+        name, built = build_ann(segment_dir, raw, plan, previous=previous)
+    except ValueError as exc:  # a factory string FAISS accepts but cannot train on these vectors
+        raise UsageError(f"cannot build the index: {exc}; choose another {option('index_type')}") from None
     segment.files[name] = file_info(segment_dir / name)
     return plan.index_type, {**params, **built}
 

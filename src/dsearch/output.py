@@ -136,7 +136,11 @@ def console(stream: IO[str], color: bool, width: int | None = None) -> Any:
             self.quiet = True
             raise BrokenPipeError()
 
-    out = _PipeConsole(file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width)
+    # markup and emoji off: passages are shown as they are ("[/]" was a MarkupError, "[b]id[/b]" printed "id",
+    # "[link=URL]" a hyperlink, ":fire:" an emoji); dsearch styles its own parts with Text objects.
+    out = _PipeConsole(
+        file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width, markup=False, emoji=False
+    )
     if out.width < 1:  # COLUMNS=0, or a terminal that reports no size (some containers): Rich would print nothing
         out.width = 80
     return out

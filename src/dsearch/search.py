@@ -139,7 +139,9 @@ def read_query_file(path: str) -> list[Query]:
             if qid is None or not isinstance(text, str):
                 raise InputError(where, "a query needs '_id' and 'text' fields")
             # As for corpus ids: text or a number. An empty id broke TREC lines; {} or true printed as Python.
-            if isinstance(qid, bool) or not isinstance(qid, str | int | float) or not str(qid).strip():
+            # NaN and Infinity (which Python's JSON reads) printed "nan" and "inf" as qids.
+            not_finite = isinstance(qid, float) and not math.isfinite(qid)
+            if isinstance(qid, bool) or not isinstance(qid, str | int | float) or not str(qid).strip() or not_finite:
                 problem = f"query id {json.dumps(qid)} is not a non-empty string or number"
                 raise InputError(where, problem, "fix the line")
             query = Query(str(qid), text.strip())

@@ -11,6 +11,7 @@ Layout (see README, "The index directory")::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -373,6 +374,13 @@ def index_lock(target: Path) -> Iterator[Path]:
             raise IndexDirError(
                 f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
                 "nothing was changed (create that folder, or choose another -o)"
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+                raise  # the build's one line for these names the path and the fix (indexer._DISK_FIXES)
+            # A symlink loop above DIR, a name too long, a file system that takes no folders (/proc)
+            raise IndexDirError(
+                f"{target}: cannot create it ({exc.strerror}); nothing was changed (choose another -o)"
             ) from None
         real = target.resolve()
         path = real / LOCK_FILE
@@ -912,11 +920,23 @@ class OpenIndex:
             names, arrays = self._row_group(seg_no, group, columns)
             missing = [name for name in columns if name not in names]
             for row, offset in members:
-                record = {name: array[offset].as_py() for name, array in zip(names, arrays, strict=True)}
+                try:
+                    record = {name: array[offset].as_py() for name, array in zip(names, arrays, strict=True)}
+                except UnicodeDecodeError as exc:  # a damaged string that Parquet's checks let through
+                    raise self._damaged(self.segments[seg_no], exc) from exc
                 for name in missing:
                     record[name] = None
                 found[row] = record
         return found
+
+    def _damaged(self, seg: OpenSegment, exc: Exception) -> IndexDirError:
+        """The one line for a passages.parquet that cannot be read although its size is right (damaged pages)."""
+        path = self.directory / seg.segment.path / PASSAGES_FILE
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return IndexDirError(
+            f"{path}: cannot read the passages' metadata ({detail}); the index is damaged: "
+            f"'dsearch status {self.directory}' checks every file; rebuild the index"
+        )
 
     def _segment_of(self, row: int) -> int:
         for number, seg in enumerate(self.segments):
@@ -932,8 +952,11 @@ class OpenIndex:
             cached = self._group_cache.pop(key, None)
             if cached is None:
                 present = self._present(self.segments[seg_no], columns)
-                table = self.segments[seg_no].table.read_row_group(group, columns=present)
-                cached = (table.column_names, [column.combine_chunks() for column in table.columns])
+                try:
+                    table = self.segments[seg_no].table.read_row_group(group, columns=present)
+                    cached = (table.column_names, [column.combine_chunks() for column in table.columns])
+                except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+                    raise self._damaged(self.segments[seg_no], exc) from exc
                 if len(self._group_cache) >= GROUP_CACHE_SIZE:
                     self._group_cache.pop(next(iter(self._group_cache)))  # the least recently used
             self._group_cache[key] = cached
@@ -946,11 +969,15 @@ class OpenIndex:
             missing = {name: None for name in columns if name not in present}
             batches = seg.table.iter_batches(batch_size=ROW_GROUP_SIZE, columns=present)
             while True:
-                with self._read_lock:  # one batch at a time: never held while the caller has the rows
-                    batch = next(batches, None)
+                try:
+                    with self._read_lock:  # one batch at a time: never held while the caller has the rows
+                        batch = next(batches, None)
+                    records = batch.to_pylist() if batch is not None else []
+                except (OSError, ValueError) as exc:  # damaged pages (UnicodeDecodeError is a ValueError)
+                    raise self._damaged(seg, exc) from exc
                 if batch is None:
                     break
-                for row in batch.to_pylist():
+                for row in records:
                     yield {**missing, **row} if missing else row
 
     @staticmethod

@@ -10,6 +10,7 @@ Everything here imports faiss lazily: ``dsearch --help`` and flat queries never 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import re
 import threading
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,7 +62,14 @@ class IndexPlan:
 
     @property
     def compressed(self) -> bool:
-        return self.factory is not None and bool(re.search(r"PQ|SQ|LSH|RaBitQ", self.factory))
+        return self.factory is not None and lossy(self.factory)
+
+
+def lossy(factory: str) -> bool:
+    """Whether a factory's index scores with something other than the exact vectors: codes (PQ, SQ, LSH,
+    RaBitQ) or a transform that reduces the dimension (PCA, OPQ, ITQ). Its candidates are re-ranked exactly
+    from the raw store, else it would print PCA-space scores, not cosines, and --min-score would read those."""
+    return bool(re.search(r"PQ|SQ|LSH|RaBitQ|PCA|ITQ", factory))
 
 
 def parse_memory(text: str) -> int:
@@ -243,6 +251,7 @@ class FaissIndex:
     raw: Any  # store.FlatVectors of the same segment
     defaults: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch chosen at build time
     rerank: bool = False
+    path: Path | None = None  # the ANN file, named when it turns out corrupt
     # An IVF inside a wrapper that cannot pass parameters down (_ivf_params: OPQ16,IVF256,PQ16 and IVF,PQ,RFlat
     # can) takes nprobe as a setting on the shared index: searches that set it take turns (_wrapped_ivf).
     _knob_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -264,9 +273,21 @@ class FaissIndex:
                 scores, rows = self.index.search(queries, fetch, params=search_params)
             else:
                 scores, rows = self.index.search(queries, fetch)
+        self._check_rows(rows)
         if self.rerank:
             scores, rows = self._rerank(queries, rows, k)
         return scores, rows.astype(np.int64)
+
+    def _check_rows(self, rows: Any) -> None:
+        """Rows past the segment (a damaged id list in the ANN file) would index the raw store out of range."""
+        bad = (rows >= self.raw.ntotal) | (rows < -1)
+        if bad.any():
+            where = self.path or "the ANN index file"
+            directory = self.path.parent.parent if self.path is not None else "DIR"
+            raise IndexDirError(
+                f"{where}: returned row {int(rows[bad][0])} of a segment of {self.raw.ntotal} rows (the file is "
+                f"corrupt); rebuild it from the stored vectors with 'dsearch reindex {directory}'"
+            )
 
     def _params(self, faiss: Any, knobs: dict[str, Any], effort: float, allowed_rows: Any) -> Any:
         """FAISS search parameters: the query-time knobs (scaled by effort) and an allowed-rows selector."""
@@ -284,7 +305,9 @@ class FaissIndex:
             ivf.nprobe = nprobe  # another wrapper: set on the IVF inside (under FaissIndex._knob_lock)
         hnsw = _hnsw_of(faiss, self.index)
         if hnsw is not None:
-            ef = max(1, round(int(knobs.get("efSearch", 16)) * effort))
+            # Capped at the rows there are (beyond, HNSW visits nothing more): a huge --ef overflowed FAISS's int,
+            # and 2,000,000,000 allocated 16 GB of search heaps on an 18k-row index.
+            ef = max(1, round(min(float(knobs.get("efSearch", 16)) * effort, self.index.ntotal)))
             # _hnsw_of looks inside exactly the wrappers that _ivf_params passes parameters through
             return _ivf_params(faiss, self.index, faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
         if selector is not None:
@@ -392,7 +415,9 @@ def open_ann(path: Path, raw: Any, params: dict[str, Any]) -> FaissIndex:
             f"rebuild it with 'dsearch reindex {path.parent.parent}'"
         )
     defaults = {key: params[key] for key in ("nprobe", "efSearch") if key in params}
-    return FaissIndex(index, raw, defaults, bool(params.get("rerank")))
+    # lossy(): an index built before PCA counted as lossy has "rerank": false in its manifest
+    rerank = bool(params.get("rerank")) or lossy(str(params.get("factory", "")))
+    return FaissIndex(index, raw, defaults, rerank, path)
 
 
 # --- measuring recall --------------------------------------------------------------------------------
@@ -590,13 +615,17 @@ def build_ann(
             log.info("%s: %s", plan.factory, reason)
     if index is None:
         reason = None
-        index = _trained(faiss, raw, plan, seed)
-        for start in range(0, raw.ntotal, ADD_CHUNK):
-            index.add(raw.rows(start, ADD_CHUNK))
+        try:
+            index = _trained(faiss, raw, plan, seed)
+            for start in range(0, raw.ntotal, ADD_CHUNK):
+                index.add(raw.rows(start, ADD_CHUNK))
+        except RuntimeError as exc:  # FAISS's own checks, e.g. fewer vectors than a factory's PQ centroids
+            problem = _reason(exc)
+            raise ValueError(f"FAISS cannot build {plan.factory!r} from {raw.ntotal} vectors ({problem})") from None
     factory = previous.params["factory"] if reason is not None and previous is not None else plan.factory
     trained_rows = int(previous.params.get("trained_rows", previous.rows)) if reason and previous else raw.ntotal
     name = f"{ANN_PREFIX}{uuid.uuid4().hex[:12]}.faiss"  # the form store.ANN_NAME collects when no manifest lists it
-    faiss.write_index(index, str(segment_dir / name))
+    _write_index(faiss, index, segment_dir / name)
     built = time.perf_counter() - started
     del index
     opened = open_ann(segment_dir / name, raw, {"rerank": plan.compressed})
@@ -625,6 +654,34 @@ def build_ann(
     }
     log.info("built %s in %.1f s: recall@10 %.4f with %s", factory, built, recall, knobs or "defaults")
     return name, params
+
+
+# What FAISS's "write error in FILE: 9599 != 12928 (File too large)" ends with, for the errors that are the user's.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+
+
+def _write_index(faiss: Any, index: Any, path: Path) -> None:
+    """``faiss.write_index``, leaving no half-written file behind, and a full disk as the OSError it is (FAISS
+    reports it as a RuntimeError naming strerror), so that the caller's one line names the path and the fix."""
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:
+        path.unlink(missing_ok=True)
+        for code in _WRITE_ERRNOS:
+            if f"({os.strerror(code)})" in str(exc):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
+
+
+def _reason(exc: Exception) -> str:
+    """What a FAISS C++ error says, without its source location: "Error in f() at file.cpp:66: Error: 'x' failed:
+    Number of training points (200) should be ..." gives the part after the last "failed:" or "Error:"."""
+    text = " ".join(str(exc).split())
+    for marker in ("failed:", "Error:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+            break
+    return text[:200] or type(exc).__name__
 
 
 def _trained(faiss: Any, raw: Any, plan: IndexPlan, seed: int) -> Any:
@@ -666,35 +723,58 @@ def reindex(target: Path, requested: str, memory: int | None) -> Any:
     Under the index's write lock. The old ANN files are not opened (they may be the corrupt thing being
     replaced); the raw vectors are checked against their checksums first. The new files get new names, the
     manifest is replaced in one rename, and only then are the old files removed: a reader sees the old index
-    or the new one, and one that opened the old files keeps them (POSIX).
+    or the new one, and one that opened the old files keeps them (POSIX). A run that fails before the swap
+    (a full disk) removes the files it wrote; only a kill leaves them, for the next run's tidy().
     """
+    try:
+        return _reindex(target, requested, memory)
+    except OSError as exc:  # disk full, read-only: one line naming the path and the fix
+        from dsearch.indexer import disk_error
+
+        error = disk_error(exc, target)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _reindex(target: Path, requested: str, memory: int | None) -> Any:
     from dsearch.indexer import build_segment_index
-    from dsearch.manifest import MANIFEST_FILE, read_manifest
+    from dsearch.manifest import FORMAT_VERSION, MANIFEST_FILE, read_manifest
     from dsearch.store import INDEX_FILE, _fsync_dir, _write_file, fault_point, file_info, index_lock, tidy
 
     with index_lock(target):
         tidy(target)  # what crashed runs left, the ANN file of a killed reindex among it
         manifest = read_manifest(target)
         old_files: list[Path] = []
+        new_files: list[Path] = []
         index_type, params = manifest.index_type, manifest.index_params
-        for segment in manifest.segments:
-            seg_dir = target / segment.path
-            raw_path = seg_dir / INDEX_FILE
-            if not raw_path.exists() or file_info(raw_path) != segment.files.get(INDEX_FILE):
-                raise IndexDirError(
-                    f"{raw_path}: the stored vectors are missing or corrupt, so the ANN index cannot be rebuilt "
-                    "from them; rebuild the index with 'dsearch index'"
-                )
-            for name in [n for n in segment.files if n.startswith(ANN_PREFIX)]:
-                del segment.files[name]
-                old_files.append(seg_dir / name)
-            index_type, params = build_segment_index(seg_dir, segment, requested, memory)
-        manifest.index_type, manifest.index_params = index_type, params
-        from dsearch.manifest import FORMAT_VERSION
-
-        manifest.format_version = FORMAT_VERSION
-        fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next run's tidy() takes them
-        _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
+        try:
+            for segment in manifest.segments:
+                seg_dir = target / segment.path
+                raw_path = seg_dir / INDEX_FILE
+                if not raw_path.exists() or file_info(raw_path) != segment.files.get(INDEX_FILE):
+                    raise IndexDirError(
+                        f"{raw_path}: the stored vectors are missing or corrupt, so the ANN index cannot be "
+                        "rebuilt from them; rebuild the index with 'dsearch index'"
+                    )
+                for name in [n for n in segment.files if n.startswith(ANN_PREFIX)]:
+                    del segment.files[name]
+                    old_files.append(seg_dir / name)
+                there = set(seg_dir.glob(f"{ANN_PREFIX}*"))
+                try:
+                    index_type, params = build_segment_index(seg_dir, segment, requested, memory)
+                finally:  # what this build wrote, listed yet or not (a failure may come after the write)
+                    new_files += [p for p in seg_dir.glob(f"{ANN_PREFIX}*") if p not in there and not p.is_symlink()]
+            manifest.index_type, manifest.index_params = index_type, params
+            manifest.format_version = FORMAT_VERSION
+            fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next tidy() takes them
+            _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
+        except BaseException:
+            # Not published: the files this run wrote are nobody's (a kill, which runs no code, leaves them)
+            for path in [*new_files, target / f".{MANIFEST_FILE}.tmp"]:
+                with suppress(OSError):
+                    path.unlink()
+            raise
         _fsync_dir(target)
         for path in old_files:
             path.unlink(missing_ok=True)

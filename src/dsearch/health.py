@@ -135,7 +135,10 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
             {
                 "kind": "too-old",
                 "detail": f"{directory}: built {_human_age(report.age_seconds)} ago, "
-                f"more than the allowed {_human_age(max_age)}; reindex",
+                f"more than the allowed {_human_age(max_age)}; rebuild it with 'dsearch index' "
+                # Not `dsearch reindex` (it keeps the build time), and not --update alone: with nothing to
+                # change it publishes nothing, so an up-to-date index keeps aging.
+                "(an --update that finds nothing to change keeps the old build time)",
             }
         )
     changed = _changed_sources(manifest.corpus.get("sources", []), corpus)

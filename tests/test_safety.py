@@ -478,6 +478,28 @@ def test_a_too_old_status_names_what_renews_the_age(tmp_path, cli):
     assert fresh.exit_code == 0 and fresh.stdout.startswith(f"ok: {index}: 30 passages")
 
 
+def test_a_corpus_that_is_gone_is_reported_as_gone_not_just_changed(tmp_path, cli):
+    """An unmounted or moved corpus: the update command alone would fail on it, so the line says to restore it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_corpus(folder / "a.jsonl", 20)
+    index = tmp_path / "idx"
+    assert cli("index", folder, "-o", index).exit_code == 0
+    folder.rename(tmp_path / "elsewhere")
+    gone = cli("status", index)
+    assert gone.exit_code == 8 and gone.stderr == "" and gone.stdout.count("\n") == 1
+    assert gone.stdout.startswith(f"corpus-changed: {folder} is gone (unmounted or moved?) since the index was built; ")
+    assert f"restore it, then run 'dsearch index {folder} -o {index} --update'" in gone.stdout
+    as_json = json.loads(cli("status", index, "--json").stdout)
+    assert as_json["status"] == "corpus-changed" and "is gone" in as_json["problems"][0]["detail"]
+    (tmp_path / "elsewhere").rename(folder)  # restored as it was: nothing to report
+    assert cli("status", index).exit_code == 0
+    write_corpus(folder / "a.jsonl", 21)  # a plain change still reads as one
+    changed = cli("status", index)
+    assert changed.exit_code == 8 and changed.stdout.startswith(f"corpus-changed: {folder} changed since the index ")
+    assert "restore it" not in changed.stdout
+
+
 def test_status_corpus_takes_several_paths_and_files_inside_a_folder(tmp_path, cli):
     folder = tmp_path / "notes"
     (folder / "sub").mkdir(parents=True)

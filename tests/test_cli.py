@@ -109,6 +109,24 @@ def test_usage_errors_exit_2_on_one_line(cli, args, fragment):
     one_error_line(cli(*args), 2, fragment)
 
 
+@pytest.mark.parametrize(
+    "args,help_command",
+    [
+        (["query", "idx", "q", "-k", "0"], "dsearch query --help"),
+        (["index", "x.jsonl"], "dsearch index --help"),
+        (["status"], "dsearch status --help"),
+        (["eval", "idx"], "dsearch eval --help"),
+        (["frobnicate"], "dsearch --help"),
+        (["--frobnicate"], "dsearch --help"),
+    ],
+)
+def test_a_usage_error_points_to_the_help_that_lists_the_option(cli, args, help_command):
+    """`dsearch --help` lists only the commands: an option's error points to its own command's help."""
+    result = cli(*args)
+    one_error_line(result, 2)
+    assert result.stderr.rstrip().endswith(f"(see '{help_command}')")
+
+
 def test_no_arguments_prints_help_and_exits_2(cli):
     result = cli()
     assert result.exit_code == 2 and result.stdout == ""

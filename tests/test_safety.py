@@ -451,6 +451,55 @@ def test_status_lines_name_the_index_and_give_a_command_that_works(tmp_path, cli
     assert cli(*words[1:]).exit_code == 0 and cli("status", index).exit_code == 0
 
 
+def test_a_too_old_status_names_what_renews_the_age(tmp_path, cli):
+    """`too-old` used to say "reindex", which keeps the build time; so does an --update with nothing to change."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 30)
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+
+    def age_check():
+        return cli("status", index, "--max-age", "1d")
+
+    set_manifest(index, lambda m: m.update(created_at="2020-01-01T00:00:00+00:00"))
+    old = age_check()
+    assert old.exit_code == 7 and old.stderr == ""
+    assert old.stdout.startswith(f"too-old: {index}: built ") and old.stdout.count("\n") == 1
+    assert "rebuild it with 'dsearch index'" in old.stdout and "--update that finds nothing" in old.stdout
+    assert not old.stdout.rstrip().endswith("reindex")
+    # What the line warns about: neither of these renews the age of an index whose corpus has not changed.
+    assert cli("reindex", index, "-q").exit_code == 0
+    assert age_check().exit_code == 7
+    update = cli("index", corpus, "-o", index, "--update", "--json", "-q")
+    assert update.exit_code == 0 and json.loads(update.stdout)["published"] is False
+    assert age_check().exit_code == 7
+    # What it says to do does.
+    assert cli("index", corpus, "-o", index, "-q").exit_code == 0
+    fresh = age_check()
+    assert fresh.exit_code == 0 and fresh.stdout.startswith(f"ok: {index}: 30 passages")
+
+
+def test_a_corpus_that_is_gone_is_reported_as_gone_not_just_changed(tmp_path, cli):
+    """An unmounted or moved corpus: the update command alone would fail on it, so the line says to restore it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_corpus(folder / "a.jsonl", 20)
+    index = tmp_path / "idx"
+    assert cli("index", folder, "-o", index).exit_code == 0
+    folder.rename(tmp_path / "elsewhere")
+    gone = cli("status", index)
+    assert gone.exit_code == 8 and gone.stderr == "" and gone.stdout.count("\n") == 1
+    assert gone.stdout.startswith(f"corpus-changed: {folder} is gone (unmounted or moved?) since the index was built; ")
+    assert f"restore it, then run 'dsearch index {folder} -o {index} --update'" in gone.stdout
+    as_json = json.loads(cli("status", index, "--json").stdout)
+    assert as_json["status"] == "corpus-changed" and "is gone" in as_json["problems"][0]["detail"]
+    (tmp_path / "elsewhere").rename(folder)  # restored as it was: nothing to report
+    assert cli("status", index).exit_code == 0
+    write_corpus(folder / "a.jsonl", 21)  # a plain change still reads as one
+    changed = cli("status", index)
+    assert changed.exit_code == 8 and changed.stdout.startswith(f"corpus-changed: {folder} changed since the index ")
+    assert "restore it" not in changed.stdout
+
+
 def test_status_corpus_takes_several_paths_and_files_inside_a_folder(tmp_path, cli):
     folder = tmp_path / "notes"
     (folder / "sub").mkdir(parents=True)

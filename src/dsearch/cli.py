@@ -1317,7 +1317,10 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
         if type(exc).__name__ == "NoArgsIsHelpError":
             print(exc.format_message(), file=sys.stderr)
             return exit_code
-        return _fail(f"{exc.format_message()} (see 'dsearch --help')", exit_code)
+        # The help that lists the option at fault: `dsearch query --help`, not the list of commands.
+        ctx = getattr(exc, "ctx", None)
+        where = getattr(ctx, "command_path", "") or "dsearch"
+        return _fail(f"{exc.format_message()} (see '{where} --help')", exit_code)
     except (BrokenPipeError, _PipeClosed):
         return _closed_pipe()
     except KeyboardInterrupt:

@@ -165,15 +165,20 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
             {
                 "kind": "too-old",
                 "detail": f"{directory}: built {_human_age(report.age_seconds)} ago, "
-                f"more than the allowed {_human_age(max_age)}; reindex",
+                f"more than the allowed {_human_age(max_age)}; rebuild it with 'dsearch index' "
+                # Not `dsearch reindex` (it keeps the build time), and not --update alone: with nothing to
+                # change it publishes nothing, so an up-to-date index keeps aging.
+                "(an --update that finds nothing to change keeps the old build time)",
             }
         )
     changed = _changed_sources(manifest.corpus.get("sources", []), corpus)
     if changed:
+        how, gone = changed
         report.problems.append(
             {
                 "kind": "corpus-changed",
-                "detail": f"{changed} changed since the index was built; "
+                # A path that is gone (an unmounted or moved corpus) fails the update until it is back.
+                "detail": f"{how} since the index was built; {'restore it, then ' if gone else ''}"
                 f"run '{update_command(directory, manifest, corpus)}'",
             }
         )
@@ -199,8 +204,9 @@ def update_command(directory: Path, manifest: Manifest, given: list[str] | None 
     return shell_join(words)
 
 
-def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | None:
-    """The first corpus path whose files, size or modification time differ from the build's record.
+def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> tuple[str, bool] | None:
+    """How the first corpus path whose files, size or modification time differ from the build's record differs:
+    ``PATH changed``, or ``PATH is gone …`` when nothing is there now (unmounted, moved), and whether it is gone.
 
     Paths come from the manifest, which may be damaged or hostile: a folder is walked no further than the
     number of files and folders the build recorded there (plus one, which is enough to see a change), so a
@@ -217,14 +223,16 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> str | Non
         if then is None:
             then, inside = _recorded_part(by_path, resolved)
             if then is None:
-                return f"{path} ({inside or 'not part of the build'})"
+                return f"{path} ({inside or 'not part of the build'}) changed", False
         # Files and folders the build saw, plus one: enough to see a change, and no more than the build walked.
         # (Records from before "folders" was kept: the files count stands in for both.)
         files = then.get("files") if isinstance(then.get("files"), int) else 0
         folders = then.get("folders") if isinstance(then.get("folders"), int) else files
+        if not os.path.lexists(path):
+            return f"{path} is gone (unmounted or moved?)", True
         now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1)
         if now.get("cut_short") or any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
-            return path
+            return f"{path} changed", False
     return None
 
 

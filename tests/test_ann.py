@@ -557,3 +557,34 @@ def test_an_ef_past_the_index_size_searches_everything_instead_of_overflowing(cl
     while not hasattr(params, "efSearch"):  # down through the refine stage and the transform (as Python objects)
         params = params.referenced_objects[0]
     assert params.efSearch == 200
+
+
+def test_a_reindex_interrupted_right_after_the_manifest_swap_keeps_the_files_it_published(cli, tmp_path, monkeypatch):
+    """A failed reindex removes the ANN files it wrote, but an interrupt that lands just after the new manifest
+    was renamed into place (a Ctrl-C between the rename and the next line) must not remove the files that manifest
+    now lists: the index would be published without its ANN file."""
+    import dsearch.store
+
+    target = tmp_path / "ann"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "ivf").exit_code == 0
+    real_write = dsearch.store._write_file
+
+    def write_then_interrupt(path, data, atomic=False):
+        real_write(path, data, atomic=atomic)
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsearch.store, "_write_file", write_then_interrupt)
+    interrupted = cli("reindex", target, "--index-type", "hnsw")
+    monkeypatch.undo()
+    assert interrupted.exit_code == 3, interrupted.stderr
+    manifest = read_manifest(target)
+    assert manifest.index_type == "hnsw"  # the swap happened
+    assert set(_seg_files(target)) >= set(manifest.segments[0].files)  # every listed file is there
+    assert OpenIndex(target, verify=True).manifest.index_type == "hnsw"
+    assert _hits(cli, target)
+    # The old ANN file is left, unlisted, as a killed reindex leaves it: status names it, the next run collects it.
+    status = cli("status", target)
+    assert status.exit_code == 6 and status.stdout.startswith("incomplete: "), status.stdout
+    assert cli("reindex", target).exit_code == 0
+    assert cli("status", target).exit_code == 0

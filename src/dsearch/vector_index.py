@@ -673,6 +673,18 @@ def _write_index(faiss: Any, index: Any, path: Path) -> None:
         raise
 
 
+def _listed(target: Path, path: Path) -> bool:
+    """Whether the manifest now in ``target`` lists ``path`` (True when it cannot be read: then keep the file,
+    for the next run's tidy() to decide)."""
+    from dsearch.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(target)
+    except Exception:  # noqa: BLE001 (any failure to read means: do not delete)
+        return True
+    return any(path == target / segment.path / name for segment in manifest.segments for name in segment.files)
+
+
 def _reason(exc: Exception) -> str:
     """What a FAISS C++ error says, without its source location: "Error in f() at file.cpp:66: Error: 'x' failed:
     Number of training points (200) should be ..." gives the part after the last "failed:" or "Error:"."""
@@ -770,10 +782,13 @@ def _reindex(target: Path, requested: str, memory: int | None) -> Any:
             fault_point("ann-written")  # a kill here leaves the new ANN files unlisted: the next tidy() takes them
             _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
         except BaseException:
-            # Not published: the files this run wrote are nobody's (a kill, which runs no code, leaves them)
+            # Not published: the files this run wrote are nobody's (a kill, which runs no code, leaves them).
+            # Unless the manifest was swapped just before the failure (a Ctrl-C right after the rename): the
+            # manifest on disk decides, and a file it lists stays.
             for path in [*new_files, target / f".{MANIFEST_FILE}.tmp"]:
-                with suppress(OSError):
-                    path.unlink()
+                if not _listed(target, path):
+                    with suppress(OSError):
+                        path.unlink()
             raise
         _fsync_dir(target)
         for path in old_files:

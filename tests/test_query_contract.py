@@ -238,7 +238,7 @@ def odd_index(cli, tmp_path) -> Path:
 
 
 def test_trec_and_ids_escape_without_collisions(cli, odd_index):
-    from dsearch.output import unescape_field
+    from dsearch import unescape_field
 
     trec = cli("query", odd_index, "volcano", "-f", "trec").stdout.splitlines()
     assert len(trec) == 3 and all(len(line.split(" ")) == 6 for line in trec)
@@ -250,7 +250,7 @@ def test_trec_and_ids_escape_without_collisions(cli, odd_index):
 
 
 def test_tsv_escapes_control_characters(cli, odd_index):
-    from dsearch.output import unescape_field
+    from dsearch import unescape_field
 
     out = cli("query", odd_index, "volcano", "-f", "tsv").stdout
     assert "\x00" not in out and "\x1b" not in out
@@ -271,7 +271,8 @@ def test_jsonl_is_valid_json_without_nan(cli, odd_index):
 
 @pytest.mark.parametrize("value", ["plain", "a b\tc\nd\\e", "\x00\x7f\x85\u2028 \xa0end", "\\s\\n", ""])
 def test_escape_round_trips(value):
-    from dsearch.output import escape_field, unescape_field
+    from dsearch import unescape_field
+    from dsearch.output import escape_field
 
     for space in (False, True):
         token = escape_field(value, space=space)

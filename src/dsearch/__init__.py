@@ -33,6 +33,7 @@ _EXPORTS = {
     "LockedError": "dsearch.errors",
     "IncompleteError": "dsearch.errors",
     "TooManyRemovedError": "dsearch.errors",
+    "unescape_field": "dsearch.output",
 }
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "LockedError",
     "IncompleteError",
     "TooManyRemovedError",
+    "unescape_field",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         UsageError,
     )
     from dsearch.indexer import BuildSummary
+    from dsearch.output import unescape_field
     from dsearch.search import Hit, Query
 
 

@@ -57,7 +57,8 @@ def escape_field(value: object, space: bool = False) -> str:
 
 
 def unescape_field(token: str) -> str:
-    """The inverse of ``escape_field`` (for tests and for readers of dsearch's output)."""
+    """A field of dsearch's ``tsv``, ``trec`` or ``ids`` output as it was before escaping (the inverse of
+    ``escape_field``): ``unescape_field("a\\sb") == "a b"``."""
     simple = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "s": " "}
     return re.sub(
         r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)",

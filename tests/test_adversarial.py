@@ -492,3 +492,46 @@ def test_status_is_one_line_when_the_corpus_path_holds_a_newline_and_its_command
     run = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, check=True)
     words = run.stdout.decode().split("\0")[:-1]
     assert words == ["dsearch", "index", str(corpus), "-o", str(index), "--update"]
+
+
+# --- an index the user cannot write to ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def unwritable_lock(monkeypatch):
+    """Opening DIR/.dsearch.lock fails as it does on a read-only mount (EROFS) or, for a cron user without
+    write permission on DIR, EACCES (which root, running these tests, never gets from chmod)."""
+    import errno
+
+    import dsearch.store
+
+    real_open = os.open
+    code = {"errno": errno.EROFS}
+
+    def open_(path, flags, *args, **kwargs):
+        if os.path.basename(path) == ".dsearch.lock" and flags & os.O_CREAT:
+            raise OSError(code["errno"], os.strerror(code["errno"]), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(dsearch.store.os, "open", open_)
+    return code
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "EACCES"])
+@pytest.mark.parametrize("command", ["index", "update", "reindex"])
+def test_an_index_on_a_read_only_or_unwritable_folder_says_so_not_that_a_lock_is_planted(
+    cli, sample_index, unwritable_lock, errno_name, command
+):
+    """It said '.dsearch.lock: a symlink, folder or special file ... remove it if it is not yours': there is no
+    such file, and the user went looking for it."""
+    import errno
+
+    unwritable_lock["errno"] = getattr(errno, errno_name)
+    args = {
+        "index": ("index", SAMPLE / "passages.jsonl", "-o", sample_index),
+        "update": ("index", SAMPLE / "passages.jsonl", "-o", sample_index, "--update"),
+        "reindex": ("reindex", sample_index, "--index-type", "hnsw"),
+    }[command]
+    result = cli(*args)
+    one_error_line(result, 1, ".dsearch.lock", os.strerror(getattr(errno, errno_name)))
+    assert "remove it if it is not yours" not in result.stderr and "symlink" not in result.stderr

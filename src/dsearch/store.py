@@ -390,7 +390,9 @@ def index_lock(target: Path) -> Iterator[Path]:
         except FileNotFoundError:
             continue  # a failed first build removed the directory it had made, just now: make it again
         except OSError as exc:
-            raise _not_our_lock(path) from exc
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):  # a link, folder, socket
+                raise _not_our_lock(path) from exc
+            raise  # read-only, no permission, disk full: the caller's one line names it (indexer._DISK_FIXES)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise _not_our_lock(path)

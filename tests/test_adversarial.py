@@ -535,3 +535,37 @@ def test_an_index_on_a_read_only_or_unwritable_folder_says_so_not_that_a_lock_is
     result = cli(*args)
     one_error_line(result, 1, ".dsearch.lock", os.strerror(getattr(errno, errno_name)))
     assert "remove it if it is not yours" not in result.stderr and "symlink" not in result.stderr
+
+
+def _unreadable(path: Path) -> list[str]:
+    """A command prefix that runs without root's power to read anything (CAP_DAC_OVERRIDE), so that a file with
+    mode 000 is unreadable as it is to a cron user; [] when this machine cannot drop it."""
+    if os.geteuid() != 0:
+        return []
+    probe = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "cat", str(path)],
+        capture_output=True,
+    )
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] if probe.returncode else []
+
+
+@pytest.mark.parametrize("which", ["DIR", "index.faiss", "passages.parquet", "bm25.json", "fields.parquet"])
+def test_status_of_an_index_it_may_not_read_is_broken_not_an_unexpected_error(tmp_path, cli, which):
+    """'unexpected PermissionError ... report it' (exit 1) where a monitor needs a status: an index that its
+    readers cannot read is broken (exit 6), and the line says which file and to check its permissions."""
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    target = index if which == "DIR" else next(index.glob("seg-*")) / which
+    target.chmod(0)
+    try:
+        prefix = _unreadable(target) if os.geteuid() == 0 else []
+        if os.geteuid() == 0 and not prefix:
+            pytest.skip("root that cannot drop CAP_DAC_OVERRIDE reads any file")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        command = [*prefix, sys.executable, "-m", "dsearch", "status", str(index)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert (result.returncode, result.stderr) == (6, ""), result.stderr
+        assert result.stdout.startswith("corrupt: ") and result.stdout.count("\n") == 1
+        assert "Permission denied" in result.stdout and "check its permissions" in result.stdout
+    finally:
+        target.chmod(0o755 if which == "DIR" else 0o644)

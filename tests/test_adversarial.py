@@ -569,3 +569,36 @@ def test_status_of_an_index_it_may_not_read_is_broken_not_an_unexpected_error(tm
         assert "Permission denied" in result.stdout and "check its permissions" in result.stdout
     finally:
         target.chmod(0o755 if which == "DIR" else 0o644)
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_a_corpus_subfolder_it_may_not_read_stops_the_run_instead_of_dropping_its_passages(tmp_path, cli, update):
+    """os.walk skipped a folder it could not list: an --update removed that folder's passages (half the index,
+    within --max-remove's default) and exited 0."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    lines = (SAMPLE / "passages.jsonl").read_text().splitlines(keepends=True)
+    (corpus / "a.jsonl").write_text("".join(lines[:100]))
+    (corpus / "sub" / "b.jsonl").write_text("".join(lines[100:]))
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index, "--no-lexical").exit_code == 0
+    (corpus / "sub").chmod(0)
+    try:
+        prefix = _unreadable(corpus / "sub")
+        if os.geteuid() == 0 and not prefix:
+            pytest.skip("root that cannot drop CAP_DAC_OVERRIDE reads any folder")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+            "DSEARCH_TEST_ENCODER": "fakes:hashing_encoder",
+        }
+        args = ["index", str(corpus), "-o", str(index), *(["--update"] if update else [])]
+        result = subprocess.run([*prefix, sys.executable, "-m", "dsearch", *args], capture_output=True, text=True,
+                                env=env, timeout=120)  # fmt: skip
+        assert result.returncode == 1 and result.stdout == ""
+        lines_out = result.stderr.strip().splitlines()
+        assert len(lines_out) == 1 and lines_out[0].startswith("dsearch: error: ")
+        assert str(corpus / "sub") in lines_out[0] and "Permission denied" in lines_out[0]
+    finally:
+        (corpus / "sub").chmod(0o755)
+    assert OpenIndex(index).rows == 200  # nothing was removed

@@ -250,7 +250,12 @@ def corpus_files(
     root = Path(root)
     excluded = {os.path.realpath(p) for p in exclude}
     found: list[tuple[tuple[str, ...], Path]] = []
-    for directory, dirnames, filenames in os.walk(root):
+    def unreadable(exc: OSError) -> None:
+        # os.walk skips a folder it cannot list: an --update would remove its passages and exit 0
+        where = exc.filename if exc.filename else str(root)
+        raise InputError(str(where), f"cannot read this folder ({exc.strerror})", "check its permissions")
+
+    for directory, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [
             d
             for d in dirnames

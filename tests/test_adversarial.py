@@ -602,3 +602,22 @@ def test_a_corpus_subfolder_it_may_not_read_stops_the_run_instead_of_dropping_it
     finally:
         (corpus / "sub").chmod(0o755)
     assert OpenIndex(index).rows == 200  # nothing was removed
+
+
+def test_a_corpus_file_that_became_a_dangling_symlink_stops_the_run_instead_of_dropping_its_passages(tmp_path, cli):
+    """corpus/b.jsonl -> /mnt/disk/b.jsonl with the disk not mounted: the walk skipped it, and --update removed
+    its passages (half the index, within --max-remove's default) and exited 0."""
+    corpus, disk = tmp_path / "corpus", tmp_path / "disk"
+    corpus.mkdir()
+    disk.mkdir()
+    lines = (SAMPLE / "passages.jsonl").read_text().splitlines(keepends=True)
+    (corpus / "a.jsonl").write_text("".join(lines[:100]))
+    (disk / "b.jsonl").write_text("".join(lines[100:]))
+    (corpus / "b.jsonl").symlink_to(disk / "b.jsonl")
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    (disk / "b.jsonl").rename(tmp_path / "elsewhere.jsonl")  # the disk is not mounted tonight
+    for update in ([], ["--update"]):
+        result = cli("index", corpus, "-o", index, *update)
+        one_error_line(result, 1, str(corpus / "b.jsonl"), "does not exist", "not mounted")
+        assert OpenIndex(index).rows == 200

@@ -273,6 +273,11 @@ def corpus_files(
             path = Path(directory, name)
             if path.is_file():
                 found.append((path.relative_to(root).parts, path))
+            elif path.is_symlink() and not path.exists():  # skipped, an --update would remove its passages
+                raise InputError(
+                    str(path), f"a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?)",
+                    "mount it, or remove the link",
+                )  # fmt: skip
     return [path for _, path in sorted(found)]
 
 

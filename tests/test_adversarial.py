@@ -621,3 +621,29 @@ def test_a_corpus_file_that_became_a_dangling_symlink_stops_the_run_instead_of_d
         result = cli("index", corpus, "-o", index, *update)
         one_error_line(result, 1, str(corpus / "b.jsonl"), "does not exist", "not mounted")
         assert OpenIndex(index).rows == 200
+
+
+# --- file names that are not UTF-8 (Linux allows any bytes) ------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "file in folder", "-o"])
+def test_a_name_that_is_not_utf8_is_one_line_before_any_encoding(tmp_path, cli, where):
+    """The manifest and each passage's source are UTF-8 text: such a name failed once every passage was
+    encoded, with 'unexpected UnicodeEncodeError ... report it'."""
+    bad = os.fsdecode(b"bad\xff")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_bytes((SAMPLE / "passages.jsonl").read_bytes())
+    target = tmp_path / "idx"
+    if where == "file":
+        corpus = corpus / "a.jsonl"
+        corpus = corpus.rename(corpus.with_name(bad + ".jsonl"))
+    elif where == "folder":
+        corpus = corpus.rename(tmp_path / bad)
+    elif where == "file in folder":
+        (corpus / "a.jsonl").rename(corpus / (bad + ".jsonl"))
+    else:
+        target = tmp_path / (bad + ".idx")
+    result = cli("index", corpus, "-o", target)
+    one_error_line(result, 1, "bad\\xff", "not valid UTF-8")
+    assert cli.loaded == [] and listing(tmp_path) == sorted([corpus.name if where != "file" else "corpus"])

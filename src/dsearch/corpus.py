@@ -366,8 +366,11 @@ def _read_path(
     if path == "-":
         yield from _read_file("-", fmt or "jsonl", "<stdin>", names, token_spans, max_tokens, stdin)
         return
+    utf8_name(path)
     if os.path.isdir(path):
         files = corpus_files(path, fmt, exclude)
+        for file in files:  # all of them before the first passage: not hours later, at the write of its source
+            utf8_name(str(file))
         if not files:
             # Not an error here: an empty (or unmounted) folder is what the build's removal limit guards against,
             # so it refuses to wipe an index (exit 9) and a new index of nothing fails (exit 1) with one line.
@@ -384,6 +387,16 @@ def _read_path(
             raise InputError(path, f"a symlink that leads nowhere ({_link_problem(path)})", "fix the link")
         raise InputError(path, "no such file or directory")
     yield from _read_file(path, fmt or detect_format(path), Path(path).name, names, token_spans, max_tokens, stdin)
+
+
+def utf8_name(path: str) -> None:
+    """Refuse a path whose name is not UTF-8 (Linux allows any bytes): the manifest and each passage's ``source``
+    are UTF-8 text, and writing them failed once every passage was encoded ('unexpected UnicodeEncodeError')."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise InputError(shown, "the name is not valid UTF-8", "rename it") from None
 
 
 def _link_problem(path: str) -> str:

@@ -285,6 +285,11 @@ def check_target(target: Path) -> bool:
     A directory with a manifest is replaced even if the manifest is corrupt, but only when everything in it is
     ours: a folder of the user's that happens to hold a ``manifest.json`` is refused.
     """
+    try:
+        str(target).encode("utf-8")
+    except UnicodeEncodeError:  # the manifest records paths as UTF-8 text
+        shown = os.fsencode(target).decode("utf-8", "backslashreplace")
+        raise IndexDirError(f"{shown}: the name is not valid UTF-8; choose another -o") from None
     if not target.exists():
         return False
     if not target.is_dir():

@@ -492,3 +492,158 @@ def test_status_is_one_line_when_the_corpus_path_holds_a_newline_and_its_command
     run = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, check=True)
     words = run.stdout.decode().split("\0")[:-1]
     assert words == ["dsearch", "index", str(corpus), "-o", str(index), "--update"]
+
+
+# --- an index the user cannot write to ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def unwritable_lock(monkeypatch):
+    """Opening DIR/.dsearch.lock fails as it does on a read-only mount (EROFS) or, for a cron user without
+    write permission on DIR, EACCES (which root, running these tests, never gets from chmod)."""
+    import errno
+
+    import dsearch.store
+
+    real_open = os.open
+    code = {"errno": errno.EROFS}
+
+    def open_(path, flags, *args, **kwargs):
+        if os.path.basename(path) == ".dsearch.lock" and flags & os.O_CREAT:
+            raise OSError(code["errno"], os.strerror(code["errno"]), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(dsearch.store.os, "open", open_)
+    return code
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "EACCES"])
+@pytest.mark.parametrize("command", ["index", "update", "reindex"])
+def test_an_index_on_a_read_only_or_unwritable_folder_says_so_not_that_a_lock_is_planted(
+    cli, sample_index, unwritable_lock, errno_name, command
+):
+    """It said '.dsearch.lock: a symlink, folder or special file ... remove it if it is not yours': there is no
+    such file, and the user went looking for it."""
+    import errno
+
+    unwritable_lock["errno"] = getattr(errno, errno_name)
+    args = {
+        "index": ("index", SAMPLE / "passages.jsonl", "-o", sample_index),
+        "update": ("index", SAMPLE / "passages.jsonl", "-o", sample_index, "--update"),
+        "reindex": ("reindex", sample_index, "--index-type", "hnsw"),
+    }[command]
+    result = cli(*args)
+    one_error_line(result, 1, ".dsearch.lock", os.strerror(getattr(errno, errno_name)))
+    assert "remove it if it is not yours" not in result.stderr and "symlink" not in result.stderr
+
+
+def _unreadable(path: Path) -> list[str]:
+    """A command prefix that runs without root's power to read anything (CAP_DAC_OVERRIDE), so that a file with
+    mode 000 is unreadable as it is to a cron user; [] when this machine cannot drop it."""
+    if os.geteuid() != 0:
+        return []
+    probe = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "cat", str(path)],
+        capture_output=True,
+    )
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] if probe.returncode else []
+
+
+@pytest.mark.parametrize("which", ["DIR", "index.faiss", "passages.parquet", "bm25.json", "fields.parquet"])
+def test_status_of_an_index_it_may_not_read_is_broken_not_an_unexpected_error(tmp_path, cli, which):
+    """'unexpected PermissionError ... report it' (exit 1) where a monitor needs a status: an index that its
+    readers cannot read is broken (exit 6), and the line says which file and to check its permissions."""
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    target = index if which == "DIR" else next(index.glob("seg-*")) / which
+    target.chmod(0)
+    try:
+        prefix = _unreadable(target) if os.geteuid() == 0 else []
+        if os.geteuid() == 0 and not prefix:
+            pytest.skip("root that cannot drop CAP_DAC_OVERRIDE reads any file")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        command = [*prefix, sys.executable, "-m", "dsearch", "status", str(index)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert (result.returncode, result.stderr) == (6, ""), result.stderr
+        assert result.stdout.startswith("corrupt: ") and result.stdout.count("\n") == 1
+        assert "Permission denied" in result.stdout and "check its permissions" in result.stdout
+    finally:
+        target.chmod(0o755 if which == "DIR" else 0o644)
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_a_corpus_subfolder_it_may_not_read_stops_the_run_instead_of_dropping_its_passages(tmp_path, cli, update):
+    """os.walk skipped a folder it could not list: an --update removed that folder's passages (half the index,
+    within --max-remove's default) and exited 0."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    lines = (SAMPLE / "passages.jsonl").read_text().splitlines(keepends=True)
+    (corpus / "a.jsonl").write_text("".join(lines[:100]))
+    (corpus / "sub" / "b.jsonl").write_text("".join(lines[100:]))
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index, "--no-lexical").exit_code == 0
+    (corpus / "sub").chmod(0)
+    try:
+        prefix = _unreadable(corpus / "sub")
+        if os.geteuid() == 0 and not prefix:
+            pytest.skip("root that cannot drop CAP_DAC_OVERRIDE reads any folder")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+            "DSEARCH_TEST_ENCODER": "fakes:hashing_encoder",
+        }
+        args = ["index", str(corpus), "-o", str(index), *(["--update"] if update else [])]
+        result = subprocess.run([*prefix, sys.executable, "-m", "dsearch", *args], capture_output=True, text=True,
+                                env=env, timeout=120)  # fmt: skip
+        assert result.returncode == 1 and result.stdout == ""
+        lines_out = result.stderr.strip().splitlines()
+        assert len(lines_out) == 1 and lines_out[0].startswith("dsearch: error: ")
+        assert str(corpus / "sub") in lines_out[0] and "Permission denied" in lines_out[0]
+    finally:
+        (corpus / "sub").chmod(0o755)
+    assert OpenIndex(index).rows == 200  # nothing was removed
+
+
+def test_a_corpus_file_that_became_a_dangling_symlink_stops_the_run_instead_of_dropping_its_passages(tmp_path, cli):
+    """corpus/b.jsonl -> /mnt/disk/b.jsonl with the disk not mounted: the walk skipped it, and --update removed
+    its passages (half the index, within --max-remove's default) and exited 0."""
+    corpus, disk = tmp_path / "corpus", tmp_path / "disk"
+    corpus.mkdir()
+    disk.mkdir()
+    lines = (SAMPLE / "passages.jsonl").read_text().splitlines(keepends=True)
+    (corpus / "a.jsonl").write_text("".join(lines[:100]))
+    (disk / "b.jsonl").write_text("".join(lines[100:]))
+    (corpus / "b.jsonl").symlink_to(disk / "b.jsonl")
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    (disk / "b.jsonl").rename(tmp_path / "elsewhere.jsonl")  # the disk is not mounted tonight
+    for update in ([], ["--update"]):
+        result = cli("index", corpus, "-o", index, *update)
+        one_error_line(result, 1, str(corpus / "b.jsonl"), "does not exist", "not mounted")
+        assert OpenIndex(index).rows == 200
+
+
+# --- file names that are not UTF-8 (Linux allows any bytes) ------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "file in folder", "-o"])
+def test_a_name_that_is_not_utf8_is_one_line_before_any_encoding(tmp_path, cli, where):
+    """The manifest and each passage's source are UTF-8 text: such a name failed once every passage was
+    encoded, with 'unexpected UnicodeEncodeError ... report it'."""
+    bad = os.fsdecode(b"bad\xff")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_bytes((SAMPLE / "passages.jsonl").read_bytes())
+    target = tmp_path / "idx"
+    if where == "file":
+        corpus = corpus / "a.jsonl"
+        corpus = corpus.rename(corpus.with_name(bad + ".jsonl"))
+    elif where == "folder":
+        corpus = corpus.rename(tmp_path / bad)
+    elif where == "file in folder":
+        (corpus / "a.jsonl").rename(corpus / (bad + ".jsonl"))
+    else:
+        target = tmp_path / (bad + ".idx")
+    result = cli("index", corpus, "-o", target)
+    one_error_line(result, 1, "bad\\xff", "not valid UTF-8")
+    assert cli.loaded == [] and listing(tmp_path) == sorted([corpus.name if where != "file" else "corpus"])

@@ -486,9 +486,12 @@ def test_ivfpq_rerank_reads_its_candidates_without_the_memory_map(cli, tmp_path,
     np.testing.assert_array_equal(rows[:, :1], exact[1][:, :1])  # each query's own row first, exactly scored
 
 
-@pytest.mark.parametrize("factory", ["PCA32,Flat", "PCA32,HNSW16", "PCAR16,IVF4,Flat", "PCAW32,HNSW16"])
+@pytest.mark.parametrize(
+    "factory", ["PCA32,Flat", "PCA32,HNSW16", "PCAR16,IVF4,Flat", "PCAW32,HNSW16", "IVF4,RQ4x4", "LSQ4x4"]
+)
 def test_an_index_that_reduces_the_dimension_still_prints_exact_scores(cli, tmp_path, flat_index, factory):
-    """A lossy transform (PCA) keeps no exact vector: its scores are not cosines, so it re-ranks like PQ does."""
+    """A lossy transform (PCA) or additive codes (RQ, LSQ) keep no exact vector: their scores are not cosines,
+    so they re-rank like PQ does."""
     target = tmp_path / "reduced"
     assert cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", factory, "-q").exit_code == 0
     exact_scores = {(q, i): s for q, i, s in _hits(cli, flat_index, "-k", "200")}

@@ -195,3 +195,26 @@ def test_eval_bad_files(cli, sample_index, tmp_path):
         2,
         "unknown metric",
     )
+
+
+def test_beir_qrels_ids_with_spaces_are_read_by_their_tabs(cli, tmp_path):
+    """Ids keep their spaces (README, Input formats) and BEIR's qrels are TSV, but the qrels were split at every
+    space: 'q 1<TAB>doc one<TAB>1' was an error (5 columns), so such a collection could not be evaluated."""
+    corpus = tmp_path / "corpus.jsonl"
+    records = [{"_id": "doc one", "text": "northern lights aurora"}, {"_id": "doc two", "text": "bread dough"}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index).exit_code == 0
+    queries = tmp_path / "queries.tsv"
+    queries.write_text("q 1\tnorthern lights\nq 2\tbread dough\n")
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq 1\tdoc one\t1\nq 2\tdoc two\t1\r\n")
+    assert read_qrels(str(qrels)) == {"q 1": {"doc one": 1}, "q 2": {"doc two": 1}}
+    result = cli("eval", index, "--queries", queries, "--qrels", qrels, "--metrics", "R@1", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metrics"] == {"R@1": 1.0} and report["judged_ids_missing_from_index"] == 0
+    # TREC qrels separated by tabs read as they did
+    trec = tmp_path / "qrels.txt"
+    trec.write_text("q1\t0\td1\t1\n")
+    assert read_qrels(str(trec)) == {"q1": {"d1": 1}}

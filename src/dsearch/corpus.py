@@ -250,7 +250,12 @@ def corpus_files(
     root = Path(root)
     excluded = {os.path.realpath(p) for p in exclude}
     found: list[tuple[tuple[str, ...], Path]] = []
-    for directory, dirnames, filenames in os.walk(root):
+    def unreadable(exc: OSError) -> None:
+        # os.walk skips a folder it cannot list: an --update would remove its passages and exit 0
+        where = exc.filename if exc.filename else str(root)
+        raise InputError(str(where), f"cannot read this folder ({exc.strerror})", "check its permissions")
+
+    for directory, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [
             d
             for d in dirnames
@@ -268,6 +273,11 @@ def corpus_files(
             path = Path(directory, name)
             if path.is_file():
                 found.append((path.relative_to(root).parts, path))
+            elif path.is_symlink() and not path.exists():  # skipped, an --update would remove its passages
+                raise InputError(
+                    str(path), f"a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?)",
+                    "mount it, or remove the link",
+                )  # fmt: skip
     return [path for _, path in sorted(found)]
 
 
@@ -356,8 +366,11 @@ def _read_path(
     if path == "-":
         yield from _read_file("-", fmt or "jsonl", "<stdin>", names, token_spans, max_tokens, stdin)
         return
+    utf8_name(path)
     if os.path.isdir(path):
         files = corpus_files(path, fmt, exclude)
+        for file in files:  # all of them before the first passage: not hours later, at the write of its source
+            utf8_name(str(file))
         if not files:
             # Not an error here: an empty (or unmounted) folder is what the build's removal limit guards against,
             # so it refuses to wipe an index (exit 9) and a new index of nothing fails (exit 1) with one line.
@@ -374,6 +387,16 @@ def _read_path(
             raise InputError(path, f"a symlink that leads nowhere ({_link_problem(path)})", "fix the link")
         raise InputError(path, "no such file or directory")
     yield from _read_file(path, fmt or detect_format(path), Path(path).name, names, token_spans, max_tokens, stdin)
+
+
+def utf8_name(path: str) -> None:
+    """Refuse a path whose name is not UTF-8 (Linux allows any bytes): the manifest and each passage's ``source``
+    are UTF-8 text, and writing them failed once every passage was encoded ('unexpected UnicodeEncodeError')."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise InputError(shown, "the name is not valid UTF-8", "rename it") from None
 
 
 def _link_problem(path: str) -> str:

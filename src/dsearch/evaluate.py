@@ -48,6 +48,9 @@ def read_qrels(path: str) -> Qrels:
         parts = line.split()
         if not parts:
             continue
+        tabbed = [part.strip() for part in line.split("\t")] if "\t" in line else []
+        if len(tabbed) in (3, 4) and all(tabbed):
+            parts = tabbed  # BEIR's TSV: ids may hold spaces (they are kept as given), so split at tabs only
         if lineno == 1 and parts[0].lower() in {"query-id", "query_id", "qid", "query"}:
             continue  # BEIR's header
         if len(parts) == 4:

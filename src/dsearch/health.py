@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import re
 import shlex
@@ -114,6 +115,19 @@ def _human_age(seconds: float | None) -> str:
 
 
 def check_index(directory: Path, corpus: list[str] | None = None, max_age: float | None = None) -> StatusReport:
+    try:
+        return _check_index(directory, corpus, max_age)
+    except OSError as exc:  # a file or folder it may not read (a cron user's permissions), an I/O error
+        # Broken for every reader too (queries fail on it): a status, not an 'unexpected error' without one.
+        report = StatusReport(str(directory))
+        where = exc.filename if exc.filename else directory
+        fix = "check its permissions" if exc.errno in (errno.EACCES, errno.EPERM) else "check the disk"
+        problem = f"{where}: cannot read it ({exc.strerror or exc}); {fix}, then run 'dsearch status' again"
+        report.problems.append({"kind": "corrupt", "detail": problem})
+        return report
+
+
+def _check_index(directory: Path, corpus: list[str] | None, max_age: float | None) -> StatusReport:
     report = StatusReport(str(directory))
     report.updating = lock_is_held(directory)
     leftovers = [d for d in staging_dirs(directory) if read_progress(d) is not None]

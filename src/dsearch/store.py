@@ -285,6 +285,11 @@ def check_target(target: Path) -> bool:
     A directory with a manifest is replaced even if the manifest is corrupt, but only when everything in it is
     ours: a folder of the user's that happens to hold a ``manifest.json`` is refused.
     """
+    try:
+        str(target).encode("utf-8")
+    except UnicodeEncodeError:  # the manifest records paths as UTF-8 text
+        shown = os.fsencode(target).decode("utf-8", "backslashreplace")
+        raise IndexDirError(f"{shown}: the name is not valid UTF-8; choose another -o") from None
     if not target.exists():
         return False
     if not target.is_dir():
@@ -390,7 +395,9 @@ def index_lock(target: Path) -> Iterator[Path]:
         except FileNotFoundError:
             continue  # a failed first build removed the directory it had made, just now: make it again
         except OSError as exc:
-            raise _not_our_lock(path) from exc
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):  # a link, folder, socket
+                raise _not_our_lock(path) from exc
+            raise  # read-only, no permission, disk full: the caller's one line names it (indexer._DISK_FIXES)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise _not_our_lock(path)

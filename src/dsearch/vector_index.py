@@ -67,9 +67,10 @@ class IndexPlan:
 
 def lossy(factory: str) -> bool:
     """Whether a factory's index scores with something other than the exact vectors: codes (PQ, SQ, LSH,
-    RaBitQ) or a transform that reduces the dimension (PCA, OPQ, ITQ). Its candidates are re-ranked exactly
-    from the raw store, else it would print PCA-space scores, not cosines, and --min-score would read those."""
-    return bool(re.search(r"PQ|SQ|LSH|RaBitQ|PCA|ITQ", factory))
+    RaBitQ, the additive RQ and LSQ, ZnLattice) or a transform that changes them (PCA, OPQ, ITQ, L2norm). Its
+    candidates are re-ranked exactly from the raw store, else it would print approximate scores as cosines, and
+    --min-score would read those."""
+    return bool(re.search(r"PQ|SQ|LSH|RaBitQ|RQ|LSQ|ZnLattice|PCA|ITQ|L2norm", factory))
 
 
 def parse_memory(text: str) -> int:

@@ -720,21 +720,27 @@ def test_threads_keep_their_own_nprobe_on_a_wrapped_ivf(tmp_path):
     assert not mismatches, mismatches[:5]
 
 
+def _factory_index(cli, tmp_path, factory: str, seed: int, passages: int, vocabulary: int, queries: int) -> list:
+    """An index at tmp_path/idx of random word passages (a field n = row % 10) built with a FAISS factory
+    string; returns random queries over the same words."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocabulary)]
+    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=12)), "n": i % 10} for i in range(passages)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    built = cli("index", corpus, "-o", tmp_path / "idx", "--index-type", factory, "--no-lexical", "-q")
+    assert built.exit_code == 0, built.stderr
+    return [" ".join(rng.choices(words, k=6)) for _ in range(queries)]
+
+
 @pytest.mark.parametrize("factory", ["OPQ8,IVF16,PQ8", "IVF16,PQ8,RFlat", "PCA32,IVF16,PQ8,RFlat"])
 def test_where_on_a_factory_index_that_wraps_its_ivf(tmp_path, cli, factory):
     """--where on an IVF wrapped in a transform (OPQ, PCA) or a refine stage (RFlat), from a FAISS factory string:
     FAISS refused the plain selector parameters handed to the wrapper ('IndexIVF params have incorrect type', an
     unexpected error); the filter and nprobe travel to the IVF inside, per call, and every hit passes the filter."""
-    import random
-
-    rng = random.Random(7)
-    words = [f"w{i}" for i in range(300)]
-    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=12)), "n": i % 10} for i in range(600)]
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
-    built = cli("index", corpus, "-o", tmp_path / "idx", "--index-type", factory, "--no-lexical", "-q")
-    assert built.exit_code == 0, built.stderr
-    queries = [" ".join(rng.choices(words, k=6)) for _ in range(10)]
+    queries = _factory_index(cli, tmp_path, factory, seed=7, passages=600, vocabulary=300, queries=10)
     with searcher(tmp_path / "idx") as s:
         for nprobe in (None, 1, 16):
             answers = s.search(queries, 10, where="n < 3", nprobe=nprobe)
@@ -792,16 +798,7 @@ def test_ef_reaches_an_hnsw_wrapped_in_a_factory_index(tmp_path, cli, factory):
     """An HNSW inside a transform (PCA) or a refine stage, from a FAISS factory string: the build tunes its
     efSearch as it does a plain HNSW's, and --ef (with or without --where) reaches the graph inside. It used to be
     ignored there: every search ran at FAISS's default efSearch whatever --ef said."""
-    import random
-
-    rng = random.Random(11)
-    words = [f"w{i}" for i in range(400)]
-    records = [{"id": f"p{i}", "text": " ".join(rng.choices(words, k=12)), "n": i % 10} for i in range(1500)]
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
-    built = cli("index", corpus, "-o", tmp_path / "idx", "--index-type", factory, "--no-lexical", "-q")
-    assert built.exit_code == 0, built.stderr
-    queries = [" ".join(rng.choices(words, k=6)) for _ in range(40)]
+    queries = _factory_index(cli, tmp_path, factory, seed=11, passages=1500, vocabulary=400, queries=40)
     with searcher(tmp_path / "idx") as s:
         assert "efSearch" in s.info()["index_params"]  # tuned at build time, as for --index-type hnsw
         low = [[h.id for h in hits] for hits in s.search(queries, 10, ef=1)]

@@ -455,9 +455,7 @@ class Batcher:
         try:
             encoded = version.searcher.encode_queries(texts)
         except Exception as exc:
-            status, message = _error_response(exc, version, slot)
-            for job in dense:
-                job.finish(status, {"error": message})
+            _fail_all(dense, exc, version, slot)
             return
         start = 0
         for job in dense:
@@ -497,9 +495,7 @@ class Batcher:
                     vectors=np.concatenate(given) if given else None,
                 )
             except Exception as exc:
-                status, message = _error_response(exc, version, slot)
-                for job in group:
-                    job.finish(status, {"error": message})
+                _fail_all(group, exc, version, slot)
                 continue
             start = 0
             for job in group:
@@ -517,6 +513,13 @@ class Batcher:
                     },
                     checked=True,
                 )
+
+
+def _fail_all(jobs: list[Job], exc: Exception, version: Version, slot: Slot) -> None:
+    """Answer every job of a failed encode or search with that failure's status and one-line message."""
+    status, message = _error_response(exc, version, slot)
+    for job in jobs:
+        job.finish(status, {"error": message})
 
 
 def _error_response(exc: Exception, version: Version, slot: Slot) -> tuple[int, str]:

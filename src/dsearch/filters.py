@@ -228,6 +228,7 @@ class DuckDBFilter:
 
         self.rows = index.rows
         self.fields = filter_columns(types)
+        self._shape: dict | None = None  # the parse tree of a plain filter query, for _one_condition
         # Fields that differ from another column only in case get private names in the view (DuckDB would bind
         # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
         # The view's own __row column is taken too: a field named so (in any case) gets a private name as well.
@@ -257,6 +258,31 @@ class DuckDBFilter:
             self.con.close()
             raise
 
+    def _one_condition(self, sql: str) -> bool:
+        """Whether ``sql`` is the view's SELECT with one condition and nothing more, by DuckDB's parse tree.
+
+        A condition can close the WHERE's parenthesis and go on (``true) UNION ALL SELECT 7 …``, ``LIMIT``,
+        ``GROUP BY``), which adds rows or drops matches, or hold a subquery (``id IN (SELECT …)``, ``(FROM
+        range(…))``), which runs a query of its own over table functions and DuckDB's catalog: the statement must
+        parse to exactly the shape of ``SELECT __row FROM passages WHERE (…)``, its condition hold no subquery.
+        A condition that does not parse passes here: running it gives DuckDB's own error."""
+        parsed = self._parse(sql)
+        if parsed is None:
+            return True
+        condition = parsed.pop("where_clause", None)
+        if self._shape is None:
+            self._shape = self._parse("SELECT __row FROM passages WHERE (true)") or {}
+            self._shape.pop("where_clause", None)
+        return parsed == self._shape and not _has_subquery(condition)
+
+    def _parse(self, sql: str) -> dict | None:
+        """The parse tree of a one-statement query (json_serialize_sql; no positions), None if it does not parse."""
+        (text,) = self.con.execute(f"SELECT json_serialize_sql({_quote_string(sql)})").fetchone()
+        tree = json.loads(text)
+        if tree.get("error") or len(tree.get("statements", [])) != 1:
+            return None
+        return _without_locations(tree["statements"][0].get("node", {}))
+
     def __enter__(self) -> DuckDBFilter:
         return self
 
@@ -270,14 +296,39 @@ class DuckDBFilter:
         condition = _rename(where, self.fields, self.private) if self.private else where
         sql = f"SELECT __row FROM passages WHERE ({condition}\n)"
         try:
-            if len(duckdb.extract_statements(sql)) != 1:
-                raise UsageError(f"{_where(where)}: give one condition, not SQL statements")
+            if len(duckdb.extract_statements(sql)) != 1 or not self._one_condition(sql):
+                raise UsageError(
+                    f"{_where(where)}: give one condition on the passages' fields (no SQL statements, clauses or "
+                    "subqueries)"
+                )
             rows = self.con.execute(sql).fetchnumpy()["__row"]
         except duckdb.Error as exc:
             raise _usage_error(where, exc, self.fields, self.private) from None
         mask = np.zeros(self.rows, dtype=bool)
         mask[np.asarray(rows, dtype=np.int64)] = True
         return mask
+
+
+def _without_locations(tree: Any) -> Any:
+    """A parse tree without the positions in the query text, so that two trees compare by their shape."""
+    if isinstance(tree, dict):
+        return {key: _without_locations(value) for key, value in tree.items() if not key.startswith("query_location")}
+    if isinstance(tree, list):
+        return [_without_locations(value) for value in tree]
+    return tree
+
+
+def _has_subquery(tree: Any) -> bool:
+    """Whether a parse tree holds a query of its own: a subquery expression or a SELECT (set operation, FROM)."""
+    if isinstance(tree, dict):
+        if tree.get("class") == "SUBQUERY" or "subquery" in tree or "from_table" in tree or tree.get("type") in (
+            "SELECT_NODE", "SET_OPERATION_NODE", "CTE_NODE", "RECURSIVE_CTE_NODE"
+        ):  # fmt: skip
+            return True
+        return any(_has_subquery(value) for value in tree.values())
+    if isinstance(tree, list):
+        return any(_has_subquery(value) for value in tree)
+    return False
 
 
 def _quote_string(text: str) -> str:

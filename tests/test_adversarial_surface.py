@@ -66,3 +66,54 @@ def test_where_conditions_duckdb_answers_still_work(typed_index, cli, where, exp
     result = cli("query", typed_index, "volcano", "--where", where, "-k", "10", "-f", "ids", "--mode", "lexical")
     assert (result.exit_code, result.stderr) == (0, "")
     assert set(result.stdout.split()) == expected
+
+
+def _nested(depth: int) -> str:
+    return "(" * depth + "year > 2020" + ")" * depth
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        # A program's filter: thousands of terms in one chain. Each term was one level of recursion on the fast
+        # path (RecursionError: 'unexpected ... report it', exit 1).
+        (" OR ".join(f"year = {year}" for year in range(3000)), {"p1", "p2", "p3", "p4"}),
+        (" OR ".join(f"id = 'p{i}'" for i in range(2, 3000)), {"p2", "p3", "p4"}),
+        (" AND ".join(f"year != {year}" for year in range(2020, 5000)), {"p1"}),
+        ("NOT " * 3001 + "ok", {"p2", "p4"}),
+        ("NOT " * 3000 + "ok", {"p1", "p3"}),
+        # Parentheses a few hundred deep: the fast path's own recursion failed at about 250.
+        (_nested(300), {"p3", "p4"}),
+        (_nested(900), {"p3", "p4"}),
+    ],
+)
+@pytest.mark.parametrize("mode", ["dense", "lexical"])
+def test_long_and_deep_where(typed_index, cli, where, expected, mode):
+    result = cli("query", typed_index, "volcano", "--where", where, "-k", "10", "-f", "ids", "--mode", mode)
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert set(result.stdout.split()) == expected
+
+
+def test_where_nested_past_duckdbs_limit_is_a_usage_error(typed_index, cli):
+    result = cli("query", typed_index, "volcano", "--where", _nested(3000))
+    one_error_line(result, 2, "nested too deeply", "fewer parentheses")
+    assert "SET max_expression_depth" not in result.stderr
+
+
+def test_long_chains_stay_on_the_fast_path_and_agree_with_duckdb(typed_index):
+    """The chains above are answered without DuckDB, with DuckDB's rows (the nesting past 50 goes to DuckDB)."""
+    from dsearch.filters import duckdb_allowed_rows, fast_allowed_rows
+    from dsearch.store import OpenIndex
+
+    index = OpenIndex(typed_index)
+    types = index.manifest.corpus["field_types"]
+    for where in (
+        " OR ".join(f"year = {year}" for year in range(2020, 3000)),
+        " AND ".join(f"year != {year}" for year in range(2020, 3000)),
+        "NOT " * 301 + "(ok OR lang IS NULL)",
+        _nested(40),
+    ):
+        fast = fast_allowed_rows(index, where, types)
+        assert fast is not None, where[:40]
+        assert fast.tolist() == duckdb_allowed_rows(index, where, types).tolist()
+    assert fast_allowed_rows(index, _nested(60), types) is None

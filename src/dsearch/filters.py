@@ -228,7 +228,7 @@ class DuckDBFilter:
 
         self.rows = index.rows
         self.fields = filter_columns(types)
-        self._shape: dict | None = None  # the parse tree of a plain filter query, for _one_condition
+        self._shape: tuple[str, str] | None = None  # a plain filter's parse tree around its condition
         # Fields that differ from another column only in case get private names in the view (DuckDB would bind
         # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
         # The view's own __row column is taken too: a field named so (in any case) gets a private name as well.
@@ -263,25 +263,27 @@ class DuckDBFilter:
 
         A condition can close the WHERE's parenthesis and go on (``true) UNION ALL SELECT 7 …``, ``LIMIT``,
         ``GROUP BY``), which adds rows or drops matches, or hold a subquery (``id IN (SELECT …)``, ``(FROM
-        range(…))``), which runs a query of its own over table functions and DuckDB's catalog: the statement must
-        parse to exactly the shape of ``SELECT __row FROM passages WHERE (…)``, its condition hold no subquery.
-        A condition that does not parse passes here: running it gives DuckDB's own error."""
-        parsed = self._parse(sql)
-        if parsed is None:
-            return True
-        condition = parsed.pop("where_clause", None)
+        range(…))``), which runs a query of its own over table functions and DuckDB's catalog. So the tree
+        (json_serialize_sql's text) must be the plain filter's around its condition, and the condition hold no
+        query. The text is compared, not loaded: json.loads recurses, and a condition may nest deeply. Quotes
+        inside names and strings are escaped there, so no name or string can pass for the tree's own keys. A
+        condition that does not parse passes here: running it gives DuckDB's own error."""
         if self._shape is None:
-            self._shape = self._parse("SELECT __row FROM passages WHERE (true)") or {}
-            self._shape.pop("where_clause", None)
-        return parsed == self._shape and not _has_subquery(condition)
+            plain = self._serialize("SELECT __row FROM passages WHERE (true)")
+            head, _, rest = plain.partition('"where_clause":')
+            self._shape = (head + '"where_clause":', rest[rest.index(',"group_expressions":') :])
+        text = self._serialize(sql)
+        if text.startswith('{"error":true'):
+            return True
+        head, tail = self._shape
+        if not (text.startswith(head) and text.endswith(tail)) or len(text) < len(head) + len(tail):
+            return False
+        condition = text[len(head) : len(text) - len(tail)]
+        return not any(marker in condition for marker in _QUERY_MARKERS)
 
-    def _parse(self, sql: str) -> dict | None:
-        """The parse tree of a one-statement query (json_serialize_sql; no positions), None if it does not parse."""
+    def _serialize(self, sql: str) -> str:
         (text,) = self.con.execute(f"SELECT json_serialize_sql({_quote_string(sql)})").fetchone()
-        tree = json.loads(text)
-        if tree.get("error") or len(tree.get("statements", [])) != 1:
-            return None
-        return _without_locations(tree["statements"][0].get("node", {}))
+        return text
 
     def __enter__(self) -> DuckDBFilter:
         return self
@@ -309,26 +311,10 @@ class DuckDBFilter:
         return mask
 
 
-def _without_locations(tree: Any) -> Any:
-    """A parse tree without the positions in the query text, so that two trees compare by their shape."""
-    if isinstance(tree, dict):
-        return {key: _without_locations(value) for key, value in tree.items() if not key.startswith("query_location")}
-    if isinstance(tree, list):
-        return [_without_locations(value) for value in tree]
-    return tree
-
-
-def _has_subquery(tree: Any) -> bool:
-    """Whether a parse tree holds a query of its own: a subquery expression or a SELECT (set operation, FROM)."""
-    if isinstance(tree, dict):
-        if tree.get("class") == "SUBQUERY" or "subquery" in tree or "from_table" in tree or tree.get("type") in (
-            "SELECT_NODE", "SET_OPERATION_NODE", "CTE_NODE", "RECURSIVE_CTE_NODE"
-        ):  # fmt: skip
-            return True
-        return any(_has_subquery(value) for value in tree.values())
-    if isinstance(tree, list):
-        return any(_has_subquery(value) for value in tree)
-    return False
+# In json_serialize_sql's text of a condition, what only a query inside it writes.
+_QUERY_MARKERS = (
+    '"class":"SUBQUERY"', '"subquery":', '"type":"SELECT_NODE"', '"type":"SET_OPERATION_NODE"', '"from_table":'
+)  # fmt: skip
 
 
 def _quote_string(text: str) -> str:
@@ -349,6 +335,8 @@ def _usage_error(where: str, exc: Exception, fields: list[str], private: dict[st
             f"(see {info} for the fields and their types)"
         )
     message = re.sub(r"^[A-Za-z ]*Error: ", "", message)
+    if "max_expression_depth" in message:  # its advice, a SET, is not one a condition can take
+        message = "nested too deeply (DuckDB takes 1000 levels of expressions); write it with fewer parentheses"
     return UsageError(f"{_where(where)}: {message}")
 
 
@@ -522,6 +510,9 @@ def _date_literal(text: str) -> Literal:
         raise _Unsupported(text) from None
 
 
+MAX_NESTING = 50  # parentheses the fast path follows; each level costs a few Python frames
+
+
 class _Parser:
     """A recursive-descent parser of the subset into a small tree of tuples; _Unsupported for anything else.
 
@@ -530,6 +521,7 @@ class _Parser:
     def __init__(self, where: str) -> None:
         self.tokens = _tokens(where)
         self.at = 0
+        self.depth = 0  # parentheses open
 
     def parse(self) -> tuple:
         if not self.tokens:
@@ -561,27 +553,35 @@ class _Parser:
         if self._op(op) is None:
             raise _Unsupported(self._peek()[1])
 
+    # A chain of ORs (ANDs) is one node of many parts, and NOTs are counted, not nested: a program's filter of
+    # thousands of "id = '…' OR …" must not recurse once per term (RecursionError) in _resolve and eval.
     def _or(self) -> tuple:
-        tree = self._and()
+        parts = [self._and()]
         while self._word("or"):
-            tree = ("or", tree, self._and())
-        return tree
+            parts.append(self._and())
+        return parts[0] if len(parts) == 1 else ("or_all", parts)
 
     def _and(self) -> tuple:
-        tree = self._not()
+        parts = [self._not()]
         while self._word("and"):
-            tree = ("and", tree, self._not())
-        return tree
+            parts.append(self._not())
+        return parts[0] if len(parts) == 1 else ("and_all", parts)
 
     def _not(self) -> tuple:
-        if self._word("not"):
-            return ("not", self._not())
-        return self._predicate()
+        negations = 0
+        while self._word("not"):
+            negations += 1
+        tree = self._predicate()
+        return ("not", tree) if negations % 2 else tree  # NOT NOT x is x, NULL included
 
     def _predicate(self) -> tuple:
         if self._op("("):
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise _Unsupported("nesting")  # DuckDB's path answers it (or says it is too deep)
             tree = self._or()
             self._expect_op(")")
+            self.depth -= 1
             return tree
         if self._peek()[0] == "id" and self._peek()[1].lower() == "list_contains" and self._peek(1) == ("op", "("):
             self.at += 2
@@ -820,13 +820,13 @@ class _Evaluator:
         import numpy as np
 
         op = tree[0]
-        if op in ("and", "or", "or_all"):
-            parts = [self.eval(t) for t in (tree[1] if op == "or_all" else tree[1:])]
+        if op in ("and", "or", "or_all", "and_all"):
+            parts = [self.eval(t) for t in (tree[1] if op in ("or_all", "and_all") else tree[1:])]
             true, null = parts[0]
             for t2, n2 in parts[1:]:
                 false = ~true & ~null
                 f2 = ~t2 & ~n2
-                if op == "and":
+                if op in ("and", "and_all"):
                     true, false = true & t2, false | f2
                 else:
                     true, false = true | t2, false & f2
@@ -903,7 +903,7 @@ def _resolve(tree: tuple, kinds: dict[str, str], used: dict[str, str]) -> tuple:
     op = tree[0]
     if op in ("and", "or"):
         return (op, _resolve(tree[1], kinds, used), _resolve(tree[2], kinds, used))
-    if op == "or_all":
+    if op in ("or_all", "and_all"):
         return (op, [_resolve(t, kinds, used) for t in tree[1]])
     if op == "not":
         return (op, _resolve(tree[1], kinds, used))

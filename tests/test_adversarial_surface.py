@@ -117,3 +117,90 @@ def test_long_chains_stay_on_the_fast_path_and_agree_with_duckdb(typed_index):
         assert fast is not None, where[:40]
         assert fast.tolist() == duckdb_allowed_rows(index, where, types).tolist()
     assert fast_allowed_rows(index, _nested(60), types) is None
+
+
+# --- --where that is not UTF-8 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        b"lang = '\xff'",  # the fast path: it matched nothing, exit 0
+        b"lang = '\xff' OR year(day) = 2020",  # DuckDB's path: 'unexpected TypeError ... report it', exit 1
+    ],
+)
+def test_where_with_bytes_that_are_not_utf8_is_a_usage_error(typed_index, tmp_path, where):
+    """As a query argument that is not UTF-8 is an error, so is a condition (the shell passes bytes; Python
+    holds the bad ones as lone surrogates)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+           "DSEARCH_TEST_ENCODER": "fakes:hashing_encoder"}  # fmt: skip
+    for mode in (b"dense", b"lexical"):
+        done = subprocess.run(
+            [sys.executable.encode(), b"-m", b"dsearch", b"query", os.fsencode(typed_index), b"volcano",
+             b"--mode", mode, b"--where", where],
+            capture_output=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == b""
+        lines = done.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dsearch: error: --where ") and "UTF-8" in lines[0], lines
+
+
+def test_where_with_a_lone_surrogate_is_a_usage_error_in_the_api(typed_index):
+    import dsearch
+
+    with dsearch.Searcher(typed_index) as searcher:
+        for where in ("lang = '\ud800'", "lang = '\udcff' OR year(day) = 2020"):
+            with pytest.raises(dsearch.UsageError, match="UTF-8"):
+                searcher.search("volcano", where=where, mode="lexical")
+
+
+# --- serve: what a client can send ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def typed_server(tmp_path_factory):
+    from conftest import Runner
+    from test_serve import serving
+
+    class _Capsys:  # Runner only reads what it captured; a module-scoped fixture has no capsys
+        def readouterr(self):
+            return "", ""
+
+    target = tmp_path_factory.mktemp("typed") / "typed.idx"
+    corpus = write_jsonl(target.parent / "typed.jsonl", TYPED)
+    assert Runner(_Capsys())("index", corpus, "-o", target, "-q").exit_code == 0
+    with serving(target) as served:
+        yield served
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        # Integers past a double's range: math.isfinite raised OverflowError (500).
+        (b'{"query": "volcano", "k": 1' + b"0" * 400 + b"}", "k=1000"),
+        (b'{"query": "volcano", "alpha": 1' + b"0" * 400 + b"}", "'alpha'"),
+        (b'{"query": "volcano", "min_score": -1' + b"0" * 400 + b"}", "'min_score'"),
+        # A number of more digits than Python converts (ValueError, not JSONDecodeError: 500).
+        (b'{"query": "volcano", "k": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+        # Arrays nested 100,000 deep inside the size limit (RecursionError: 500).
+        (b'{"query": "volcano", "k": ' + b"[" * 100000 + b"]" * 100000 + b"}", "not valid JSON"),
+        # A lone surrogate (JSON's \ud800) where text is passed on: the qid, the condition (500).
+        (b'{"queries": [{"qid": "\\ud800", "text": "volcano"}]}', "queries[0].qid"),
+        (b'{"query": "volcano", "where": "lang = \'\\ud800\'"}', "UTF-8"),
+        (b'{"query": "volcano", "where": "lang = \'\\udcff\' OR year(day) = 2020"}', "UTF-8"),
+    ],
+)
+def test_serve_answers_odd_json_with_a_400(typed_server, body, fragment):
+    status, _, answer = typed_server.request("/search", raw=body, method="POST")
+    assert status == 400, answer
+    assert set(answer) == {"error"} and fragment in answer["error"] and "\n" not in answer["error"]
+    assert "Traceback" not in typed_server.stderr and "unexpected" not in typed_server.stderr
+    status, _, answer = typed_server.request("/search", {"query": "volcano", "k": 2})
+    assert status == 200 and len(answer["results"][0]["hits"]) == 2  # and the server goes on

@@ -200,6 +200,10 @@ def allowed_rows(index: Any, where: str) -> Any:
     if not where.strip():  # DuckDB's own answer would be "Unimplemented type for cast (TUPLE -> BOOLEAN)"
         where_ = option("where")
         raise UsageError(f"{where_} is empty; give a condition such as \"year >= 2020\", or leave {where_} out")
+    try:
+        where.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from the shell that are not UTF-8, or a lone surrogate from a program
+        raise UsageError(f"{_where(where)}: not valid UTF-8; write the condition in UTF-8") from None
     if "field_types" not in index.manifest.corpus:
         update = spell("run 'dsearch index … --update'", "update it with build_index(…, update=True)")
         raise UsageError(

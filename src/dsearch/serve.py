@@ -605,6 +605,10 @@ def parse_post(body: bytes, limits: Limits) -> SearchRequest:
         raise ClientError(
             400, f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise ClientError(400, "the body is not valid JSON here (a number with too many digits)") from None
+    except RecursionError:
+        raise ClientError(400, "the body is not valid JSON here (arrays or objects nested too deeply)") from None
     if not isinstance(data, dict):
         raise ClientError(400, 'the body must be a JSON object, e.g. {"query": "…", "k": 10}')
     unknown = sorted(set(data) - {"query", "queries", *SEARCH_OPTIONS})
@@ -650,6 +654,8 @@ def _query_item(item: Any, number: int) -> tuple[str | None, str]:
         qid = item.get("qid")
         if qid is not None and (isinstance(qid, bool) or not isinstance(qid, str | int) or not str(qid).strip()):
             raise ClientError(400, f"queries[{number - 1}].qid must be a non-empty string or a number")
+        if isinstance(qid, str) and not _is_utf8(qid):  # it is sent back: the answer could not be encoded
+            raise ClientError(400, f"queries[{number - 1}].qid is not valid UTF-8 (a lone surrogate)")
         return (None if qid is None else str(qid)), _query_text(item["text"], f"queries[{number - 1}].text")
     raise ClientError(400, f"queries[{number - 1}] must be a text or an object with 'text' (and 'qid')")
 
@@ -660,11 +666,17 @@ def _query_text(value: Any, where: str) -> str:
     text = value.strip()
     if not text:
         raise ClientError(400, f"{where} is empty")
+    if not _is_utf8(text):
+        raise ClientError(400, f"{where} is not valid UTF-8 (a lone surrogate)")
+    return text
+
+
+def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ClientError(400, f"{where} is not valid UTF-8 (a lone surrogate)") from None
-    return text
+        return False
+    return True
 
 
 def _number(value: str, name: str, whole: bool = False) -> float:
@@ -680,6 +692,12 @@ def _number(value: str, name: str, whole: bool = False) -> float:
 def _json_number(value: Any, name: str, whole: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
         raise ClientError(400, f"'{name}' must be {'a whole number' if whole else 'a number'}")
+    if isinstance(value, int):  # JSON's integers have no bound; math.isfinite raises OverflowError past a double
+        if whole:
+            return value  # _k says it is out of range
+        if abs(value) > sys.float_info.max:
+            raise ClientError(400, f"'{name}' is out of range (past a double's)")
+        return float(value)
     if not math.isfinite(value):
         raise ClientError(400, f"'{name}' is not a finite number")
     return value

@@ -204,3 +204,57 @@ def test_serve_answers_odd_json_with_a_400(typed_server, body, fragment):
     assert "Traceback" not in typed_server.stderr and "unexpected" not in typed_server.stderr
     status, _, answer = typed_server.request("/search", {"query": "volcano", "k": 2})
     assert status == 200 and len(answer["results"][0]["hits"]) == 2  # and the server goes on
+
+
+# --- the Python API: wrong argument types are UsageErrors, not AttributeError/TypeError from deep inside ----------
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s: s.search("volcano", where=123), "where must be a text"),
+        (lambda s: s.search("volcano", where=b"year > 2020"), "where must be a text"),
+        (lambda s: s.search("volcano", where={"year": 2020}), "where must be a text"),  # TypeError: unhashable
+        (lambda s: s.search("volcano", alpha="0.5"), "alpha must be a number"),
+        (lambda s: s.like(1), "passage id must be a text"),
+        (lambda s: s.like(None), "passage id must be a text"),
+        (lambda s: s.search("volcano", vectors="abc"), "vectors"),
+        # Query objects skipped the checks texts get: None/int text was an AttributeError in the stemmer or the
+        # encoder, and an empty text was searched (texts: 'query 1 is empty').
+        (lambda s: s.search([_query("q1", None)], mode="lexical"), "query 1 is a NoneType, not a text"),
+        (lambda s: s.search([_query("q1", 5)]), "query 1 is a int, not a text"),
+        (lambda s: s.search([_query("q1", "volcano"), _query("q2", "  ")]), "query 2 is empty"),
+        (lambda s: list(s.iter_search([_query("q1", "")], mode="lexical")), "query 1 is empty"),
+        (lambda s: s.search([_query(7, "volcano")]), "qid"),
+    ],
+)
+def test_api_wrong_argument_types_are_usage_errors(typed_index, call, message):
+    from fakes import HashingEncoder
+
+    import dsearch
+
+    with dsearch.Searcher(typed_index, encoder=HashingEncoder()) as searcher:
+        with pytest.raises(dsearch.UsageError) as raised:
+            call(searcher)
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+        assert searcher.search("volcano", k=1, where="year > 2020")[0]  # and it goes on answering
+
+
+def _query(qid, text):
+    import dsearch
+
+    return dsearch.Query(qid, text)
+
+
+def test_encode_queries_takes_one_text_as_search_does(typed_index):
+    """encode_queries("text") encoded each character as a query (a str is a sequence of texts of one letter)."""
+    from fakes import HashingEncoder
+
+    import dsearch
+
+    with dsearch.Searcher(typed_index, encoder=HashingEncoder()) as searcher:
+        one = searcher.encode_queries("alpha volcano")
+        assert one.shape == (1, searcher.info()["dim"])
+        assert (one == searcher.encode_queries(["alpha volcano"])).all()
+        by_vector = searcher.search("alpha volcano", k=2, vectors=one)
+        assert [h.to_dict() for h in by_vector[0]] == [h.to_dict() for h in searcher.search("alpha volcano", k=2)[0]]

@@ -238,6 +238,8 @@ class Searcher:
         other texts of the call (the encoders are batch-independent), so a caller may batch freely."""
         from dsearch.search import check_query_vectors
 
+        if isinstance(texts, str):  # one text, as search() takes it (a str is also a sequence of letters)
+            texts = [texts]
         texts = [_query_text(t, i) for i, t in enumerate(texts)]
         vectors = self.encoder.encode_queries(texts)
         check_query_vectors(vectors, [Query(str(i + 1), t) for i, t in enumerate(texts)])
@@ -294,6 +296,8 @@ class Searcher:
         if mode is not None and mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+                raise UsageError(f"alpha must be a number between 0 and 1, not {alpha!r}")
             if not 0 <= alpha <= 1:
                 raise UsageError(f"alpha {alpha} is not a weight between 0 and 1")
             if mode in ("dense", "lexical"):
@@ -354,7 +358,7 @@ class Searcher:
         """Like ``search``, lazily: each query with its hits as soon as its batch is answered, reading ``queries``
         only as far as needed (a stdin pipeline gets each answer as its query arrives). Options are checked
         before the first query is read. ``stats`` (``search.SearchStats``) adds up where the time went."""
-        numbered = (q if isinstance(q, Query) else Query(str(i + 1), _query_text(q, i)) for i, q in enumerate(queries))
+        numbered = (_as_query(q, i) for i, q in enumerate(queries))
         return self._run(
             numbered, k, mode=mode, alpha=alpha, where=where, min_score=min_score, nprobe=nprobe, ef=ef,
             effort=effort, exclude_self=exclude_self, stats=stats,
@@ -403,6 +407,8 @@ class Searcher:
         itself left out. An id not in the index is an ``InputError``."""
         from dsearch.search import like_search
 
+        if not isinstance(passage_id, str):
+            raise UsageError(f"the passage id must be a text, not {type(passage_id).__name__}")
         _check_k(k)
         _check_min_score(min_score)
         index = self._open()
@@ -421,6 +427,8 @@ class Searcher:
         """The boolean row mask of a ``where`` condition (None: no filter); masks are kept for reuse."""
         if where is None:
             return None
+        if not isinstance(where, str):
+            raise UsageError(f"where must be a text (an SQL condition), not {type(where).__name__}")
         with self._lock:
             mask = self._masks.get(where)
             if mask is not None:
@@ -468,7 +476,10 @@ class Searcher:
     def _check_vectors(self, vectors: Any, count: int) -> Any:
         import numpy as np
 
-        array = np.asarray(vectors, dtype=np.float32)
+        try:
+            array = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"vectors must be an array of numbers ({exc})") from None
         dim = self._open().manifest.model.dim
         if array.shape != (count, dim):
             raise UsageError(f"vectors has shape {array.shape}; {count} queries of this index need ({count}, {dim})")
@@ -532,7 +543,17 @@ def _as_queries(queries: str | Sequence[str] | Sequence[Query]) -> list[Query]:
     """A text, texts or Query objects → Query objects; texts are numbered 1, 2… by position."""
     if isinstance(queries, str | Query):
         queries = [queries]  # type: ignore[list-item]
-    return [q if isinstance(q, Query) else Query(str(i + 1), _query_text(q, i)) for i, q in enumerate(queries)]
+    return [_as_query(q, i) for i, q in enumerate(queries)]
+
+
+def _as_query(query: Query | str, position: int) -> Query:
+    """A text as the Query numbered by its position; a Query checked as texts are (its text kept as given)."""
+    if not isinstance(query, Query):
+        return Query(str(position + 1), _query_text(query, position))
+    if not isinstance(query.qid, str):
+        raise UsageError(f"query {position + 1}'s qid is a {type(query.qid).__name__}, not a text")
+    _query_text(query.text, position)
+    return query
 
 
 def _check_k(k: int) -> None:

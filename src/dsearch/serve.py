@@ -835,11 +835,17 @@ class Server:
         too_large = ClientError(413, f"the body is larger than {self.limits.max_body} bytes (the server's --max-body)")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body:
             raise too_large
+        from starlette.requests import ClientDisconnect
+
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.limits.max_body:
-                raise too_large
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.limits.max_body:
+                    raise too_large
+        except ClientDisconnect:  # a client's timeout or Ctrl-C: nothing to answer, and not the server's fault
+            log.debug("a client went away before sending its whole body")
+            raise ClientError(400, "the client went away before sending its whole body") from None
         return bytes(body)
 
     async def _info(self, request: Any, respond: Any) -> Any:

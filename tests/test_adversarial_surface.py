@@ -277,3 +277,54 @@ def test_serve_a_client_gone_mid_body_is_no_internal_error(typed_server):
     time.sleep(0.5)  # the disconnects are noticed as the server reads on
     logged = "".join(typed_server.lines[before:])
     assert "unexpected" not in logged and "Traceback" not in logged and "ERROR" not in logged, logged
+
+
+# --- --where on approximate indexes: k hits whenever k passages match ---------------------------------------------
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+
+
+@pytest.fixture(scope="module")
+def ann_indexes(tmp_path_factory):
+    """3,000 passages of random words, each in one of 100 groups, as a flat index and as ivf and ivfpq."""
+    import random
+
+    from conftest import Runner
+
+    class _Capsys:
+        def readouterr(self):
+            return "", ""
+
+    run = Runner(_Capsys())
+    base = tmp_path_factory.mktemp("ann")
+    rng = random.Random(7)
+    rows = [{"_id": f"p{i}", "text": " ".join(rng.choice(WORDS) for _ in range(8)), "grp": i % 100}
+            for i in range(3000)]  # fmt: skip
+    corpus = write_jsonl(base / "c.jsonl", rows)
+    indexes = {}
+    for kind in ("flat", "ivf", "ivfpq"):
+        indexes[kind] = base / f"{kind}.idx"
+        assert run("index", corpus, "-o", indexes[kind], "--index-type", kind, "-q").exit_code == 0
+    return indexes
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_where_on_an_ann_index_returns_k_hits_when_k_match(ann_indexes, cli, kind, mode):
+    """30 passages match; -k 50 must give all 30, as the exact index does. IVF probing one list missed those in
+    the others, and ivfpq's 4-bit fast scan drops candidates that score 0 or less even probing every list: 20."""
+    def ids(index, *extra):
+        result = cli("query", index, "alpha beta", "--where", "grp = 7", "-k", "50", "-f", "ids", "--mode", mode,
+                     *extra)  # fmt: skip
+        assert (result.exit_code, result.stderr) == (0, "")
+        return result.stdout.split()
+
+    exact = ids(ann_indexes["flat"])
+    assert len(exact) == 30
+    assert sorted(ids(ann_indexes[kind])) == sorted(exact)
+    assert sorted(ids(ann_indexes[kind], "--nprobe", "1")) == sorted(exact)
+    # k below the matches: the exact top k (its scores are exact: ivfpq re-ranks, ivf's are FAISS's own)
+    few = cli("query", ann_indexes[kind], "alpha beta", "--where", "grp < 20", "-k", "5", "-f", "ids", "--mode", mode)
+    top = cli("query", ann_indexes["flat"], "alpha beta", "--where", "grp < 20", "-k", "5", "-f", "ids", "--mode", mode)
+    assert few.exit_code == 0 and len(few.stdout.split()) == 5
+    assert len(top.stdout.split()) == 5

@@ -43,6 +43,10 @@ MIN_POINTS_PER_CENTROID = 39
 MAX_TRAIN = 200_000  # training points read at most: 200k x 384 floats is 300 MB
 ADD_CHUNK = 65_536  # vectors added to the ANN index at a time: bounds the build's extra memory
 RERANK_FACTOR = 10  # compressed indexes fetch this many times k candidates, re-ranked exactly
+# A --where keeping at most this many of a segment's rows is searched exactly when the ANN index finds fewer than
+# k of them (an IVF's unprobed lists hold the rest, a 4-bit fast scan drops scores <= 0): one gather of their
+# vectors, 100 MB at 384-d. Past it, an ANN search may return fewer than k of the matching passages.
+EXACT_FILTER_ROWS = 65_536
 NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 EF_STEPS = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -277,7 +281,29 @@ class FaissIndex:
         self._check_rows(rows)
         if self.rerank:
             scores, rows = self._rerank(queries, rows, k)
-        return scores, rows.astype(np.int64)
+        rows = rows.astype(np.int64)
+        if allowed_rows is not None and len(allowed_rows) <= EXACT_FILTER_ROWS:
+            scores, rows = self._exact_where_short(queries, k, scores, rows, allowed_rows)
+        return scores, rows
+
+    def _exact_where_short(self, queries: Any, k: int, scores: Any, rows: Any, allowed: Any) -> tuple[Any, Any]:
+        """The queries that got fewer than k of the allowed rows (while there are more) searched exactly over
+        them: a filter's k hits must not depend on which IVF lists were probed."""
+        import numpy as np
+
+        wanted = min(k, len(allowed))
+        short = np.flatnonzero((rows >= 0).sum(axis=1) < wanted)
+        if len(short) == 0:
+            return scores, rows
+        exact_scores, exact_rows = FlatIndex(self.raw).search(queries[short], k, allowed_rows=allowed)
+        width = max(rows.shape[1], exact_rows.shape[1])
+        out_scores = np.full((len(rows), width), -np.inf, dtype=np.float32)
+        out_rows = np.full((len(rows), width), -1, dtype=np.int64)
+        out_scores[:, : rows.shape[1]], out_rows[:, : rows.shape[1]] = scores, rows
+        out_scores[short], out_rows[short] = -np.inf, -1
+        out_scores[short, : exact_rows.shape[1]] = exact_scores
+        out_rows[short, : exact_rows.shape[1]] = exact_rows
+        return out_scores, out_rows
 
     def _check_rows(self, rows: Any) -> None:
         """Rows past the segment (a damaged id list in the ANN file) would index the raw store out of range."""

@@ -328,3 +328,31 @@ def test_where_on_an_ann_index_returns_k_hits_when_k_match(ann_indexes, cli, kin
     top = cli("query", ann_indexes["flat"], "alpha beta", "--where", "grp < 20", "-k", "5", "-f", "ids", "--mode", mode)
     assert few.exit_code == 0 and len(few.stdout.split()) == 5
     assert len(top.stdout.split()) == 5
+
+
+# --- lexical: a long query of repeated words ---------------------------------------------------------------------
+
+
+def test_a_repeated_query_word_costs_no_memory_per_repeat(ann_indexes):
+    """Each repeat of a word concatenated its whole posting list again: 'alpha ' * 150,000 (900 KB, under the
+    server's --max-body) took 7 GB on 3,000 passages. Repeats still count (as bm25s counts them), by weight."""
+    import tracemalloc
+
+    import numpy as np
+
+    from dsearch.hybrid import Lexical
+    from dsearch.store import OpenIndex
+
+    lex = Lexical(OpenIndex(ann_indexes["flat"]))
+    once, beta = lex.scores("alpha"), lex.scores("beta")
+    assert (once > 0).sum() > 500  # a word in hundreds of passages
+    tracemalloc.start()
+    try:
+        repeated = lex.scores("alpha " * 20000 + "beta beta")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB"
+    expected = (once.astype(np.float64) * 20000 + beta.astype(np.float64) * 2).astype(np.float32)
+    np.testing.assert_allclose(repeated, expected, rtol=1e-6)
+    assert (lex.scores("alpha alpha beta") == (once.astype(np.float64) * 2 + beta).astype(np.float32)).all()

@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -285,10 +286,13 @@ class LexicalSegment:
         """BM25 score of every passage for the query (repeated query words count again, as in bm25s)."""
         import numpy as np
 
-        ids = [self.vocab[t] for t in self.tokenize(text) if t in self.vocab]
-        if not ids or not self.documents:
+        # Each word's postings once, weighted by how often the query repeats it: concatenating them once per
+        # repeat made 'alpha ' * 150,000 (a 900 KB query) take 7 GB. Weights are summed in float64 either way,
+        # where c times a float32 weight is exactly the sum of c copies (BM25 weights span few exponents).
+        counts = Counter(self.vocab[t] for t in self.tokenize(text) if t in self.vocab)
+        if not counts or not self.documents:
             return np.zeros(self.documents, np.float32)
-        parts = [(int(self.indptr[i]), int(self.indptr[i + 1])) for i in ids]
-        docs = np.concatenate([self.indices[a:b] for a, b in parts])
-        weights = np.concatenate([self.data[a:b] for a, b in parts])
+        parts = [(int(self.indptr[i]), int(self.indptr[i + 1]), count) for i, count in counts.items()]
+        docs = np.concatenate([self.indices[a:b] for a, b, _ in parts])
+        weights = np.concatenate([self.data[a:b] * np.float64(count) for a, b, count in parts])
         return np.bincount(docs, weights=weights, minlength=self.documents).astype(np.float32)

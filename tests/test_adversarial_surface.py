@@ -356,3 +356,29 @@ def test_a_repeated_query_word_costs_no_memory_per_repeat(ann_indexes):
     expected = (once.astype(np.float64) * 20000 + beta.astype(np.float64) * 2).astype(np.float32)
     np.testing.assert_allclose(repeated, expected, rtol=1e-6)
     assert (lex.scores("alpha alpha beta") == (once.astype(np.float64) * 2 + beta).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("bm25-rows.npy", lambda a: a.__setitem__(-1, 10**9)),  # was 'unexpected IndexError: 1000000000'
+        ("bm25-rows.npy", lambda a: a.__setitem__(-1, a[-2])),  # two passages on one row: a hit printed twice
+        ("bm25-indices.npy", lambda a: a.__setitem__(slice(None), 10**6)),  # 'unexpected IndexError'
+    ],
+)
+@pytest.mark.parametrize("mode", ["lexical", "hybrid"])
+def test_damaged_lexical_arrays_are_one_line_naming_status(typed_index, cli, name, damage, mode):
+    """Damage that keeps a BM25 array's size is found by status's checksums, not by a query's size checks; the
+    query must still fail with the index's error (exit 1), not a crash or a passage printed twice."""
+    import numpy as np
+
+    path = next(typed_index.glob(f"seg-*/{name}"))
+    array = np.load(path)
+    damage(array)
+    size = path.stat().st_size
+    np.save(path, array)
+    assert path.stat().st_size == size
+    one_error_line(cli("query", typed_index, "volcano alpha", "--mode", mode), 1, "lexical index is corrupt",
+                   f"dsearch status {typed_index}")  # fmt: skip
+    assert cli("status", typed_index).exit_code == 6
+    assert cli("query", typed_index, "volcano", "-f", "ids").exit_code == 0  # dense needs no BM25

@@ -52,8 +52,14 @@ class Lexical:
                 f"{option('lexical', False)}"
             )
         self.segments = [LexicalSegment(index.directory / seg.segment.path) for seg in index.segments]
-        pairs = zip(self.segments, index.segments, strict=True)
-        starts = [np.asarray(lex.first_rows) + seg.first_row for lex, seg in pairs]
+        starts = []
+        for lex, seg in zip(self.segments, index.segments, strict=True):
+            first = np.asarray(lex.first_rows)
+            # Each passage's first row: 0 first, rising, inside the segment. Damage that keeps the file's size
+            # (found by status's checksums) otherwise surfaced as 'unexpected IndexError' or a passage twice.
+            if len(first) and (first[0] != 0 or first[-1] >= seg.segment.rows or (np.diff(first) <= 0).any()):
+                raise lex.damaged("its passages' first rows are out of order or past the segment")
+            starts.append(first + seg.first_row)
         self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
 
     def scores(self, text: str) -> Any:

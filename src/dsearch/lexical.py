@@ -281,6 +281,15 @@ class LexicalSegment:
             if self.documents:
                 raise IndexDirError(f"{segment_dir}: the lexical index's arrays disagree; rebuild the index")
         self.tokenize = Tokenizer(spec["stopwords"], spec["pattern"], spec["stemmer"])
+        self.directory = segment_dir
+
+    def damaged(self, what: str) -> IndexDirError:
+        """The error for lexical arrays that cannot be right (damage that kept their size: status finds it)."""
+        index = self.directory.parent
+        return IndexDirError(
+            f"{self.directory}: the lexical index is corrupt ({what}); check it with 'dsearch status {index}' and "
+            "rebuild the index"
+        )
 
     def scores(self, text: str) -> Any:
         """BM25 score of every passage for the query (repeated query words count again, as in bm25s)."""
@@ -293,6 +302,10 @@ class LexicalSegment:
         if not counts or not self.documents:
             return np.zeros(self.documents, np.float32)
         parts = [(int(self.indptr[i]), int(self.indptr[i + 1]), count) for i, count in counts.items()]
+        if any(not 0 <= a <= b <= len(self.indices) for a, b, _ in parts):
+            raise self.damaged("a word's postings lie past its arrays")
         docs = np.concatenate([self.indices[a:b] for a, b, _ in parts])
         weights = np.concatenate([self.data[a:b] * np.float64(count) for a, b, count in parts])
+        if len(docs) and (docs.min() < 0 or docs.max() >= self.documents):
+            raise self.damaged("a posting names a passage it does not have")
         return np.bincount(docs, weights=weights, minlength=self.documents).astype(np.float32)

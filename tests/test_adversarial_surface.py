@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes import HashingEncoder
 from test_cli import one_error_line
 from test_hybrid import TYPED, write_jsonl
+
+import dsearch
 
 
 @pytest.fixture
@@ -382,3 +385,38 @@ def test_damaged_lexical_arrays_are_one_line_naming_status(typed_index, cli, nam
                    f"dsearch status {typed_index}")  # fmt: skip
     assert cli("status", typed_index).exit_code == 6
     assert cli("query", typed_index, "volcano", "-f", "ids").exit_code == 0  # dense needs no BM25
+
+
+# --- the API: a Searcher whose version was replaced -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"where": "kind = 'a'"},  # fast path: 'cannot read the stored fields (...); rebuild the index'
+        {"where": "kind || '' = 'a'"},  # DuckDB's path: duckdb.IOException escaped, no DsearchError at all
+        {"mode": "lexical"},  # 'cannot read the lexical index (...); rebuild the index': nothing to rebuild
+        {"mode": "hybrid", "where": "kind = 'a'"},
+    ],
+)
+def test_searcher_whose_version_was_replaced_says_to_open_a_new_one(tmp_path, options):
+    """A Searcher keeps answering from the version it opened; what needs files it had not opened yet after a new
+    publish removed them is an IndexDirError that says a new version replaced it, not a raw DuckDB error or
+    advice to rebuild an index that is fine."""
+    encoder = HashingEncoder()
+    rows = [{"_id": f"p{i}", "text": f"volcano number {i}", "kind": "ab"[i % 2]} for i in range(10)]
+    target = tmp_path / "idx"
+    dsearch.build_index(target, rows, encoder=encoder)
+    with dsearch.Searcher(target, encoder=encoder) as old:
+        assert old.search("volcano", k=2)[0]
+        dsearch.build_index(target, [{**r, "_id": "n" + r["_id"]} for r in rows], encoder=encoder,
+                            max_remove="100%")  # fmt: skip
+        now = dsearch.index_version(target)
+        assert now != old.version
+        with pytest.raises(dsearch.IndexDirError) as raised:
+            old.search("volcano", k=2, **options)
+        message = str(raised.value)
+        assert "open a new Searcher" in message and now in message and "\n" not in message, message
+        assert old.search("volcano", k=1)[0][0].id.startswith("p")  # its own version still answers dense
+    with dsearch.Searcher(target, encoder=encoder) as new:
+        assert all(h.id.startswith("n") for h in new.search("volcano", k=3, **options)[0])

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from dsearch.errors import DsearchError, ModelError, UsageError
+from dsearch.errors import DsearchError, IndexDirError, ModelError, UsageError, spell
 from dsearch.search import Hit, Query, SearchStats
 
 if TYPE_CHECKING:
@@ -438,7 +438,10 @@ class Searcher:
 
         index = self._open()
         started = time.perf_counter()
-        mask = allowed_rows(index, where)
+        try:
+            mask = allowed_rows(index, where)
+        except IndexDirError as exc:
+            raise self._replaced(exc) from exc
         mask.flags.writeable = False  # shared between searches
         kept = int(mask.sum())
         log.info("--where kept %d of %d rows (%.3f s)", kept, index.rows, time.perf_counter() - started)
@@ -470,8 +473,26 @@ class Searcher:
 
             with self._lexical_lock:
                 if self._lexical is None:
-                    self._lexical = Lexical(self._open())
+                    try:
+                        self._lexical = Lexical(self._open())
+                    except IndexDirError as exc:
+                        raise self._replaced(exc) from exc
         return self._lexical
+
+    def _replaced(self, exc: IndexDirError) -> IndexDirError:
+        """``exc`` (files that could not be read), or, when a newer publish has removed this version's files,
+        the error that says so: the index is fine, this Searcher is out of date."""
+        try:
+            now = index_version(self.directory)
+        except DsearchError:
+            return exc
+        if now == self.version:
+            return exc
+        again = spell("run the command again", "open a new Searcher (load_lexical=True keeps BM25 open from the start)")
+        return IndexDirError(
+            f"{self.directory}: version {now} was published after version {self.version} opened here, and removed "
+            f"files this search needs; {again}"
+        )
 
     def _check_vectors(self, vectors: Any, count: int) -> Any:
         import numpy as np

@@ -258,6 +258,13 @@ class DuckDBFilter:
             # From here on conditions run: they may not read or write files, nor switch this back on.
             self.con.execute("SET enable_external_access = false")
             self.con.execute("SET lock_configuration = true")
+        except duckdb.Error as exc:  # a file gone (a newer publish removed it) or damaged: the index's error
+            self.con.close()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IndexDirError(
+                f"{index.directory}: cannot read the passages' stored fields ({first}); check it with "
+                f"'dsearch status {index.directory}' and rebuild the index"
+            ) from None
         except BaseException:
             self.con.close()
             raise

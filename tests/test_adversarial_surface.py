@@ -420,3 +420,19 @@ def test_searcher_whose_version_was_replaced_says_to_open_a_new_one(tmp_path, op
         assert old.search("volcano", k=1)[0][0].id.startswith("p")  # its own version still answers dense
     with dsearch.Searcher(target, encoder=encoder) as new:
         assert all(h.id.startswith("n") for h in new.search("volcano", k=3, **options)[0])
+
+
+def test_a_field_named_by_the_empty_string_breaks_no_other_condition(tmp_path, cli):
+    """JSON allows the key "": its column in DuckDB's view was a zero-length identifier, a parse error for every
+    condition DuckDB evaluates on that index ('unexpected ParserException'). It gets a private name in the view,
+    read with the JSON Pointer '/' ($."" is a path error), so '"" = 1' reaches it too."""
+    rows = [{"_id": "a", "text": "alpha one", "": 1, "n": 5, "ünï": 6},
+            {"_id": "b", "text": "beta two", "": 2, "n": 6, "ünï": 7}]  # fmt: skip
+    target = tmp_path / "idx"
+    assert cli("index", write_jsonl(tmp_path / "c.jsonl", rows), "-o", target).exit_code == 0
+    for where, expected in (("n + 0 = 5", "a"), ("ünï = 7", "b"), ("n = 6", "b"), ('"ünï" + 1 = 7', "a")):
+        result = cli("query", target, "alpha", "--where", where, "-f", "ids")
+        assert (result.exit_code, result.stdout, result.stderr) == (0, expected + "\n", ""), where
+    for where, expected in (('"" = 2', "b"), ('"" + 0 = 1 AND n = 5', "a")):
+        result = cli("query", target, "alpha", "--where", where, "-f", "ids")
+        assert (result.exit_code, result.stdout, result.stderr) == (0, expected + "\n", ""), where

@@ -132,6 +132,8 @@ def _quote_identifier(name: str) -> str:
 def _column(name: str, kind: str) -> str:
     # ensure_ascii=False: DuckDB reads no \u escapes in a JSON path, so "$.\"\u00e9t\u00e9\"" finds no "été" key.
     path = _quote_string("$." + json.dumps(name, ensure_ascii=False))
+    if name == "":  # DuckDB's $."" is a path error; the JSON Pointer "/" names the key ""
+        path = "'/'"
     if kind == "JSON":
         return f"json_extract(fields, {path})"
     if kind == "VARCHAR":
@@ -237,6 +239,7 @@ class DuckDBFilter:
         # one name to both), and a condition's names are bound by `bind` and rewritten to them (_rename).
         # The view's own __row column is taken too: a field named so (in any case) gets a private name as well.
         clashing = _clashing([*self.fields, ROW_COLUMN]) & set(types)
+        clashing |= {""} & set(types)  # JSON allows the key "", DuckDB no zero-length identifier
         self.private = _private_names(clashing, {*self.fields, ROW_COLUMN})
         # DuckDB reads the Parquet files itself (handing it an Arrow table makes it import pandas: 0.6 s), only
         # the small columns; file_row_number + the segment's first row is the row.

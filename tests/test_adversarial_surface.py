@@ -436,3 +436,22 @@ def test_a_field_named_by_the_empty_string_breaks_no_other_condition(tmp_path, c
     for where, expected in (('"" = 2', "b"), ('"" + 0 = 1 AND n = 5', "a")):
         result = cli("query", target, "alpha", "--where", where, "-f", "ids")
         assert (result.exit_code, result.stdout, result.stderr) == (0, expected + "\n", ""), where
+
+
+def test_field_names_with_control_characters_read_alike_on_both_paths(typed_index):
+    """DuckDB's path looked such fields up with $."nul\\u0000x", which finds no key (DuckDB reads no \\u escapes
+    in a path): always NULL there, so a condition DuckDB evaluates matched nothing; the fast path read them."""
+    rows = [{"_id": "a", "text": "alpha", "nul\x00x": 3, "tab\tx": "t", "a/b~c": 1},
+            {"_id": "b", "text": "beta", "nul\x00x": 4, "tab\tx": "u", "a/b~c": 2}]  # fmt: skip
+    target = typed_index.parent / "ctrl.idx"
+    encoder = HashingEncoder()
+    dsearch.build_index(target, rows, encoder=encoder)
+    with dsearch.Searcher(target, encoder=encoder) as searcher:
+        for where, expected in (
+            ('"nul\x00x" = 4', ["b"]),  # fast path
+            ('"nul\x00x" + 0 = 3', ["a"]),  # DuckDB
+            ('"tab\tx" = \'t\'', ["a"]),
+            ('"tab\tx" || \'\' = \'u\'', ["b"]),
+            ('"a/b~c" + 0 = 2', ["b"]),
+        ):
+            assert [h.id for h in searcher.search("alpha", where=where, k=5)[0]] == expected, where

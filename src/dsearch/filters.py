@@ -130,10 +130,10 @@ def _quote_identifier(name: str) -> str:
 
 
 def _column(name: str, kind: str) -> str:
-    # ensure_ascii=False: DuckDB reads no \u escapes in a JSON path, so "$.\"\u00e9t\u00e9\"" finds no "été" key.
-    path = _quote_string("$." + json.dumps(name, ensure_ascii=False))
-    if name == "":  # DuckDB's $."" is a path error; the JSON Pointer "/" names the key ""
-        path = "'/'"
+    # A JSON Pointer (RFC 6901: ~ and / escaped, nothing else), not $."name": DuckDB reads no \u escapes in a $
+    # path, which json.dumps writes for control characters ("nul\x00x", "a\tb": such a field was always NULL on
+    # this path while the fast path read it), and $."" is a path error.
+    path = _quote_string("/" + name.replace("~", "~0").replace("/", "~1"))
     if kind == "JSON":
         return f"json_extract(fields, {path})"
     if kind == "VARCHAR":

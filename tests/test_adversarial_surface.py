@@ -455,3 +455,16 @@ def test_field_names_with_control_characters_read_alike_on_both_paths(typed_inde
             ('"a/b~c" + 0 = 2', ["b"]),
         ):
             assert [h.id for h in searcher.search("alpha", where=where, k=5)[0]] == expected, where
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, "2", 1.5, True])
+def test_build_index_refuses_a_batch_size_that_is_no_positive_whole_number(tmp_path, batch_size):
+    """batch_size=0 published an index of no passages from two (published=True, indexed=0): a new index of
+    nothing is an error, and the CLI's --batch-size 0 is refused. "2" was a ValueError from islice."""
+    target = tmp_path / "idx"
+    with pytest.raises(dsearch.UsageError, match="batch_size must be a whole number of at least 1"):
+        dsearch.build_index(target, [{"_id": "a", "text": "x"}, {"_id": "b", "text": "y"}], encoder=HashingEncoder(),
+                            batch_size=batch_size)  # fmt: skip
+    assert not target.exists()
+    with pytest.raises(dsearch.UsageError, match="batch_size must be a whole number of at least 1"):
+        dsearch.Searcher(tmp_path, batch_size=batch_size)

@@ -74,6 +74,12 @@ def check_precision(precision: str | None) -> None:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size that is not a whole number of at least 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+
+
 def manifest_version(manifest: Manifest) -> str:
     """A short stamp of one published version of an index: it changes with every publish (new segments,
     checksums and creation time), and is the same for every reader of the same version."""
@@ -138,12 +144,11 @@ class Searcher:
         from dsearch.store import OpenIndex
 
         self.directory = Path(directory)
+        check_precision(precision)
+        check_batch_size(batch_size)
         started = time.perf_counter()
         self._index: OpenIndex | None = OpenIndex(self.directory, verify=verify)
         log.info("load index: %s, %d passages (%.3f s)", directory, self._index.rows, time.perf_counter() - started)
-        check_precision(precision)
-        if batch_size < 1:
-            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
         manifest = self._index.manifest
         self.version = manifest_version(manifest)
         self.rows = self._index.rows
@@ -641,6 +646,7 @@ def build_index(
 
     target = Path(directory)
     check_precision(precision)
+    check_batch_size(batch_size)  # 0 encoded nothing and published an empty index
     if index_type is not None:
         from dsearch.vector_index import INDEX_TYPES, looks_like_factory
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -468,3 +469,26 @@ def test_build_index_refuses_a_batch_size_that_is_no_positive_whole_number(tmp_p
     assert not target.exists()
     with pytest.raises(dsearch.UsageError, match="batch_size must be a whole number of at least 1"):
         dsearch.Searcher(tmp_path, batch_size=batch_size)
+
+
+def test_an_explicit_null_is_null_in_a_json_field_too(tmp_path, cli):
+    """A field whose values mix types is JSON; its explicit nulls were the JSON value null, not SQL's NULL, so
+    'IS NULL' missed them (and 'IS NOT NULL' kept them), where a field of one type treats null as NULL."""
+    rows = [{"_id": "a", "text": "alpha", "mixed": None, "plain": None},
+            {"_id": "b", "text": "alpha", "mixed": 1.5, "plain": "x"},
+            {"_id": "c", "text": "alpha", "mixed": "str", "plain": "y"},
+            {"_id": "d", "text": "alpha"},
+            {"_id": "e", "text": "alpha", "mixed": "null", "plain": "null"}]  # fmt: skip
+    target = tmp_path / "idx"
+    assert cli("index", write_jsonl(tmp_path / "c.jsonl", rows), "-o", target).exit_code == 0
+    assert json.loads(cli("info", target, "--json").stdout)["fields"] == {"mixed": "JSON", "plain": "VARCHAR"}
+
+    def ids(where: str) -> set[str]:
+        result = cli("query", target, "alpha", "--where", where, "-k", "10", "-f", "ids")
+        assert (result.exit_code, result.stderr) == (0, ""), where
+        return set(result.stdout.split())
+
+    assert ids("plain IS NULL") == {"a", "d"}
+    assert ids("mixed IS NULL") == {"a", "d"}
+    assert ids("mixed IS NOT NULL") == {"b", "c", "e"}
+    assert ids("mixed->>'$' = 'null'") == {"e"}  # the string "null" is no null

@@ -134,8 +134,8 @@ def _column(name: str, kind: str) -> str:
     # path, which json.dumps writes for control characters ("nul\x00x", "a\tb": such a field was always NULL on
     # this path while the fast path read it), and $."" is a path error.
     path = _quote_string("/" + name.replace("~", "~0").replace("/", "~1"))
-    if kind == "JSON":
-        return f"json_extract(fields, {path})"
+    if kind == "JSON":  # an explicit null is SQL's NULL, as in the fields of one type (not the JSON value null)
+        return f"NULLIF(json_extract(fields, {path}), 'null'::JSON)"
     if kind == "VARCHAR":
         return f"json_extract_string(fields, {path})"
     if kind.endswith("[]"):

@@ -479,6 +479,7 @@ class Staging:
     published: bool = False  # set the moment the new manifest is in place: the point of no return
     interrupted_after_publish: bool = False
     result: Any = None  # what the build reports, ready before publishing so an interrupt cannot lose it
+    encoded: bool = False  # every passage's vector is checkpointed: a failure from here on keeps the area
 
     def save_progress(self, progress: dict[str, Any]) -> None:
         _write_file(self.root / PROGRESS_FILE, json.dumps(progress).encode("utf-8"), atomic=True)
@@ -551,8 +552,9 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
 
     Call with the lock held. Every build stages inside DIR and publishes by swapping ``manifest.json``, so
     readers see the old index or the new one. Leftovers of earlier runs (other staging areas, segments no
-    manifest names) are removed first. On an error the area is removed; on an interrupt (Ctrl-C, SIGTERM) it is
-    kept when it holds a checkpoint, so the next run resumes.
+    manifest names) are removed first. On an error the area is removed, unless every vector was already
+    encoded (then only building the ANN index or publishing failed, and hours of encoding are worth keeping); on an
+    interrupt (Ctrl-C, SIGTERM) it is kept when it holds a checkpoint. The next run with the same signature resumes.
     """
     check_target(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -579,7 +581,8 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
             shutil.rmtree(staging.root, ignore_errors=True)  # nothing worth resuming
         raise
     except BaseException:
-        shutil.rmtree(staging.root, ignore_errors=True)
+        if staging.published or not staging.encoded:
+            shutil.rmtree(staging.root, ignore_errors=True)
         raise
 
 

@@ -611,3 +611,34 @@ def test_a_rebuild_refused_by_max_remove_keeps_no_checkpoint(tmp_path, cli):
     assert "kept" not in refused.stderr
     assert not list(index.glob(".staging-*"))
     assert cli("status", index).exit_code == 0
+
+
+# --- 10. a failed first build leaves no folders -----------------------------------------------------------
+
+
+def bad_corpus(path: Path) -> Path:
+    path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')  # found bad only while reading
+    return path
+
+
+def test_a_failed_first_build_removes_the_folders_it_created_and_no_other(tmp_path, cli, monkeypatch):
+    corpus = bad_corpus(tmp_path / "c.jsonl")
+    (tmp_path / "existing").mkdir()
+    result = cli("index", corpus, "-o", tmp_path / "existing" / "a" / "b" / "idx")
+    assert result.exit_code == 1
+    assert listing(tmp_path) == ["c.jsonl", "existing"] and listing(tmp_path / "existing") == []
+    # `..` and a folder that was there before: only what the run made goes, by the path it made it with.
+    monkeypatch.chdir(tmp_path)
+    assert cli("index", corpus, "-o", Path("new") / ".." / "existing" / "idx").exit_code == 1
+    assert listing(tmp_path) == ["c.jsonl", "existing"]
+    (tmp_path / "existing" / "keep.txt").write_text("mine")
+    assert cli("index", corpus, "-o", tmp_path / "existing" / "x" / "idx").exit_code == 1
+    assert listing(tmp_path / "existing") == ["keep.txt"]
+
+
+def test_a_failed_first_build_with_kept_vectors_keeps_its_folders(tmp_path, cli):
+    target = tmp_path / "a" / "idx"
+    result = cli("index", write_corpus(tmp_path / "c.jsonl", 300), "-o", target, "--index-type", "IVF1024,Flat")
+    one_error_line(result, 2, "the encoded vectors are kept")
+    assert len(list(target.glob(".staging-*"))) == 1
+    assert cli("index", tmp_path / "c.jsonl", "-o", target, "--json").exit_code == 0

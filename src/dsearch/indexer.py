@@ -133,29 +133,34 @@ class _Walk:
     def __iter__(self) -> Iterator[Path]:
         seen = 0
         stack = [self.root]
+        visited = {os.path.realpath(self.root)}  # as corpus.corpus_files: linked folders followed, each once
         while stack:
             folder = stack.pop()
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError:
                 continue
+            subfolders = []
             for entry in entries:
-                is_dir = entry.is_dir(follow_symlinks=False)  # never follow a link out of the tree
+                is_dir = entry.is_dir()
                 if not is_dir and not entry.is_file():
                     continue
                 if entry.name.startswith(".") or (not is_dir and format_of_name(entry.name) is None):
                     continue
-                if is_dir and (os.path.realpath(entry.path) in self.excluded or is_index_dir(entry.path)):
+                real = os.path.realpath(entry.path) if is_dir else ""
+                if is_dir and (real in self.excluded or real in visited or is_index_dir(entry.path)):
                     continue
                 seen += 1
                 if self.budget is not None and seen > self.budget:
                     self.cut_short = True
                     return
                 if is_dir:
+                    visited.add(real)
                     self.folders += 1
-                    stack.append(Path(entry.path))
+                    subfolders.append(Path(entry.path))
                 else:
                     yield Path(entry.path)
+            stack.extend(reversed(subfolders))  # walked in sorted order, depth first, as os.walk walks them
 
 
 def describe_source(path: str, budget: int | None = None, exclude: Iterable[str] = ()) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, Runner
+from fakes import HashingEncoder
 from test_cli import one_error_line
 
 from dsearch.manifest import read_manifest
@@ -189,15 +190,24 @@ def test_factory_string_faiss_rejects_is_a_usage_error(cli, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(
-    ("memory", "fragment"),
-    [("lots", "not a size"), ("1K", "cannot hold"), ("20K", "more than the memory budget")],
-)
+@pytest.mark.parametrize(("memory", "fragment"), [("lots", "not a size"), ("1K", "cannot hold")])
 def test_impossible_memory_is_a_usage_error_and_nothing_is_written(cli, tmp_path, memory, fragment):
     target = tmp_path / "x"
     result = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "flat", "--memory", memory)
     one_error_line(result, 2, fragment)
     assert not target.exists() and not list(tmp_path.glob(".x.staging-*"))
+
+
+def test_a_memory_budget_found_too_small_after_encoding_keeps_the_vectors(cli, tmp_path):
+    """How many rows the vectors take (windows) is known once they are encoded: the rerun with more memory
+    resumes from them."""
+    target = tmp_path / "x"
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "flat", "--memory", "20K")
+    one_error_line(result, 2, "more than the memory budget", "the encoded vectors are kept")
+    assert not (target / "manifest.json").exists()
+    rerun = cli("index", SAMPLE / "passages.jsonl", "-o", target, "--index-type", "flat", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["encoded"] == 0
 
 
 def test_a_format_1_index_still_updates_and_reindexes(cli, tmp_path):
@@ -512,13 +522,18 @@ def test_an_index_that_reduces_the_dimension_still_prints_exact_scores(cli, tmp_
 @pytest.mark.parametrize("factory", ["HNSW16_PQ8", "OPQ8,IVF4,PQ8"])  # 256 PQ centroids: more than 200 passages
 def test_a_factory_faiss_cannot_train_on_the_corpus_is_one_line_and_the_index_is_kept(cli, flat_index, factory):
     before = _hits(cli, flat_index)
-    for args in (("index", SAMPLE / "passages.jsonl", "-o", flat_index, "--index-type", factory),
-                 ("reindex", flat_index, "--index-type", factory)):
+    for args in (("reindex", flat_index, "--index-type", factory),
+                 ("index", SAMPLE / "passages.jsonl", "-o", flat_index, "--index-type", factory)):
         result = cli(*args)
         one_error_line(result, 2, factory, "200 vectors", "Number of training points (200)", "--index-type")
         assert "unexpected" not in result.stderr and "report it" not in result.stderr
         assert read_manifest(flat_index).index_type == FLAT and _hits(cli, flat_index) == before
-        assert cli("status", flat_index).exit_code == 0  # nothing left behind either
+        status = cli("status", flat_index)
+        if args[0] == "reindex":
+            assert status.exit_code == 0  # nothing left behind
+        else:  # the build keeps what it encoded, for the rerun with another --index-type
+            assert (status.exit_code, "kept" in result.stderr) == (6, True)
+            assert "failed run left a checkpoint" in status.stdout
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
@@ -591,3 +606,12 @@ def test_a_reindex_interrupted_right_after_the_manifest_swap_keeps_the_files_it_
     assert status.exit_code == 6 and status.stdout.startswith("incomplete: "), status.stdout
     assert cli("reindex", target).exit_code == 0
     assert cli("status", target).exit_code == 0
+
+
+def test_a_factory_string_faiss_cannot_parse_is_refused_before_encoding(tmp_path, capsys):
+    encoders: list[HashingEncoder] = []
+    cli = Runner(capsys, lambda name, **kw: encoders.append(HashingEncoder(name)) or encoders[-1])
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "x", "--index-type", "IVF4,PQ7")  # 64 % 7
+    one_error_line(result, 2, "IVF4,PQ7")
+    assert "kept" not in result.stderr
+    assert [e.encoded_documents for e in encoders] == [0]  # the model loaded (for its dimension), nothing encoded

@@ -490,3 +490,40 @@ def test_parquet_ids_and_texts_that_cannot_be_text_are_errors_naming_the_row(tmp
     pq.write_table(pa.table(columns), corpus)
     one_error_line(cli("index", corpus, "-o", tmp_path / "idx"), 1, f"{corpus}:row 2", problem)
     assert not (tmp_path / "idx").exists()
+
+
+# --- symlinked folders inside a corpus folder ----------------------------------------------------------------
+
+
+def test_a_linked_folder_in_the_corpus_is_read_and_its_changes_seen_by_status(cli, tmp_path):
+    docs, elsewhere = tmp_path / "docs", tmp_path / "other-disk"
+    write(docs / "a.jsonl", jsonl({"id": "a", "text": "alpha"}))
+    write(elsewhere / "b.jsonl", jsonl({"id": "b", "text": "beta"}))
+    (docs / "linked").symlink_to(elsewhere, target_is_directory=True)
+    result = cli("index", docs, "-o", tmp_path / "idx")
+    assert result.exit_code == 0, result.stderr
+    assert stored_ids(tmp_path / "idx") == ["a", "b"]  # it used to skip the linked folder and exit 0
+    assert cli("status", tmp_path / "idx").exit_code == 0
+    write(elsewhere / "b.jsonl", jsonl({"id": "b", "text": "beta, changed"}))
+    assert cli("status", tmp_path / "idx").exit_code == 8
+
+
+def test_a_folder_reached_twice_through_links_is_read_once(tmp_path):
+    docs = tmp_path / "docs"
+    write(docs / "sub" / "a.jsonl", "")
+    (docs / "sub" / "up").symlink_to("..", target_is_directory=True)  # a loop
+    (docs / "same").symlink_to("sub", target_is_directory=True)  # the same folder by another name
+    (docs / "self").symlink_to(".", target_is_directory=True)
+    assert [p.relative_to(docs).as_posix() for p in corpus_files(docs)] == ["same/a.jsonl"]
+
+
+def test_a_linked_folder_to_nothing_is_one_error_line(cli, tmp_path):
+    docs = tmp_path / "docs"
+    write(docs / "a.jsonl", jsonl({"id": "a", "text": "alpha"}))
+    (docs / "archive").symlink_to(tmp_path / "unmounted" / "archive")
+    result = cli("index", docs, "-o", tmp_path / "idx")
+    one_error_line(result, 1, "archive: a symlink to", "which does not exist (a disk not mounted?)")
+    assert not (tmp_path / "idx").exists()
+    (docs / "notes.docx").symlink_to(tmp_path / "gone.docx")  # not a corpus file, not a folder: left alone
+    (docs / "archive").unlink()
+    assert cli("index", docs, "-o", tmp_path / "idx").exit_code == 0

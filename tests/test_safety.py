@@ -552,3 +552,93 @@ def test_a_build_killed_in_its_bm25_pass_publishes_no_temporary_files_when_resum
     (segment,) = segments(index)
     listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
     assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)
+
+
+# --- 9. a failure after encoding keeps the vectors ------------------------------------------------------
+
+
+def counting_runner(capsys) -> tuple[Runner, list[HashingEncoder]]:
+    encoders: list[HashingEncoder] = []
+    return Runner(capsys, lambda name, **kw: encoders.append(HashingEncoder(name)) or encoders[-1]), encoders
+
+
+def test_an_ann_build_that_fails_keeps_the_encoded_vectors_for_the_rerun(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    cli, encoders = counting_runner(capsys)
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    before = tree(index)
+    # FAISS cannot train 1024 lists on 300 vectors: known only once every passage is encoded.
+    failed = cli("index", corpus, "-o", index, "--index-type", "IVF1024,Flat")
+    one_error_line(failed, 2, "cannot build the index", "the encoded vectors are kept", "a rerun finishes without")
+    assert encoders[-1].encoded_documents == 300
+    assert {k: v for k, v in tree(index).items() if not k.startswith(".staging-")} == before  # nothing published
+    again = cli("index", corpus, "-o", index, "--index-type", "IVF1024,Flat")  # the same mistake costs no encoding
+    one_error_line(again, 2, "cannot build the index", "the encoded vectors are kept")
+    # The index type is not part of what the vectors depend on: another one resumes from them.
+    rerun = cli("index", corpus, "-o", index, "--index-type", "IVF4,Flat", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert (summary["resumed_at"], summary["indexed"], summary["encoded"]) == (300, 300, 0)
+    assert sum(e.encoded_documents for e in encoders[2:]) == 0  # after the first failure, nothing was encoded
+    assert not list(index.glob(".staging-*"))
+    (segment,) = segments(index)
+    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
+    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)  # no file of the failed runs
+    fresh = Runner(capsys)
+    assert fresh("index", corpus, "-o", tmp_path / "fresh", "--index-type", "IVF4,Flat").exit_code == 0
+    assert OpenIndex(index).vectors_at(list(range(300))).tolist() == (
+        OpenIndex(tmp_path / "fresh").vectors_at(list(range(300))).tolist()
+    )
+
+
+def test_a_failure_while_encoding_still_removes_the_staging_area(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')
+    result = Runner(capsys)("index", corpus, "-o", tmp_path / "idx")
+    assert result.exit_code == 1
+    assert "kept" not in result.stderr
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_rebuild_refused_by_max_remove_keeps_no_checkpoint(tmp_path, cli):
+    """The refusal means the corpus was wrong (a folder not mounted): its vectors are not worth keeping, and a
+    kept checkpoint would turn the healthy index's `status` into exit 6."""
+    index = tmp_path / "idx"
+    assert cli("index", write_corpus(tmp_path / "big.jsonl", 100), "-o", index).exit_code == 0
+    refused = cli("index", write_corpus(tmp_path / "small.jsonl", 10), "-o", index)
+    one_error_line(refused, 9, "refusing to remove 90")
+    assert "kept" not in refused.stderr
+    assert not list(index.glob(".staging-*"))
+    assert cli("status", index).exit_code == 0
+
+
+# --- 10. a failed first build leaves no folders -----------------------------------------------------------
+
+
+def bad_corpus(path: Path) -> Path:
+    path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')  # found bad only while reading
+    return path
+
+
+def test_a_failed_first_build_removes_the_folders_it_created_and_no_other(tmp_path, cli, monkeypatch):
+    corpus = bad_corpus(tmp_path / "c.jsonl")
+    (tmp_path / "existing").mkdir()
+    result = cli("index", corpus, "-o", tmp_path / "existing" / "a" / "b" / "idx")
+    assert result.exit_code == 1
+    assert listing(tmp_path) == ["c.jsonl", "existing"] and listing(tmp_path / "existing") == []
+    # `..` and a folder that was there before: only what the run made goes, by the path it made it with.
+    monkeypatch.chdir(tmp_path)
+    assert cli("index", corpus, "-o", Path("new") / ".." / "existing" / "idx").exit_code == 1
+    assert listing(tmp_path) == ["c.jsonl", "existing"]
+    (tmp_path / "existing" / "keep.txt").write_text("mine")
+    assert cli("index", corpus, "-o", tmp_path / "existing" / "x" / "idx").exit_code == 1
+    assert listing(tmp_path / "existing") == ["keep.txt"]
+
+
+def test_a_failed_first_build_with_kept_vectors_keeps_its_folders(tmp_path, cli):
+    target = tmp_path / "a" / "idx"
+    result = cli("index", write_corpus(tmp_path / "c.jsonl", 300), "-o", target, "--index-type", "IVF1024,Flat")
+    one_error_line(result, 2, "the encoded vectors are kept")
+    assert len(list(target.glob(".staging-*"))) == 1
+    assert cli("index", tmp_path / "c.jsonl", "-o", target, "--json").exit_code == 0

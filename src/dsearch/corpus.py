@@ -245,35 +245,44 @@ def corpus_files(
 
     A file is read when its extension names ``fmt`` (any supported format when None). Hidden files and
     directories, dsearch index directories and the ``exclude`` paths (the index being built) are skipped, so an
-    index written inside its own corpus is never read back as corpus.
+    index written inside its own corpus is never read back as corpus. Symlinks to folders are followed (the user
+    linked them in to be read); a folder reached a second time, by another link or a link to a folder above it,
+    is read once (at the path the walk, in sorted order, meets first).
     """
     root = Path(root)
     excluded = {os.path.realpath(p) for p in exclude}
     found: list[tuple[tuple[str, ...], Path]] = []
+    visited = {os.path.realpath(root)}  # folders already walked or queued: a link loop ends here
+
     def unreadable(exc: OSError) -> None:
         # os.walk skips a folder it cannot list: an --update would remove its passages and exit 0
         where = exc.filename if exc.filename else str(root)
         raise InputError(str(where), f"cannot read this folder ({exc.strerror})", "check its permissions")
 
-    for directory, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = [
-            d
-            for d in dirnames
-            if not d.startswith(".")
-            and os.path.realpath(os.path.join(directory, d)) not in excluded
-            and not is_index_dir(os.path.join(directory, d))
-        ]
+    def walked(directory: str, name: str) -> bool:
+        real = os.path.realpath(os.path.join(directory, name))
+        if name.startswith(".") or real in excluded or real in visited or is_index_dir(os.path.join(directory, name)):
+            return False
+        visited.add(real)
+        return True
+
+    for directory, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        dirnames[:] = [d for d in sorted(dirnames) if walked(directory, d)]
         if os.path.realpath(directory) in excluded:
             dirnames[:] = []
             continue
         for name in filenames:
-            file_fmt = format_of_name(name)
-            if name.startswith(".") or file_fmt is None or (fmt is not None and file_fmt != fmt):
-                continue
             path = Path(directory, name)
+            file_fmt = format_of_name(name)
+            wanted = file_fmt is not None and (fmt is None or file_fmt == fmt)
+            if name.startswith(".") or not (wanted or "." not in name):
+                continue
             if path.is_file():
-                found.append((path.relative_to(root).parts, path))
-            elif path.is_symlink() and not path.exists():  # skipped, an --update would remove its passages
+                if wanted:
+                    found.append((path.relative_to(root).parts, path))
+            elif path.is_symlink() and not path.exists():
+                # A corpus file, or a linked folder (a name with no extension), on a disk that is not mounted:
+                # skipping it would drop its passages (an --update would remove them and exit 0).
                 raise InputError(
                     str(path), f"a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?)",
                     "mount it, or remove the link",

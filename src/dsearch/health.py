@@ -135,7 +135,8 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
         report.problems.append(
             {
                 "kind": "incomplete",
-                "detail": f"an interrupted run left a checkpoint in {leftovers[0]}; rerun 'dsearch index' to finish it",
+                "detail": f"an interrupted or failed run left a checkpoint in {leftovers[0]}; "
+                "rerun 'dsearch index' to finish it",
             }
         )
     if not (directory / MANIFEST_FILE).exists():

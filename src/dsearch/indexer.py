@@ -37,7 +37,7 @@ from dsearch.corpus import (
 )
 from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
-from dsearch.errors import IndexDirError, TooManyRemovedError, UsageError, option, spell
+from dsearch.errors import DsearchError, IndexDirError, TooManyRemovedError, UsageError, option, spell
 from dsearch.filters import field_types, has_field_columns, write_field_columns
 from dsearch.lexical import build_lexical, has_lexical
 from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
@@ -133,29 +133,34 @@ class _Walk:
     def __iter__(self) -> Iterator[Path]:
         seen = 0
         stack = [self.root]
+        visited = {os.path.realpath(self.root)}  # as corpus.corpus_files: linked folders followed, each once
         while stack:
             folder = stack.pop()
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError:
                 continue
+            subfolders = []
             for entry in entries:
-                is_dir = entry.is_dir(follow_symlinks=False)  # never follow a link out of the tree
+                is_dir = entry.is_dir()
                 if not is_dir and not entry.is_file():
                     continue
                 if entry.name.startswith(".") or (not is_dir and format_of_name(entry.name) is None):
                     continue
-                if is_dir and (os.path.realpath(entry.path) in self.excluded or is_index_dir(entry.path)):
+                real = os.path.realpath(entry.path) if is_dir else ""
+                if is_dir and (real in self.excluded or real in visited or is_index_dir(entry.path)):
                     continue
                 seen += 1
                 if self.budget is not None and seen > self.budget:
                     self.cut_short = True
                     return
                 if is_dir:
+                    visited.add(real)
                     self.folders += 1
-                    stack.append(Path(entry.path))
+                    subfolders.append(Path(entry.path))
                 else:
                     yield Path(entry.path)
+            stack.extend(reversed(subfolders))  # walked in sorted order, depth first, as os.walk walks them
 
 
 def describe_source(path: str, budget: int | None = None, exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -634,6 +639,23 @@ def _locked_build(
                 if staging.published:  # past the point of no return: the new index is live
                     return staging.result  # type: ignore[no-any-return]
                 raise
+            except (DsearchError, OSError) as exc:
+                if not staging.encoded or staging.published:
+                    raise
+                raise _encoding_kept(exc, target) from exc
+
+
+_KEPT = "; the encoded vectors are kept: a rerun finishes without encoding them again"
+
+
+def _encoding_kept(exc: DsearchError | OSError, target: Path) -> BaseException:
+    """The error of a run that failed after encoding everything, saying that the rerun resumes from its vectors
+    (``staging_area`` keeps them). An OSError that is not the user's to fix stays a bug report."""
+    error = disk_error(exc, target) if isinstance(exc, OSError) else exc
+    if error is None:
+        return exc
+    error.args = (error.template + _KEPT,)
+    return error
 
 
 def _passages_of(manifest: Manifest) -> int:
@@ -694,6 +716,7 @@ def _build(
     else:
         passages = chain([first], passages)
     info = base.manifest.model if base else model_info(lazy.get())
+    _check_factory(ann[0], info.dim)
     if resumed_at:
         log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
     writer = SegmentWriter(
@@ -712,6 +735,12 @@ def _build(
     # covers written chunks only, so a resumed run re-sends whatever was in flight.
     pending: deque[_Pending] = deque()
 
+    def checkpoint(saved_counts: dict[str, Any]) -> None:
+        """Make every row written so far durable, and record where a resumed run picks up."""
+        parts = writer.checkpoint()
+        progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
+        staging.save_progress({**progress_record, "dim": info.dim, "counts": saved_counts})
+
     def write_oldest() -> None:
         nonlocal done, last_checkpoint
         item = pending.popleft()
@@ -722,10 +751,8 @@ def _build(
         if progress:
             progress(item.passages)
         if time.monotonic() - last_checkpoint >= checkpoint_seconds:
-            parts = writer.checkpoint()
             # The counts as they were when this chunk was read: chunks still in flight are not in the checkpoint.
-            progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-            staging.save_progress({**progress_record, "dim": info.dim, "counts": item.counts})
+            checkpoint(item.counts)
             fault_point("checkpointed")
             last_checkpoint = time.monotonic()
 
@@ -764,14 +791,18 @@ def _build(
             write_oldest()
     while pending:
         write_oldest()
+    removed = len(stored) - len(counts.seen_stored)
+    guard.before_publish(staging.target, done, removed)  # a refused run keeps nothing: its corpus was wrong
+    # The costly part is done: make every vector durable, so that a failure from here on (an ANN index FAISS
+    # cannot train, a full disk, Ctrl-C while it trains) leaves the rerun nothing to encode again.
+    checkpoint(counts.saved())
+    staging.encoded = True
     segment = writer.close()
     if lexical:  # from the closed segment's passages, so an update or a resumed run indexes exactly its rows
         lexical_started = time.perf_counter()
         for name in build_lexical(staging.segment_dir, PASSAGES_FILE):
             segment.files[name] = file_info(staging.segment_dir / name)
         log.info("lexical (BM25) index built in %.2f s", time.perf_counter() - lexical_started)
-    removed = len(stored) - len(counts.seen_stored)
-    guard.before_publish(staging.target, done, removed)
     types = field_types(staging.segment_dir / PASSAGES_FILE)  # for --where and info
     # The fields as typed columns, so that a --where condition reads no JSON and needs no DuckDB (filters.py).
     columns = write_field_columns(staging.segment_dir, PASSAGES_FILE, types)
@@ -864,6 +895,17 @@ def _previous_ann(base: OpenIndex | None, rows: int, moved: list[tuple[Any, Any]
         old_rows[new] = old - seg.first_row
     params = base.manifest.index_params
     return Previous(path, base.manifest.index_type, params, seg.segment.rows, old_rows)
+
+
+def _check_factory(requested: str, dim: int) -> None:
+    """Refuse a FAISS factory string that FAISS cannot parse for this dimension before anything is encoded."""
+    from dsearch.vector_index import INDEX_TYPES, factory_plan
+
+    if requested.lower() not in INDEX_TYPES:
+        try:
+            factory_plan(requested, dim)
+        except ValueError as exc:
+            raise UsageError(f"cannot build the index: {exc}; choose another {option('index_type')}") from None
 
 
 def build_segment_index(

@@ -358,8 +358,8 @@ def index_lock(target: Path) -> Iterator[Path]:
     path is spelled; and no lock files pile up next to indexes. The lock dies with its process, so a crash never
     leaves a stale lock; a clean release also removes the file. Removing a lock file is only safe because every
     taker checks, once it holds the lock, that the path still names the file it locked (else it locked an
-    unlinked file that guards nothing, and tries again). A first build creates DIR to hold the lock and removes
-    it again if the run leaves nothing in it.
+    unlinked file that guards nothing, and tries again). A first build creates DIR (and the folders above it that
+    do not exist) to hold the lock, and removes them again if the run leaves nothing in them.
     """
     import fcntl
 
@@ -371,10 +371,11 @@ def index_lock(target: Path) -> Iterator[Path]:
             f"{target}: a symlink to {os.readlink(target)}, which does not exist (a disk not mounted?); "
             "nothing was changed (create that folder, or choose another -o)"
         )
-    created = not target.exists()
+    made: list[Path] = []  # DIR and the folders above it that this run created, deepest first
     for _attempt in range(10):
         try:
-            target.mkdir(parents=True, exist_ok=True)
+            new = _make_folders(target)
+            made = new + [folder for folder in made if folder not in new]
         except FileExistsError as exc:  # a folder above DIR is a dangling symlink
             raise IndexDirError(
                 f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
@@ -426,10 +427,43 @@ def index_lock(target: Path) -> Iterator[Path]:
         # Unlink before unlocking, so the next taker's inode check sees it; then drop DIR if we made it for nothing.
         with suppress(OSError):
             os.unlink(path)
-        if created:
-            with suppress(OSError):
-                real.rmdir()  # only succeeds when empty
+        # The folders this run made, by the very paths it made them with, while each is empty (rmdir fails on
+        # one that is not): never a folder that was there before, whatever `..` or symlinks the path holds.
+        for folder in made:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
         os.close(fd)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``: the folders this call created, deepest first. Raises FileExistsError when a part of
+    the path exists and is not a folder (a dangling symlink: a disk not mounted?)."""
+    missing: list[Path] = []  # below the deepest folder that exists, deepest first
+    made: list[Path] = []
+    while True:
+        try:
+            os.mkdir(folder)
+            made.append(folder)
+            break
+        except FileNotFoundError:  # its parent is missing too
+            if folder.parent == folder:
+                raise
+            missing.append(folder)
+            folder = folder.parent
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            break
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+            made.append(folder)
+        except FileExistsError:  # another run made it meanwhile, or `x/..`
+            if not folder.is_dir():
+                raise
+    return made[::-1]
 
 
 def _not_our_lock(path: Path) -> IndexDirError:
@@ -479,6 +513,7 @@ class Staging:
     published: bool = False  # set the moment the new manifest is in place: the point of no return
     interrupted_after_publish: bool = False
     result: Any = None  # what the build reports, ready before publishing so an interrupt cannot lose it
+    encoded: bool = False  # every passage's vector is checkpointed: a failure from here on keeps the area
 
     def save_progress(self, progress: dict[str, Any]) -> None:
         _write_file(self.root / PROGRESS_FILE, json.dumps(progress).encode("utf-8"), atomic=True)
@@ -551,8 +586,9 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
 
     Call with the lock held. Every build stages inside DIR and publishes by swapping ``manifest.json``, so
     readers see the old index or the new one. Leftovers of earlier runs (other staging areas, segments no
-    manifest names) are removed first. On an error the area is removed; on an interrupt (Ctrl-C, SIGTERM) it is
-    kept when it holds a checkpoint, so the next run resumes.
+    manifest names) are removed first. On an error the area is removed, unless every vector was already
+    encoded (then only building the ANN index or publishing failed, and hours of encoding are worth keeping); on an
+    interrupt (Ctrl-C, SIGTERM) it is kept when it holds a checkpoint. The next run with the same signature resumes.
     """
     check_target(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -579,7 +615,8 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
             shutil.rmtree(staging.root, ignore_errors=True)  # nothing worth resuming
         raise
     except BaseException:
-        shutil.rmtree(staging.root, ignore_errors=True)
+        if staging.published or not staging.encoded:
+            shutil.rmtree(staging.root, ignore_errors=True)
         raise
 
 

@@ -183,7 +183,7 @@ def plan_index(requested: str, n: int, dim: int, budget: int) -> IndexPlan:
             f"(budget {_gib(budget)}), re-ranked exactly from the stored vectors"
         )
         return IndexPlan("ivfpq", f"IVF{nlist},{codes}", why, kind, size)
-    return _factory_plan(kind, dim)
+    return factory_plan(kind, dim)
 
 
 def _fits(plan: IndexPlan, budget: int, floor: int) -> IndexPlan:
@@ -196,8 +196,9 @@ def _fits(plan: IndexPlan, budget: int, floor: int) -> IndexPlan:
     return plan
 
 
-def _factory_plan(factory: str, dim: int) -> IndexPlan:
-    """An expert's FAISS factory string, checked by FAISS itself before any passage is read."""
+def factory_plan(factory: str, dim: int) -> IndexPlan:
+    """An expert's FAISS factory string, checked by FAISS itself (the indexer does it before encoding anything;
+    whether FAISS can also train it on the vectors shows only once they are encoded)."""
     if not looks_like_factory(factory):
         choices = ", ".join(INDEX_TYPES)
         raise ValueError(f"unknown index type {factory!r}; choose one of {choices} or a FAISS factory string")

@@ -30,6 +30,7 @@ from dsearch.errors import (
     DsearchError,
     IncompleteError,
     IndexDirError,
+    OutputError,
     UsageError,
 )
 
@@ -89,6 +90,85 @@ SETTINGS = Settings()
 
 class _PipeClosed(Exception):
     """stdout's reader went away; not an OSError, so that Typer leaves it to ``run``."""
+
+
+class _Stdout:
+    """``sys.stdout`` during a run: a write that fails for another reason than a closed pipe (a full disk, a
+    file size limit, a closed stdout) becomes an ``OutputError`` with one line, not 'unexpected OSError'."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def _target(self) -> IO[str]:
+        if self.stream is None:  # started with `>&-`: Python has no sys.stdout at all
+            raise OutputError("stdout is closed; the results cannot be written (redirect it, e.g. to a file)")
+        return self.stream
+
+    def _failed(self, exc: OSError) -> OutputError:
+        # Nothing more will be written; the interpreter's flush at exit must not fail and print a second time.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._target().fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return OutputError(f"stdout: cannot write the results ({exc.strerror or exc}); free space where it goes, "
+                           "or send it elsewhere")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._target().write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._target().flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def isatty(self) -> bool:
+        return self.stream is not None and self.stream.isatty()
+
+    def fileno(self) -> int:
+        if self.stream is None:
+            raise ValueError("stdout is closed")
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)
+
+
+def _standard_streams() -> IO[str] | None:
+    """Make the standard streams safe to use; returns the ``sys.stdout`` to put back after the run.
+
+    A stream the shell closed (``<&-``, ``2>&-``) is None in Python: stdin then reads as empty (as ``</dev/null``)
+    and stderr goes nowhere (rather than messages landing on stdout, where ``print(file=None)`` sends them).
+    stdout is UTF-8 whatever the locale says (PYTHONIOENCODING, a Latin-1 locale): JSON Lines, TSV and TREC
+    files are read as UTF-8 by jq and the others, and a passage in any language fits.
+    """
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    original = sys.stdout
+    if isinstance(original, _Stdout):  # a nested run (tests)
+        return original
+    encoding = (getattr(original, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8" and hasattr(original, "reconfigure"):
+        try:
+            original.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            pass
+    sys.stdout = _Stdout(original)  # type: ignore[assignment]
+    return original
 
 
 def _text(value: str) -> str:
@@ -1299,6 +1379,14 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
     """Run the command line and return the exit code (what ``main`` passes to ``sys.exit``)."""
     args = sys.argv[1:] if argv is None else argv
     SETTINGS.debug = "--debug" in args
+    original_stdout = _standard_streams()
+    try:
+        return _run(args, deps)
+    finally:
+        sys.stdout = original_stdout  # type: ignore[assignment]
+
+
+def _run(args: list[str], deps: Deps | None) -> int:
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (tests running in threads)

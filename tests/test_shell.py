@@ -1,0 +1,106 @@
+"""dsearch as a shell user runs it: stdout to a full disk or closed, stdin or stderr closed, a non-UTF-8 locale.
+
+These run the real ``dsearch`` command in a subprocess (the shell's file descriptors are what is tested), with the
+tests' hashing encoder for the commands that encode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_corpus"
+FULL = Path("/dev/full")
+
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    "DSEARCH_TEST_ENCODER": "fakes:hashing_encoder",
+}
+
+
+def shell(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``script`` in bash, where ``$DSEARCH`` is the dsearch command; stdout and stderr kept as bytes."""
+    env = {**ENV, **(env or {}), "DSEARCH": f"{sys.executable} -m dsearch"}
+    return subprocess.run(["bash", "-c", script], capture_output=True, env=env, timeout=120)
+
+
+def error_line(stderr: bytes) -> str:
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("dsearch: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize(
+    "command",
+    [
+        "query {idx} 'how hot is venus' -f jsonl",
+        "query {idx} 'how hot is venus' -f table",
+        "get {idx} astronomy-03",
+        "info {idx} --json",
+        "status {idx}",
+        "eval {idx} --queries {sample}/queries.tsv --qrels {sample}/qrels.txt",
+        "--version",
+    ],
+)
+def test_stdout_on_a_full_disk_is_one_error_line_not_an_unexpected_error(sample_index, command):
+    """`dsearch query … > /dev/full` said 'unexpected OSError: [Errno 28] … report it'."""
+    args = command.format(idx=sample_index, sample=SAMPLE)
+    result = shell(f"$DSEARCH {args} > /dev/full")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    line = error_line(result.stderr)
+    assert "stdout: cannot write the results (No space left on device)" in line
+    assert "unexpected" not in line
+
+
+def test_a_closed_stdout_is_one_error_line(sample_index):
+    """`dsearch query … >&-` said "unexpected AttributeError: 'NoneType' object has no attribute 'isatty'"."""
+    result = shell(f"$DSEARCH query {sample_index} 'how hot is venus' >&-")
+    assert result.returncode == 1
+    assert "stdout is closed" in error_line(result.stderr)
+
+
+@pytest.mark.parametrize("command", ["query {idx} -f ids", "get {idx} -"])
+def test_a_closed_stdin_reads_as_empty_like_dev_null(sample_index, command):
+    """`dsearch query DIR <&-` said "unexpected AttributeError: 'NoneType' object has no attribute 'buffer'"."""
+    args = command.format(idx=sample_index)
+    closed = shell(f"$DSEARCH {args} <&-")
+    empty = shell(f"$DSEARCH {args} </dev/null")
+    assert (closed.returncode, closed.stdout, closed.stderr) == (0, b"", b"")
+    assert (empty.returncode, empty.stdout, empty.stderr) == (0, b"", b"")
+
+
+def test_a_closed_stderr_keeps_error_messages_off_stdout(tmp_path):
+    """With stderr closed (`2>&-`), print(file=sys.stderr) wrote the error line to stdout, into the results."""
+    result = shell(f"$DSEARCH query {tmp_path / 'no-such.idx'} anything 2>&-")
+    assert result.returncode == 1
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_stdout_is_utf8_whatever_the_locale_says(tmp_path, cli, encoding):
+    """Under PYTHONIOENCODING=ascii (or a Latin-1 locale) `-f ids` died with 'unexpected UnicodeEncodeError', and
+    `-f jsonl` wrote Latin-1 bytes that jq cannot read."""
+    corpus = tmp_path / "c.jsonl"
+    records = [{"id": "ü-ñ", "text": "Venus is hot \u2028 and cloudy"}, {"id": "plain", "text": "Mars is cold"}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index, "--no-lexical").exit_code == 0
+    env = {"PYTHONIOENCODING": encoding}
+    ids = shell(f"$DSEARCH query {index} venus -k 2 -f ids", env)
+    assert ids.returncode == 0, ids.stderr
+    assert set(ids.stdout.decode("utf-8").splitlines()) == {"ü-ñ", "plain"}
+    lines = shell(f"$DSEARCH query {index} venus -k 2 -f jsonl", env)
+    assert lines.returncode == 0, lines.stderr
+    hits = [json.loads(line) for line in lines.stdout.decode("utf-8").split("\n") if line]  # not splitlines: U+2028
+    assert {h["id"] for h in hits} == {"ü-ñ", "plain"}
+    assert any("\u2028" in h["text"] for h in hits)

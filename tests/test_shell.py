@@ -104,3 +104,31 @@ def test_stdout_is_utf8_whatever_the_locale_says(tmp_path, cli, encoding):
     hits = [json.loads(line) for line in lines.stdout.decode("utf-8").split("\n") if line]  # not splitlines: U+2028
     assert {h["id"] for h in hits} == {"ü-ñ", "plain"}
     assert any("\u2028" in h["text"] for h in hits)
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_a_query_on_stdin_is_answered_before_the_next_one_arrives(sample_index, mode):
+    """A coprocess writes a query and waits for its answer. The answer waited for 255 more queries or the end of
+    stdin, though the code promised "a pipeline gets each answer as its query arrives": the batcher filled a
+    batch of 256 with `islice`, blocking on the pipe."""
+    import select
+
+    args = [sys.executable, "-m", "dsearch", "query", str(sample_index), "-k", "1", "-f", "trec", "--mode", mode]
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        answers = []
+        for text in ("how hot is venus", "the red planet"):
+            child.stdin.write(f"{text}\n".encode())
+            child.stdin.flush()
+            readable, _, _ = select.select([child.stdout], [], [], 60)
+            assert readable, f"no answer to {text!r} while stdin stays open"
+            answers.append(child.stdout.readline().decode())
+        child.stdin.close()
+        assert child.stdout.read() == b""
+        assert child.wait(timeout=60) == 0
+        assert child.stderr.read() == b""
+    finally:
+        child.kill()
+        child.wait()
+    assert [a.split(" ")[0] for a in answers] == ["1", "2"]  # numbered across the stream, one hit each
+    assert all(a.endswith(" dsearch\n") and a.count(" ") == 5 for a in answers)

@@ -844,6 +844,8 @@ def query(
     _setup(verbose, quiet, debug)
     from dsearch.output import TableOptions, render
     from dsearch.search import (
+        PipeLines,
+        ReadyIterator,
         SearchStats,
         check_query_arguments,
         decode_lines,
@@ -886,7 +888,10 @@ def query(
         if deps.stdin is None and sys.stdin.isatty():
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
-        query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
+        lines = _pipe_lines(stdin) if deps.stdin is None else stdin
+        query_list = queries_from_texts(decode_lines(lines, "<stdin>"))
+        if isinstance(lines, PipeLines):
+            query_list = ReadyIterator(query_list, lines.ready)
     searcher, mode = _open_searcher(deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha)
     with searcher:
         results = searcher.iter_search(
@@ -945,6 +950,21 @@ def _open_searcher(
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _pipe_lines(stdin: IO[bytes]) -> Any:
+    """stdin's lines; from a pipe or a terminal, a ``PipeLines`` that says which queries have arrived."""
+    import stat
+
+    from dsearch.search import PipeLines
+
+    try:
+        fd = stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # a file (`< queries.txt`) has every line ready
+            return stdin
+    except (OSError, ValueError, AttributeError):
+        return stdin
+    return PipeLines(fd)
 
 
 def _log_search(stats: Any, written: int) -> None:

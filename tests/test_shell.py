@@ -132,3 +132,40 @@ def test_a_query_on_stdin_is_answered_before_the_next_one_arrives(sample_index, 
         child.wait()
     assert [a.split(" ")[0] for a in answers] == ["1", "2"]  # numbered across the stream, one hit each
     assert all(a.endswith(" dsearch\n") and a.count(" ") == 5 for a in answers)
+
+
+BEIR_QUERIES = b'{"_id": "q1", "text": "how hot is venus"}\n{"_id": "q2", "text": "the red planet"}\n'
+
+
+def test_queries_dash_reads_json_lines_or_tsv_from_stdin(cli, sample_index):
+    """`jq -c … | dsearch query DIR --queries -` said '-: cannot read the queries file (No such file or
+    directory)'."""
+    jsonl = cli("query", sample_index, "--queries", "-", "-k", "1", "-f", "trec", stdin=BEIR_QUERIES)
+    assert jsonl.exit_code == 0, jsonl.stderr
+    assert [line.split(" ")[0] for line in jsonl.stdout.splitlines()] == ["q1", "q2"]
+    tsv = cli("query", sample_index, "--queries", "-", "-k", "1", "-f", "trec", stdin=b"q1\thow hot is venus\n")
+    assert tsv.exit_code == 0, tsv.stderr
+    assert tsv.stdout == jsonl.stdout.splitlines(keepends=True)[0]
+    bad = cli("query", sample_index, "--queries", "-", stdin=b"{not json\n")
+    assert bad.exit_code == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("dsearch: error: <stdin>:1: not valid JSON") and bad.stderr.count("\n") == 1
+
+
+def test_a_queries_file_named_without_an_extension_is_read_as_json_lines_when_it_is(cli, sample_index, tmp_path):
+    """`--queries /dev/stdin` or `--queries <(jq -c …)` of BEIR queries was read as TSV: 'expected
+    qid<TAB>query text'."""
+    named = tmp_path / "queries"  # what a shell's <(…) or /dev/stdin looks like: no extension
+    named.write_bytes(BEIR_QUERIES)
+    result = cli("query", sample_index, "--queries", named, "-k", "1", "-f", "trec")
+    assert result.exit_code == 0, result.stderr
+    assert [line.split(" ")[0] for line in result.stdout.splitlines()] == ["q1", "q2"]
+    qrels = tmp_path / "qrels"
+    top = [line.split(" ")[2] for line in result.stdout.splitlines()]
+    qrels.write_text(f"q1 0 {top[0]} 1\nq2 0 {top[1]} 1\n")
+    scored = cli("eval", sample_index, "--queries", "-", "--qrels", qrels, "--metrics", "R@1", stdin=BEIR_QUERIES)
+    assert (scored.exit_code, scored.stdout, scored.stderr) == (0, "R@1\tall\t1.0000\n", "")
+    tsv = tmp_path / "topics"
+    tsv.write_text("q1\thow hot is venus\n")
+    assert cli("query", sample_index, "--queries", tsv, "-k", "1", "-f", "trec").stdout == result.stdout.splitlines(
+        keepends=True
+    )[0]

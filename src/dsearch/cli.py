@@ -803,7 +803,8 @@ def query(
         typer.Option(
             "--queries",
             metavar="FILE",
-            help="Query file: TSV 'qid TAB text', BEIR queries.jsonl, or .txt with one query a line.",
+            help="Query file: TSV 'qid TAB text', BEIR queries.jsonl, or .txt with one query a line; '-' reads "
+            "stdin (JSON Lines or TSV).",
         ),
     ] = None,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits per query.")] = 10,
@@ -851,7 +852,6 @@ def query(
         decode_lines,
         like_query,
         queries_from_texts,
-        read_query_file,
     )
 
     fmt = _output_format(out_format)
@@ -880,7 +880,7 @@ def query(
     if queries_file is not None and texts:
         raise UsageError("give queries as arguments or with --queries, not both")
     if queries_file is not None:
-        query_list: Any = read_query_file(str(queries_file))
+        query_list: Any = _read_queries(deps, queries_file)
     elif texts:
         query_list = list(queries_from_texts(texts))
     else:
@@ -950,6 +950,15 @@ def _open_searcher(
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _read_queries(deps: Deps, path: Path | str) -> list[Any]:
+    """``--queries FILE``; ``-`` is stdin, JSON Lines or TSV as its first line shows."""
+    from dsearch.search import read_query_file
+
+    if str(path) == "-":
+        return read_query_file("<stdin>", deps.stdin_bytes().read())
+    return read_query_file(str(path))
 
 
 def _pipe_lines(stdin: IO[bytes]) -> Any:
@@ -1170,7 +1179,10 @@ def eval_command(
     queries_file: Annotated[
         Path,
         typer.Option(
-            "--queries", metavar="FILE", parser=_path, help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'."
+            "--queries",
+            metavar="FILE",
+            parser=_path,
+            help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'; '-' reads stdin.",
         ),
     ],
     qrels_file: Annotated[
@@ -1210,7 +1222,6 @@ def eval_command(
     definitions of nDCG, recall, MRR and the rest)."""
     _setup(verbose, quiet, debug)
     from dsearch.evaluate import DEFAULT_METRICS, RunTarget, evaluate, parse_metrics, read_qrels
-    from dsearch.search import read_query_file
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
     _check_mode_options(mode, alpha)
@@ -1222,7 +1233,7 @@ def eval_command(
         if _index_file(run_file, directory):  # replacing it would lose the index
             raise UsageError(f"--run {run_file} is a file of the index {directory}; give --run another path")
     qrels = read_qrels(str(qrels_file))
-    queries = read_query_file(str(queries_file))
+    queries = _read_queries(_deps(ctx), queries_file)
     searcher, mode = _open_searcher(
         _deps(ctx), directory, mode, model, precision, trust_remote_code, batch_size, alpha
     )

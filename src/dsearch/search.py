@@ -185,16 +185,23 @@ def next_batch(iterator: Iterator[T], size: int) -> list[T]:
     return batch
 
 
-def read_query_file(path: str) -> list[Query]:
-    """A query file: BEIR ``queries.jsonl`` (``_id``, ``text``), TSV ``qid<TAB>text``, or one query a line (.txt)."""
+def read_query_file(path: str, data: bytes | None = None) -> list[Query]:
+    """A query file: BEIR ``queries.jsonl`` (``_id``, ``text``), TSV ``qid<TAB>text``, or one query a line (.txt).
+
+    The extension says which; a name without one of these (``/dev/stdin``, a shell's ``<(jq …)``, ``data`` read
+    from stdin) is JSON Lines when its first line is a JSON object, else TSV."""
     p = Path(path)
     try:
-        raw_lines = p.read_bytes().splitlines()
+        raw_lines = (p.read_bytes() if data is None else data).splitlines()
     except OSError as exc:
         raise InputError(path, f"cannot read the queries file ({exc.strerror or exc})") from None
     queries: list[Query] = []
     first_line: dict[str, int] = {}  # qid -> the line that first used it
-    is_jsonl = p.suffix.lower() in {".jsonl", ".json", ".ndjson"}
+    suffix = p.suffix.lower() if data is None else ""
+    is_jsonl = suffix in {".jsonl", ".json", ".ndjson"}
+    if suffix not in {".jsonl", ".json", ".ndjson", ".txt", ".tsv", ".tab"}:
+        first = next((line.strip() for line in raw_lines if line.strip()), b"")
+        is_jsonl = first.lstrip(b"\xef\xbb\xbf").startswith(b"{")
     for lineno, raw in enumerate(raw_lines, 1):
         where = f"{path}:{lineno}"
         try:
@@ -221,7 +228,7 @@ def read_query_file(path: str) -> list[Query]:
                 problem = f"query id {json.dumps(qid)} is not a non-empty string or number"
                 raise InputError(where, problem, "fix the line")
             query = Query(str(qid), text.strip())
-        elif p.suffix.lower() == ".txt":
+        elif suffix == ".txt":
             query = Query(str(len(queries) + 1), line.strip())
         else:
             qid, tab, text = line.rstrip("\r\n").partition("\t")

@@ -169,3 +169,24 @@ def test_a_queries_file_named_without_an_extension_is_read_as_json_lines_when_it
     assert cli("query", sample_index, "--queries", tsv, "-k", "1", "-f", "trec").stdout == result.stdout.splitlines(
         keepends=True
     )[0]
+
+
+def test_status_of_an_index_whose_first_build_is_running_says_so(cli, tmp_path):
+    """While the first build ran, `status` said 'no index here; build it with dsearch index' (a second build
+    would exit 4); only --json's "updating" told the truth."""
+    import fcntl
+
+    directory = tmp_path / "idx"
+    directory.mkdir()
+    with open(directory / ".dsearch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running `dsearch index` holds
+        building = cli("status", directory)
+        as_json = cli("status", directory, "--json")
+    assert building.exit_code == 5 and building.stderr == ""
+    building_line = f"missing: {directory}: no index here yet; a run is building it now, check again when it ends\n"
+    assert building.stdout == building_line
+    report = json.loads(as_json.stdout)
+    assert (report["status"], report["exit_code"], report["updating"]) == ("missing", 5, True)
+    idle = cli("status", directory)
+    assert idle.exit_code == 5
+    assert idle.stdout == f"missing: {directory}: no index here; build it with 'dsearch index'\n"

@@ -166,9 +166,10 @@ def test_a_queries_file_named_without_an_extension_is_read_as_json_lines_when_it
     assert (scored.exit_code, scored.stdout, scored.stderr) == (0, "R@1\tall\t1.0000\n", "")
     tsv = tmp_path / "topics"
     tsv.write_text("q1\thow hot is venus\n")
-    assert cli("query", sample_index, "--queries", tsv, "-k", "1", "-f", "trec").stdout == result.stdout.splitlines(
-        keepends=True
-    )[0]
+    assert (
+        cli("query", sample_index, "--queries", tsv, "-k", "1", "-f", "trec").stdout
+        == result.stdout.splitlines(keepends=True)[0]
+    )
 
 
 def test_status_of_an_index_whose_first_build_is_running_says_so(cli, tmp_path):
@@ -190,3 +191,24 @@ def test_status_of_an_index_whose_first_build_is_running_says_so(cli, tmp_path):
     idle = cli("status", directory)
     assert idle.exit_code == 5
     assert idle.stdout == f"missing: {directory}: no index here; build it with 'dsearch index'\n"
+
+
+@pytest.mark.parametrize("variable", ["FORCE_COLOR", "TTY_COMPATIBLE"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("info", "{idx}"),
+        ("query", "{idx}", "how hot is venus", "-f", "table"),
+        ("get", "{idx}", "astronomy-03", "-f", "table"),
+    ],
+)
+def test_no_escape_codes_in_a_pipe_even_when_the_environment_forces_colour(
+    cli, sample_index, monkeypatch, variable, command
+):
+    """With FORCE_COLOR=1 (set by some CI systems and dotfiles) Rich took the pipe for a terminal: `dsearch info
+    DIR | grep model` got bold escape codes around every key."""
+    monkeypatch.setenv(variable, "1")
+    result = cli(*(part.format(idx=sample_index) for part in command))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() and "\x1b" not in result.stdout
+    assert result.stderr == ""

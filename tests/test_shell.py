@@ -212,3 +212,28 @@ def test_no_escape_codes_in_a_pipe_even_when_the_environment_forces_colour(
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() and "\x1b" not in result.stdout
     assert result.stderr == ""
+
+
+def test_eval_run_to_stdout_redirected_to_a_file_keeps_the_metrics(sample_index, tmp_path):
+    """`dsearch eval … --run /dev/stdout > out.txt` lost the metric lines: opening /dev/stdout anew truncated the
+    file they had been written to. `--run -` wrote a file named '-'."""
+    out = tmp_path / "out.txt"
+    args = f"eval {sample_index} --queries {SAMPLE}/queries.tsv --qrels {SAMPLE}/qrels.txt --metrics R@10"
+    saved = tmp_path / "saved.run"
+    alone = shell(f"$DSEARCH {args} --run {saved}")
+    assert alone.returncode == 0 and alone.stdout.decode().startswith("R@10\tall\t")
+    for target in ("/dev/stdout", "-"):
+        result = shell(f"cd {tmp_path} && $DSEARCH {args} --run {target} > {out}")
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert out.read_text() == saved.read_text() + alone.stdout.decode()  # the whole run, then the metrics
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("target", ["/dev/stdout", "-"])
+def test_eval_run_to_stdout_into_head_ends_quietly(sample_index, target):
+    """`dsearch eval … --run /dev/stdout | head -1` said 'error: /dev/stdout: cannot write the run (Broken pipe)',
+    exit 1, where the README promises a closed pipe ends quietly with 0."""
+    args = f"eval {sample_index} --queries {SAMPLE}/queries.tsv --qrels {SAMPLE}/qrels.txt --run {target} -q"
+    result = shell(f'$DSEARCH {args} | head -1; echo "exit ${{PIPESTATUS[0]}}" >&2')
+    assert result.stdout.decode().count("\n") == 1 and " Q0 " in result.stdout.decode()
+    assert result.stderr == b"exit 0\n"

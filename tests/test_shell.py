@@ -49,6 +49,8 @@ def error_line(stderr: bytes) -> str:
         "status {idx}",
         "eval {idx} --queries {sample}/queries.tsv --qrels {sample}/qrels.txt",
         "--version",
+        "--help",
+        "query --help",
     ],
 )
 def test_stdout_on_a_full_disk_is_one_error_line_not_an_unexpected_error(sample_index, command):

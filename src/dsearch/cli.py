@@ -98,6 +98,8 @@ class _Stdout:
 
     def __init__(self, stream: IO[str] | None) -> None:
         self.stream = stream
+        self.failed = False  # a write failed: flushing again would only fail again
+        self.error: OutputError | None = None
 
     def _target(self) -> IO[str]:
         if self.stream is None:  # started with `>&-`: Python has no sys.stdout at all
@@ -105,14 +107,10 @@ class _Stdout:
         return self.stream
 
     def _failed(self, exc: OSError) -> OutputError:
-        # Nothing more will be written; the interpreter's flush at exit must not fail and print a second time.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._target().fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-        return OutputError(f"stdout: cannot write the results ({exc.strerror or exc}); free space where it goes, "
-                           "or send it elsewhere")
+        self.failed = True
+        self.error = OutputError(f"stdout: cannot write the results ({exc.strerror or exc}); free space where it "
+                                 "goes, or send it elsewhere")
+        return self.error
 
     def write(self, text: str) -> int:
         try:
@@ -127,8 +125,10 @@ class _Stdout:
             self.write(line)
 
     def flush(self) -> None:
+        if self.stream is None or self.failed:  # nothing was written, or the error was said already
+            return
         try:
-            self._target().flush()
+            self.stream.flush()
         except BrokenPipeError:
             raise
         except OSError as exc:
@@ -1412,8 +1412,20 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
     SETTINGS.debug = "--debug" in args
     original_stdout = _standard_streams()
     try:
-        return _run(args, deps)
+        code = _run(args, deps)
+        try:  # what click printed itself (--help) is still buffered
+            sys.stdout.flush()
+        except OutputError as exc:
+            return _fail(exc.for_cli(), exc.exit_code)
+        except BrokenPipeError:
+            return _closed_pipe()
+        error = getattr(sys.stdout, "error", None)
+        if code == EXIT_OK and error is not None:  # a write failed and something caught it: still not a success
+            return _fail(error.for_cli(), error.exit_code)
+        return code
     finally:
+        if isinstance(sys.stdout, _Stdout) and sys.stdout.failed:
+            _silence_stdout()  # the interpreter's flush at exit must not fail and print a second time
         sys.stdout = original_stdout  # type: ignore[assignment]
 
 
@@ -1473,12 +1485,17 @@ def _fail(message: str, code: int) -> int:
 
 def _closed_pipe() -> int:
     """The reader went away (``dsearch query … | head -1``): stop quietly, with success."""
+    _silence_stdout()
+    return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout's descriptor at /dev/null: nothing more is to be written there."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
-    return EXIT_OK
 
 
 def main() -> None:

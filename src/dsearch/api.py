@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from dsearch.errors import DsearchError, IndexDirError, ModelError, UsageError, spell
-from dsearch.search import Hit, Query, SearchStats
+from dsearch.search import Hit, Query, ReadyIterator, SearchStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -363,7 +363,10 @@ class Searcher:
         """Like ``search``, lazily: each query with its hits as soon as its batch is answered, reading ``queries``
         only as far as needed (a stdin pipeline gets each answer as its query arrives). Options are checked
         before the first query is read. ``stats`` (``search.SearchStats``) adds up where the time went."""
-        numbered = (_as_query(q, i) for i, q in enumerate(queries))
+        numbered: Iterator[Query] = (_as_query(q, i) for i, q in enumerate(queries))
+        ready = getattr(queries, "ready", None)
+        if ready is not None:  # a stream that says what it has ready: batches take only that (search.PipeLines)
+            numbered = ReadyIterator(numbered, ready)
         return self._run(
             numbered, k, mode=mode, alpha=alpha, where=where, min_score=min_score, nprobe=nprobe, ef=ef,
             effort=effort, exclude_self=exclude_self, stats=stats,

@@ -30,6 +30,7 @@ from dsearch.errors import (
     DsearchError,
     IncompleteError,
     IndexDirError,
+    OutputError,
     UsageError,
 )
 
@@ -89,6 +90,85 @@ SETTINGS = Settings()
 
 class _PipeClosed(Exception):
     """stdout's reader went away; not an OSError, so that Typer leaves it to ``run``."""
+
+
+class _Stdout:
+    """``sys.stdout`` during a run: a write that fails for another reason than a closed pipe (a full disk, a
+    file size limit, a closed stdout) becomes an ``OutputError`` with one line, not 'unexpected OSError'."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+        self.failed = False  # a write failed: flushing again would only fail again
+        self.error: OutputError | None = None
+
+    def _target(self) -> IO[str]:
+        if self.stream is None:  # started with `>&-`: Python has no sys.stdout at all
+            raise OutputError("stdout is closed; the results cannot be written (redirect it, e.g. to a file)")
+        return self.stream
+
+    def _failed(self, exc: OSError) -> OutputError:
+        self.failed = True
+        self.error = OutputError(f"stdout: cannot write the results ({exc.strerror or exc}); free space where it "
+                                 "goes, or send it elsewhere")
+        return self.error
+
+    def write(self, text: str) -> int:
+        try:
+            return self._target().write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self.stream is None or self.failed:  # nothing was written, or the error was said already
+            return
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def isatty(self) -> bool:
+        return self.stream is not None and self.stream.isatty()
+
+    def fileno(self) -> int:
+        if self.stream is None:
+            raise ValueError("stdout is closed")
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)
+
+
+def _standard_streams() -> IO[str] | None:
+    """Make the standard streams safe to use; returns the ``sys.stdout`` to put back after the run.
+
+    A stream the shell closed (``<&-``, ``2>&-``) is None in Python: stdin then reads as empty (as ``</dev/null``)
+    and stderr goes nowhere (rather than messages landing on stdout, where ``print(file=None)`` sends them).
+    stdout is UTF-8 whatever the locale says (PYTHONIOENCODING, a Latin-1 locale): JSON Lines, TSV and TREC
+    files are read as UTF-8 by jq and the others, and a passage in any language fits.
+    """
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    original = sys.stdout
+    if isinstance(original, _Stdout):  # a nested run (tests)
+        return original
+    encoding = (getattr(original, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8" and hasattr(original, "reconfigure"):
+        try:
+            original.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            pass
+    sys.stdout = _Stdout(original)  # type: ignore[assignment]
+    return original
 
 
 def _text(value: str) -> str:
@@ -723,7 +803,8 @@ def query(
         typer.Option(
             "--queries",
             metavar="FILE",
-            help="Query file: TSV 'qid TAB text', BEIR queries.jsonl, or .txt with one query a line.",
+            help="Query file: TSV 'qid TAB text', BEIR queries.jsonl, or .txt with one query a line; '-' reads "
+            "stdin (JSON Lines or TSV).",
         ),
     ] = None,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, metavar="N", help="Hits per query.")] = 10,
@@ -764,12 +845,13 @@ def query(
     _setup(verbose, quiet, debug)
     from dsearch.output import TableOptions, render
     from dsearch.search import (
+        PipeLines,
+        ReadyIterator,
         SearchStats,
         check_query_arguments,
         decode_lines,
         like_query,
         queries_from_texts,
-        read_query_file,
     )
 
     fmt = _output_format(out_format)
@@ -798,7 +880,7 @@ def query(
     if queries_file is not None and texts:
         raise UsageError("give queries as arguments or with --queries, not both")
     if queries_file is not None:
-        query_list: Any = read_query_file(str(queries_file))
+        query_list: Any = _read_queries(deps, queries_file)
     elif texts:
         query_list = list(queries_from_texts(texts))
     else:
@@ -806,7 +888,10 @@ def query(
         if deps.stdin is None and sys.stdin.isatty():
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
-        query_list = queries_from_texts(decode_lines(stdin, "<stdin>"))
+        lines = _pipe_lines(stdin) if deps.stdin is None else stdin
+        query_list = queries_from_texts(decode_lines(lines, "<stdin>"))
+        if isinstance(lines, PipeLines):
+            query_list = ReadyIterator(query_list, lines.ready)
     searcher, mode = _open_searcher(deps, directory, mode, model, precision, trust_remote_code, batch_size, alpha)
     with searcher:
         results = searcher.iter_search(
@@ -865,6 +950,30 @@ def _open_searcher(
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _read_queries(deps: Deps, path: Path | str) -> list[Any]:
+    """``--queries FILE``; ``-`` is stdin, JSON Lines or TSV as its first line shows."""
+    from dsearch.search import read_query_file
+
+    if str(path) == "-":
+        return read_query_file("<stdin>", deps.stdin_bytes().read())
+    return read_query_file(str(path))
+
+
+def _pipe_lines(stdin: IO[bytes]) -> Any:
+    """stdin's lines; from a pipe or a terminal, a ``PipeLines`` that says which queries have arrived."""
+    import stat
+
+    from dsearch.search import PipeLines
+
+    try:
+        fd = stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # a file (`< queries.txt`) has every line ready
+            return stdin
+    except (OSError, ValueError, AttributeError):
+        return stdin
+    return PipeLines(fd)
 
 
 def _log_search(stats: Any, written: int) -> None:
@@ -1070,7 +1179,10 @@ def eval_command(
     queries_file: Annotated[
         Path,
         typer.Option(
-            "--queries", metavar="FILE", parser=_path, help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'."
+            "--queries",
+            metavar="FILE",
+            parser=_path,
+            help="Queries: BEIR queries.jsonl or TSV 'qid TAB text'; '-' reads stdin.",
         ),
     ],
     qrels_file: Annotated[
@@ -1110,7 +1222,6 @@ def eval_command(
     definitions of nDCG, recall, MRR and the rest)."""
     _setup(verbose, quiet, debug)
     from dsearch.evaluate import DEFAULT_METRICS, RunTarget, evaluate, parse_metrics, read_qrels
-    from dsearch.search import read_query_file
 
     measures = parse_metrics(metrics or DEFAULT_METRICS)
     _check_mode_options(mode, alpha)
@@ -1122,7 +1233,7 @@ def eval_command(
         if _index_file(run_file, directory):  # replacing it would lose the index
             raise UsageError(f"--run {run_file} is a file of the index {directory}; give --run another path")
     qrels = read_qrels(str(qrels_file))
-    queries = read_query_file(str(queries_file))
+    queries = _read_queries(_deps(ctx), queries_file)
     searcher, mode = _open_searcher(
         _deps(ctx), directory, mode, model, precision, trust_remote_code, batch_size, alpha
     )
@@ -1299,6 +1410,26 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
     """Run the command line and return the exit code (what ``main`` passes to ``sys.exit``)."""
     args = sys.argv[1:] if argv is None else argv
     SETTINGS.debug = "--debug" in args
+    original_stdout = _standard_streams()
+    try:
+        code = _run(args, deps)
+        try:  # what click printed itself (--help) is still buffered
+            sys.stdout.flush()
+        except OutputError as exc:
+            return _fail(exc.for_cli(), exc.exit_code)
+        except BrokenPipeError:
+            return _closed_pipe()
+        error = getattr(sys.stdout, "error", None)
+        if code == EXIT_OK and error is not None:  # a write failed and something caught it: still not a success
+            return _fail(error.for_cli(), error.exit_code)
+        return code
+    finally:
+        if isinstance(sys.stdout, _Stdout) and sys.stdout.failed:
+            _silence_stdout()  # the interpreter's flush at exit must not fail and print a second time
+        sys.stdout = original_stdout  # type: ignore[assignment]
+
+
+def _run(args: list[str], deps: Deps | None) -> int:
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (tests running in threads)
@@ -1354,12 +1485,17 @@ def _fail(message: str, code: int) -> int:
 
 def _closed_pipe() -> int:
     """The reader went away (``dsearch query … | head -1``): stop quietly, with success."""
+    _silence_stdout()
+    return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout's descriptor at /dev/null: nothing more is to be written there."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
-    return EXIT_OK
 
 
 def main() -> None:

@@ -131,3 +131,8 @@ class TooManyRemovedError(DsearchError):
     """A run would remove more of the index's passages than allowed (an empty or unmounted corpus, say)."""
 
     exit_code = EXIT_TOO_MANY_REMOVED
+
+
+class OutputError(DsearchError):
+    """stdout cannot take the results: a full disk, a closed stdout (exit 1). A closed pipe is not one: that ends
+    quietly with success."""

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import stat
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,12 +210,18 @@ class RunTarget:
 
     path: Path  # what to open or replace: a symlink resolved to its target
     atomic: bool
+    # ``-``, or a path that is this process's own stdout (``/dev/stdout``, ``/proc/self/fd/1``): written through
+    # ``sys.stdout``, in order with the metrics and with a closed pipe ending quietly. Opened anew, a stdout
+    # redirected to a file was truncated by the open and the metrics written before it were lost.
+    stdout: bool = False
 
     @classmethod
     def check(cls, path: Path) -> RunTarget:
         def refuse(problem: str) -> InputError:
             return InputError(str(path), problem, "give --run a file path")
 
+        if str(path) == "-":
+            return cls(path, atomic=False, stdout=True)
         try:
             info = path.stat()  # follows symlinks
         except FileNotFoundError:
@@ -230,6 +237,8 @@ class RunTarget:
             raise refuse(f"cannot use it ({exc.strerror or exc})") from None
         if stat.S_ISDIR(info.st_mode):
             raise refuse("is a directory")
+        if _is_stdout(info):
+            return cls(path, atomic=False, stdout=True)
         if not stat.S_ISREG(info.st_mode):
             return cls(path, atomic=False)  # a FIFO or a device: write to it, never replace it
         real = Path(os.path.realpath(path))
@@ -241,8 +250,19 @@ class RunTarget:
         return cls(real, atomic=True)
 
 
+def _is_stdout(info: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(info, os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no stdout, or one without a descriptor (a test's capture)
+        return False
+
+
 def write_trec_run(run: Run, target: RunTarget, tag: str = "dsearch") -> None:
     """Write the run; a regular file atomically, so a crash leaves the old file or the new one."""
+    if target.stdout:  # its errors are stdout's: a closed pipe ends quietly, a full disk is one line
+        _write_run(run, sys.stdout, tag)
+        sys.stdout.flush()
+        return
     try:
         if not target.atomic:
             with open(target.path, "w", encoding="utf-8") as fh:

@@ -140,9 +140,10 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
             }
         )
     if not (directory / MANIFEST_FILE).exists():
-        report.problems.insert(
-            0, {"kind": "missing", "detail": f"{directory}: no index here; build it with 'dsearch index'"}
-        )
+        detail = f"{directory}: no index here; build it with 'dsearch index'"
+        if report.updating:  # the first build is running: telling cron to start one would only get exit 4
+            detail = f"{directory}: no index here yet; a run is building it now, check again when it ends"
+        report.problems.insert(0, {"kind": "missing", "detail": detail})
         return report
     try:
         opened = OpenIndex(directory, verify=True)

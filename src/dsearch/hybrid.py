@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from typing import Any
 
 from dsearch.encoder import Encoder
@@ -25,6 +24,7 @@ from dsearch.search import (
     _hit,
     check_hits,
     check_query_vectors,
+    next_batch,
     run_search,
     stable_search,
 )
@@ -146,7 +146,7 @@ def search(
     stats.search += time.perf_counter() - started
     depth = max(CANDIDATES, k + 1)
     iterator = iter(queries)
-    while batch := list(islice(iterator, QUERY_BATCH)):
+    while batch := next_batch(iterator, QUERY_BATCH):
         dense: list[list[tuple[int, float, int]]] = [[] for _ in batch]
         if mode == "hybrid":
             assert encoder is not None

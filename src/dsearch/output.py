@@ -139,9 +139,16 @@ def console(stream: IO[str], color: bool, width: int | None = None) -> Any:
 
     # markup and emoji off: passages are shown as they are ("[/]" was a MarkupError, "[b]id[/b]" printed "id",
     # "[link=URL]" a hyperlink, ":fire:" an emoji); dsearch styles its own parts with Text objects.
+    # Whether the stream is a terminal is ours to say: Rich would take FORCE_COLOR (set by some CI systems and
+    # dotfiles) as one, and send escape codes into `dsearch info DIR | grep …`.
+    try:
+        terminal = color or stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
     out = _PipeConsole(
-        file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width, markup=False, emoji=False
-    )
+        file=stream, no_color=not color, highlight=False, soft_wrap=False, width=width, markup=False, emoji=False,
+        force_terminal=terminal,
+    )  # fmt: skip
     if out.width < 1:  # COLUMNS=0, or a terminal that reports no size (some containers): Rich would print nothing
         out.width = 80
     return out

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import select
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, InputError, ModelError, UsageError, spell
@@ -27,6 +28,7 @@ RESCORE_FLOATS = 1 << 22
 # How far a cosine score or a stored vector's norm may stray from what is possible before we call the
 # vectors corrupt: float32 rounding of unit vectors stays below 1e-5; a flipped byte moves it far more.
 COSINE_TOLERANCE = 1e-3
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -109,16 +111,97 @@ def decode_lines(lines: Iterable[bytes], where: str, what: str = "queries") -> I
         yield line.lstrip("\ufeff") if lineno == 1 else line
 
 
-def read_query_file(path: str) -> list[Query]:
-    """A query file: BEIR ``queries.jsonl`` (``_id``, ``text``), TSV ``qid<TAB>text``, or one query a line (.txt)."""
+class PipeLines:
+    """The lines of a pipe or terminal (``dsearch query``'s stdin), read straight from its file descriptor, with
+    ``ready()``: whether another non-blank line can be had without waiting. A batcher takes only those, so a
+    script that writes a query and waits for its answer (a coprocess) gets it, instead of the answer waiting for
+    255 more queries or the end of the input."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+        self.pos = 0  # start of the next line to hand out
+        self.scan = 0  # ready() found only blank lines before this offset
+        self.eof = False
+
+    def __iter__(self) -> PipeLines:
+        return self
+
+    def __next__(self) -> bytes:
+        while True:
+            end = self.buffer.find(b"\n", self.pos)
+            if end >= 0 or (self.eof and self.pos < len(self.buffer)):
+                stop = end + 1 if end >= 0 else len(self.buffer)
+                line = bytes(self.buffer[self.pos : stop])
+                self.pos = stop
+                if self.pos >= 1 << 16:  # drop what was handed out, now and then
+                    del self.buffer[: self.pos]
+                    self.scan = max(self.scan - self.pos, 0)
+                    self.pos = 0
+                return line
+            if self.eof:
+                raise StopIteration
+            chunk = os.read(self.fd, 1 << 16)
+            if chunk:
+                self.buffer += chunk
+            else:
+                self.eof = True
+
+    def ready(self) -> bool:
+        if self.eof:
+            return True
+        self.scan = max(self.scan, self.pos)
+        while (end := self.buffer.find(b"\n", self.scan)) >= 0:
+            if self.buffer[self.scan : end].strip():
+                return True
+            self.scan = end + 1  # blank lines are skipped, not queries: they do not count
+        try:
+            return bool(select.select([self.fd], [], [], 0)[0])
+        except (OSError, ValueError):  # not selectable: do not hold anything back
+            return True
+
+
+class ReadyIterator(Generic[T]):
+    """An iterator that keeps the ``ready()`` of the source it was made from (see ``PipeLines``)."""
+
+    def __init__(self, items: Iterator[T], ready: Callable[[], bool]) -> None:
+        self.items, self.ready = items, ready
+
+    def __iter__(self) -> ReadyIterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        return next(self.items)
+
+
+def next_batch(iterator: Iterator[T], size: int) -> list[T]:
+    """Up to ``size`` items; past the first, only those the source has ready when it says (``ready()``)."""
+    ready = getattr(iterator, "ready", None)
+    batch: list[T] = []
+    for item in iterator:
+        batch.append(item)
+        if len(batch) >= size or (ready is not None and not ready()):
+            break
+    return batch
+
+
+def read_query_file(path: str, data: bytes | None = None) -> list[Query]:
+    """A query file: BEIR ``queries.jsonl`` (``_id``, ``text``), TSV ``qid<TAB>text``, or one query a line (.txt).
+
+    The extension says which; a name without one of these (``/dev/stdin``, a shell's ``<(jq …)``, ``data`` read
+    from stdin) is JSON Lines when its first line is a JSON object, else TSV."""
     p = Path(path)
     try:
-        raw_lines = p.read_bytes().splitlines()
+        raw_lines = (p.read_bytes() if data is None else data).splitlines()
     except OSError as exc:
         raise InputError(path, f"cannot read the queries file ({exc.strerror or exc})") from None
     queries: list[Query] = []
     first_line: dict[str, int] = {}  # qid -> the line that first used it
-    is_jsonl = p.suffix.lower() in {".jsonl", ".json", ".ndjson"}
+    suffix = p.suffix.lower() if data is None else ""
+    is_jsonl = suffix in {".jsonl", ".json", ".ndjson"}
+    if suffix not in {".jsonl", ".json", ".ndjson", ".txt", ".tsv", ".tab"}:
+        first = next((line.strip() for line in raw_lines if line.strip()), b"")
+        is_jsonl = first.lstrip(b"\xef\xbb\xbf").startswith(b"{")
     for lineno, raw in enumerate(raw_lines, 1):
         where = f"{path}:{lineno}"
         try:
@@ -145,7 +228,7 @@ def read_query_file(path: str) -> list[Query]:
                 problem = f"query id {json.dumps(qid)} is not a non-empty string or number"
                 raise InputError(where, problem, "fix the line")
             query = Query(str(qid), text.strip())
-        elif p.suffix.lower() == ".txt":
+        elif suffix == ".txt":
             query = Query(str(len(queries) + 1), line.strip())
         else:
             qid, tab, text = line.rstrip("\r\n").partition("\t")
@@ -197,7 +280,7 @@ def run_search(
     """
     stats = stats if stats is not None else SearchStats()
     iterator = iter(queries)
-    while batch := list(islice(iterator, QUERY_BATCH)):
+    while batch := next_batch(iterator, QUERY_BATCH):
         started = time.perf_counter()
         vectors = encoder.encode_queries([q.text for q in batch])
         stats.encode += time.perf_counter() - started

@@ -1,0 +1,241 @@
+"""dsearch as a shell user runs it: stdout to a full disk or closed, stdin or stderr closed, a non-UTF-8 locale.
+
+These run the real ``dsearch`` command in a subprocess (the shell's file descriptors are what is tested), with the
+tests' hashing encoder for the commands that encode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_corpus"
+FULL = Path("/dev/full")
+
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    "DSEARCH_TEST_ENCODER": "fakes:hashing_encoder",
+}
+
+
+def shell(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``script`` in bash, where ``$DSEARCH`` is the dsearch command; stdout and stderr kept as bytes."""
+    env = {**ENV, **(env or {}), "DSEARCH": f"{sys.executable} -m dsearch"}
+    return subprocess.run(["bash", "-c", script], capture_output=True, env=env, timeout=120)
+
+
+def error_line(stderr: bytes) -> str:
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("dsearch: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize(
+    "command",
+    [
+        "query {idx} 'how hot is venus' -f jsonl",
+        "query {idx} 'how hot is venus' -f table",
+        "get {idx} astronomy-03",
+        "info {idx} --json",
+        "status {idx}",
+        "eval {idx} --queries {sample}/queries.tsv --qrels {sample}/qrels.txt",
+        "--version",
+        "--help",
+        "query --help",
+    ],
+)
+def test_stdout_on_a_full_disk_is_one_error_line_not_an_unexpected_error(sample_index, command):
+    """`dsearch query … > /dev/full` said 'unexpected OSError: [Errno 28] … report it'."""
+    args = command.format(idx=sample_index, sample=SAMPLE)
+    result = shell(f"$DSEARCH {args} > /dev/full")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    line = error_line(result.stderr)
+    assert "stdout: cannot write the results (No space left on device)" in line
+    assert "unexpected" not in line
+
+
+def test_a_closed_stdout_is_one_error_line(sample_index):
+    """`dsearch query … >&-` said "unexpected AttributeError: 'NoneType' object has no attribute 'isatty'"."""
+    result = shell(f"$DSEARCH query {sample_index} 'how hot is venus' >&-")
+    assert result.returncode == 1
+    assert "stdout is closed" in error_line(result.stderr)
+
+
+@pytest.mark.parametrize("command", ["query {idx} -f ids", "get {idx} -"])
+def test_a_closed_stdin_reads_as_empty_like_dev_null(sample_index, command):
+    """`dsearch query DIR <&-` said "unexpected AttributeError: 'NoneType' object has no attribute 'buffer'"."""
+    args = command.format(idx=sample_index)
+    closed = shell(f"$DSEARCH {args} <&-")
+    empty = shell(f"$DSEARCH {args} </dev/null")
+    assert (closed.returncode, closed.stdout, closed.stderr) == (0, b"", b"")
+    assert (empty.returncode, empty.stdout, empty.stderr) == (0, b"", b"")
+
+
+def test_a_closed_stderr_keeps_error_messages_off_stdout(tmp_path):
+    """With stderr closed (`2>&-`), print(file=sys.stderr) wrote the error line to stdout, into the results."""
+    result = shell(f"$DSEARCH query {tmp_path / 'no-such.idx'} anything 2>&-")
+    assert result.returncode == 1
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_stdout_is_utf8_whatever_the_locale_says(tmp_path, cli, encoding):
+    """Under PYTHONIOENCODING=ascii (or a Latin-1 locale) `-f ids` died with 'unexpected UnicodeEncodeError', and
+    `-f jsonl` wrote Latin-1 bytes that jq cannot read."""
+    corpus = tmp_path / "c.jsonl"
+    records = [{"id": "ü-ñ", "text": "Venus is hot \u2028 and cloudy"}, {"id": "plain", "text": "Mars is cold"}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "-o", index, "--no-lexical").exit_code == 0
+    env = {"PYTHONIOENCODING": encoding}
+    ids = shell(f"$DSEARCH query {index} venus -k 2 -f ids", env)
+    assert ids.returncode == 0, ids.stderr
+    assert set(ids.stdout.decode("utf-8").splitlines()) == {"ü-ñ", "plain"}
+    lines = shell(f"$DSEARCH query {index} venus -k 2 -f jsonl", env)
+    assert lines.returncode == 0, lines.stderr
+    hits = [json.loads(line) for line in lines.stdout.decode("utf-8").split("\n") if line]  # not splitlines: U+2028
+    assert {h["id"] for h in hits} == {"ü-ñ", "plain"}
+    assert any("\u2028" in h["text"] for h in hits)
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_a_query_on_stdin_is_answered_before_the_next_one_arrives(sample_index, mode):
+    """A coprocess writes a query and waits for its answer. The answer waited for 255 more queries or the end of
+    stdin, though the code promised "a pipeline gets each answer as its query arrives": the batcher filled a
+    batch of 256 with `islice`, blocking on the pipe."""
+    import select
+
+    args = [sys.executable, "-m", "dsearch", "query", str(sample_index), "-k", "1", "-f", "trec", "--mode", mode]
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        answers = []
+        for text in ("how hot is venus", "the red planet"):
+            child.stdin.write(f"{text}\n".encode())
+            child.stdin.flush()
+            readable, _, _ = select.select([child.stdout], [], [], 60)
+            assert readable, f"no answer to {text!r} while stdin stays open"
+            answers.append(child.stdout.readline().decode())
+        child.stdin.close()
+        assert child.stdout.read() == b""
+        assert child.wait(timeout=60) == 0
+        assert child.stderr.read() == b""
+    finally:
+        child.kill()
+        child.wait()
+    assert [a.split(" ")[0] for a in answers] == ["1", "2"]  # numbered across the stream, one hit each
+    assert all(a.endswith(" dsearch\n") and a.count(" ") == 5 for a in answers)
+
+
+BEIR_QUERIES = b'{"_id": "q1", "text": "how hot is venus"}\n{"_id": "q2", "text": "the red planet"}\n'
+
+
+def test_queries_dash_reads_json_lines_or_tsv_from_stdin(cli, sample_index):
+    """`jq -c … | dsearch query DIR --queries -` said '-: cannot read the queries file (No such file or
+    directory)'."""
+    jsonl = cli("query", sample_index, "--queries", "-", "-k", "1", "-f", "trec", stdin=BEIR_QUERIES)
+    assert jsonl.exit_code == 0, jsonl.stderr
+    assert [line.split(" ")[0] for line in jsonl.stdout.splitlines()] == ["q1", "q2"]
+    tsv = cli("query", sample_index, "--queries", "-", "-k", "1", "-f", "trec", stdin=b"q1\thow hot is venus\n")
+    assert tsv.exit_code == 0, tsv.stderr
+    assert tsv.stdout == jsonl.stdout.splitlines(keepends=True)[0]
+    bad = cli("query", sample_index, "--queries", "-", stdin=b"{not json\n")
+    assert bad.exit_code == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("dsearch: error: <stdin>:1: not valid JSON") and bad.stderr.count("\n") == 1
+
+
+def test_a_queries_file_named_without_an_extension_is_read_as_json_lines_when_it_is(cli, sample_index, tmp_path):
+    """`--queries /dev/stdin` or `--queries <(jq -c …)` of BEIR queries was read as TSV: 'expected
+    qid<TAB>query text'."""
+    named = tmp_path / "queries"  # what a shell's <(…) or /dev/stdin looks like: no extension
+    named.write_bytes(BEIR_QUERIES)
+    result = cli("query", sample_index, "--queries", named, "-k", "1", "-f", "trec")
+    assert result.exit_code == 0, result.stderr
+    assert [line.split(" ")[0] for line in result.stdout.splitlines()] == ["q1", "q2"]
+    qrels = tmp_path / "qrels"
+    top = [line.split(" ")[2] for line in result.stdout.splitlines()]
+    qrels.write_text(f"q1 0 {top[0]} 1\nq2 0 {top[1]} 1\n")
+    scored = cli("eval", sample_index, "--queries", "-", "--qrels", qrels, "--metrics", "R@1", stdin=BEIR_QUERIES)
+    assert (scored.exit_code, scored.stdout, scored.stderr) == (0, "R@1\tall\t1.0000\n", "")
+    tsv = tmp_path / "topics"
+    tsv.write_text("q1\thow hot is venus\n")
+    assert (
+        cli("query", sample_index, "--queries", tsv, "-k", "1", "-f", "trec").stdout
+        == result.stdout.splitlines(keepends=True)[0]
+    )
+
+
+def test_status_of_an_index_whose_first_build_is_running_says_so(cli, tmp_path):
+    """While the first build ran, `status` said 'no index here; build it with dsearch index' (a second build
+    would exit 4); only --json's "updating" told the truth."""
+    import fcntl
+
+    directory = tmp_path / "idx"
+    directory.mkdir()
+    with open(directory / ".dsearch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running `dsearch index` holds
+        building = cli("status", directory)
+        as_json = cli("status", directory, "--json")
+    assert building.exit_code == 5 and building.stderr == ""
+    building_line = f"missing: {directory}: no index here yet; a run is building it now, check again when it ends\n"
+    assert building.stdout == building_line
+    report = json.loads(as_json.stdout)
+    assert (report["status"], report["exit_code"], report["updating"]) == ("missing", 5, True)
+    idle = cli("status", directory)
+    assert idle.exit_code == 5
+    assert idle.stdout == f"missing: {directory}: no index here; build it with 'dsearch index'\n"
+
+
+@pytest.mark.parametrize("variable", ["FORCE_COLOR", "TTY_COMPATIBLE"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("info", "{idx}"),
+        ("query", "{idx}", "how hot is venus", "-f", "table"),
+        ("get", "{idx}", "astronomy-03", "-f", "table"),
+    ],
+)
+def test_no_escape_codes_in_a_pipe_even_when_the_environment_forces_colour(
+    cli, sample_index, monkeypatch, variable, command
+):
+    """With FORCE_COLOR=1 (set by some CI systems and dotfiles) Rich took the pipe for a terminal: `dsearch info
+    DIR | grep model` got bold escape codes around every key."""
+    monkeypatch.setenv(variable, "1")
+    result = cli(*(part.format(idx=sample_index) for part in command))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() and "\x1b" not in result.stdout
+    assert result.stderr == ""
+
+
+def test_eval_run_to_stdout_redirected_to_a_file_keeps_the_metrics(sample_index, tmp_path):
+    """`dsearch eval … --run /dev/stdout > out.txt` lost the metric lines: opening /dev/stdout anew truncated the
+    file they had been written to. `--run -` wrote a file named '-'."""
+    out = tmp_path / "out.txt"
+    args = f"eval {sample_index} --queries {SAMPLE}/queries.tsv --qrels {SAMPLE}/qrels.txt --metrics R@10"
+    saved = tmp_path / "saved.run"
+    alone = shell(f"$DSEARCH {args} --run {saved}")
+    assert alone.returncode == 0 and alone.stdout.decode().startswith("R@10\tall\t")
+    for target in ("/dev/stdout", "-"):
+        result = shell(f"cd {tmp_path} && $DSEARCH {args} --run {target} > {out}")
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert out.read_text() == saved.read_text() + alone.stdout.decode()  # the whole run, then the metrics
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("target", ["/dev/stdout", "-"])
+def test_eval_run_to_stdout_into_head_ends_quietly(sample_index, target):
+    """`dsearch eval … --run /dev/stdout | head -1` said 'error: /dev/stdout: cannot write the run (Broken pipe)',
+    exit 1, where the README promises a closed pipe ends quietly with 0."""
+    args = f"eval {sample_index} --queries {SAMPLE}/queries.tsv --qrels {SAMPLE}/qrels.txt --run {target} -q"
+    result = shell(f'$DSEARCH {args} | head -1; echo "exit ${{PIPESTATUS[0]}}" >&2')
+    assert result.stdout.decode().count("\n") == 1 and " Q0 " in result.stdout.decode()
+    assert result.stderr == b"exit 0\n"

@@ -642,3 +642,20 @@ def test_a_failed_first_build_with_kept_vectors_keeps_its_folders(tmp_path, cli)
     one_error_line(result, 2, "the encoded vectors are kept")
     assert len(list(target.glob(".staging-*"))) == 1
     assert cli("index", tmp_path / "c.jsonl", "-o", target, "--json").exit_code == 0
+
+
+# --- 11. an index a newer dsearch wrote ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_an_index_of_a_newer_format_is_never_replaced(cli, tmp_path, update):
+    from dsearch.manifest import FORMAT_VERSION
+
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    set_manifest(index, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    before = tree(index)
+    args = ["index", SAMPLE / "passages.jsonl", "-o", index] + (["--update"] if update else [])
+    result = cli(*args)
+    one_error_line(result, 1, f"format version {FORMAT_VERSION + 1} is newer", "nothing was changed", "upgrade dsearch")
+    assert tree(index) == before and not list(index.glob(".staging-*"))

@@ -111,6 +111,13 @@ class IndexDirError(DsearchError):
     """A missing, incomplete, corrupt or incompatible index directory."""
 
 
+class NewerIndexError(IndexDirError):
+    """An index written by a newer dsearch, in a format this one cannot read: it must not replace it either.
+    ``reason``: the message without what to do."""
+
+    reason = ""
+
+
 class ModelError(DsearchError):
     """A model that cannot be loaded, or that does not match the index."""
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsearch.errors import IndexDirError
+from dsearch.errors import IndexDirError, NewerIndexError
 from dsearch.filters import FIELD_TYPES
 
 FORMAT_NAME = "dsearch-index"
@@ -103,11 +103,13 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise IndexDirError(f"{where}: not a dsearch manifest")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise IndexDirError(
-                f"{where}: index format version {version} is newer than this dsearch reads ({FORMAT_VERSION}); "
-                "upgrade dsearch or rebuild the index"
-            )
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            reason = f"{where}: index format version {version} is newer than this dsearch reads ({FORMAT_VERSION})"
+            error = NewerIndexError(f"{reason}; upgrade dsearch (or remove the index and build it again with this one)")
+            error.reason = reason
+            raise error
+        if not isinstance(version, int):
+            raise IndexDirError(f"{where}: the index format version {version!r} is not a number; rebuild the index")
         try:
             return cls._from_dict(data, version)
         except (KeyError, TypeError, ValueError) as exc:

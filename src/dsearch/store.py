@@ -33,7 +33,7 @@ from typing import Any
 import xxhash
 
 from dsearch.corpus import Passage
-from dsearch.errors import IndexDirError, LockedError
+from dsearch.errors import IndexDirError, LockedError, NewerIndexError
 from dsearch.manifest import MANIFEST_FILE, SEGMENT_NAME, FileInfo, Manifest, Segment, read_manifest
 
 log = logging.getLogger("dsearch")
@@ -296,12 +296,27 @@ def check_target(target: Path) -> bool:
         raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
     foreign = sorted(p.name for p in target.iterdir() if not _ours(p))
     has_manifest = (target / MANIFEST_FILE).is_file()
+    if has_manifest:
+        _refuse_newer(target)
     if foreign and not (has_manifest and _manifest_is_valid(target)):
         raise IndexDirError(
             f"{target}: exists and is not a dsearch index; refusing to overwrite it "
             f"(it holds {foreign[0]!r}; choose another -o or remove it)"
         )
     return has_manifest
+
+
+def _refuse_newer(target: Path) -> None:
+    """An index a newer dsearch wrote may hold what this one cannot rebuild or even see: never replace it."""
+    try:
+        read_manifest(target)
+    except NewerIndexError as exc:
+        raise IndexDirError(
+            f"{exc.reason}; nothing was changed (upgrade dsearch, or choose another -o; to rebuild it with this "
+            "version, remove it first)"
+        ) from None
+    except IndexDirError:
+        pass  # corrupt: a rebuild is its repair
 
 
 def _manifest_is_valid(target: Path) -> bool:

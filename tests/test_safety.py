@@ -592,6 +592,27 @@ def test_an_ann_build_that_fails_keeps_the_encoded_vectors_for_the_rerun(tmp_pat
     )
 
 
+@pytest.mark.parametrize(("first", "second"), [("--no-split", "--split"), ("--split", "--no-split")])
+def test_kept_vectors_are_not_resumed_by_a_run_that_cuts_passages_otherwise(tmp_path, cli, first, second):
+    """Vectors of whole (truncated) passages are not the vectors of their windows: the rerun encodes again. It
+    resumed, and published 300 truncated vectors under a manifest that said the passages were split."""
+    rows = ({"id": f"p{i}", "text": " ".join(f"w{i}x{j}" for j in range(100))} for i in range(300))
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))  # 100 words: 40-token windows split them
+    index = tmp_path / "idx"
+    failed = cli("index", corpus, "-o", index, first, "--index-type", "IVF4096,Flat")
+    one_error_line(failed, 2, "the encoded vectors are kept")
+    rerun = cli("index", corpus, "-o", index, second, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (0, 300)
+    assert cli("index", corpus, "-o", tmp_path / "fresh", second).exit_code == 0
+    built, fresh = OpenIndex(index), OpenIndex(tmp_path / "fresh")
+    assert built.manifest.corpus["split"] == fresh.manifest.corpus["split"]
+    assert built.rows == fresh.rows and built.rows in (300, 1500) and (built.rows == 1500) == (second == "--split")
+    assert built.vectors(0, built.rows).tolist() == fresh.vectors(0, fresh.rows).tolist()
+    assert not list(index.glob(".staging-*"))
+
+
 def test_a_failure_while_encoding_still_removes_the_staging_area(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')

@@ -376,8 +376,11 @@ def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[st
     return False
 
 
-def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None) -> str:
-    """What a checkpoint was made from: a resumed run must read the same corpus the same way."""
+def _signature(
+    corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None, split: SplitSpec | None
+) -> str:
+    """What a checkpoint was made from: a resumed run must read the same corpus the same way, and cut it into the
+    same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows)."""
     if any(not isinstance(p, str) or p == "-" for p in corpus.paths):
         return f"stream-{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
     parts = {
@@ -388,6 +391,7 @@ def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, bas
         "model": model,
         "precision": precision,
         "base": base.created_at if base else None,
+        "split": split.as_dict() if split else None,
     }
     return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
 
@@ -625,7 +629,7 @@ def _locked_build(
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
                 )
-        signature = _signature(corpus, model_name, precision, base.manifest if base else None)
+        signature = _signature(corpus, model_name, precision, base.manifest if base else None, split)
         guard = _Guard(limit, existing, update=base is not None)
         # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
         requested = ann[0] or (base.manifest.index_params.get("requested", "auto") if base else "auto")

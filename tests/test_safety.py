@@ -592,6 +592,23 @@ def test_an_ann_build_that_fails_keeps_the_encoded_vectors_for_the_rerun(tmp_pat
     )
 
 
+def test_an_ann_file_a_killed_run_left_half_written_is_not_published_by_the_resumed_run(tmp_path, cli):
+    """kill -9 while FAISS writes the ANN file (after the final checkpoint) leaves the partial file in the staged
+    segment; the resumed run moved it into the published segment, where no manifest lists it."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    one_error_line(cli("index", corpus, "-o", index, "--index-type", "IVF1024,Flat"), 2, "vectors are kept")
+    (staged,) = index.glob(".staging-*/seg-*")
+    (staged / "ann-0123456789ab.faiss").write_bytes(b"half of an IVF index")  # what the kill left
+    rerun = cli("index", corpus, "-o", index, "--index-type", "IVF4,Flat", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["encoded"] == 0
+    (segment,) = segments(index)
+    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
+    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)
+    assert cli("status", index).exit_code == 0
+
+
 @pytest.mark.parametrize(("first", "second"), [("--no-split", "--split"), ("--split", "--no-split")])
 def test_kept_vectors_are_not_resumed_by_a_run_that_cuts_passages_otherwise(tmp_path, cli, first, second):
     """Vectors of whole (truncated) passages are not the vectors of their windows: the rerun encodes again. It

@@ -194,6 +194,9 @@ class SegmentWriter:
                     part.unlink()  # written after the last checkpoint: its rows are redone
             for tmp in self.parts_dir.glob(".*"):
                 tmp.unlink()
+            for entry in directory.iterdir():  # an ANN file a run killed while writing it (after the last checkpoint)
+                if ANN_NAME.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
         self.vectors = FlatIndexFileWriter(directory / INDEX_FILE, dim, resume_rows)
         self.parts = resume_parts
         self._part: PassageTableWriter | None = None

@@ -674,6 +674,38 @@ def test_a_failed_first_build_removes_the_folders_it_created_and_no_other(tmp_pa
     assert listing(tmp_path / "existing") == ["keep.txt"]
 
 
+def test_a_first_build_whose_new_parent_a_sibling_build_removes_meanwhile_makes_it_again(tmp_path, cli, monkeypatch):
+    """Two first builds into new/a and new/b. b finds no `new`, a makes it, b sees it exists, then a fails and
+    removes it before b makes new/b in it. b failed with 'cannot create it (No such file or directory)'; it makes
+    `new` again, and owns it: its own failure removes it, its success keeps it."""
+    real_mkdir = os.mkdir
+
+    def racing(parent: Path, target: Path, calls: list[Path]):
+        def mkdir(path, *args, **kwargs):
+            calls.append(Path(path))
+            if len(calls) == 2 and Path(path) == parent:
+                real_mkdir(parent)  # the sibling build made it just now
+            if len(calls) == 3 and Path(path) == target:
+                os.rmdir(parent)  # and its failure removed it again
+            return real_mkdir(path, *args, **kwargs)
+
+        return mkdir
+
+    for corpus, code in ((SAMPLE / "passages.jsonl", 0), (bad_corpus(tmp_path / "bad.jsonl"), 1)):
+        parent = tmp_path / f"new{code}"
+        target, calls = parent / "b", []
+        monkeypatch.setattr(os, "mkdir", racing(parent, target, calls))
+        result = cli("index", corpus, "-o", target)
+        monkeypatch.undo()
+        assert "cannot create" not in result.stderr and result.exit_code == code, result.stderr
+        assert calls[:5] == [target, parent, target, target, parent]  # the race as described, then `new` again
+        if code == 0:
+            assert (target / "manifest.json").is_file()
+            assert cli("query", target, "solar", "--format", "jsonl").stdout.count("\n") > 0
+        else:
+            assert not parent.exists()  # this run made `new` again: its failure removed it
+
+
 def test_a_failed_first_build_with_kept_vectors_keeps_its_folders(tmp_path, cli):
     target = tmp_path / "a" / "idx"
     result = cli("index", write_corpus(tmp_path / "c.jsonl", 300), "-o", target, "--index-type", "IVF1024,Flat")

@@ -458,8 +458,21 @@ def index_lock(target: Path) -> Iterator[Path]:
 def _make_folders(folder: Path) -> list[Path]:
     """``mkdir -p folder``: the folders this call created, deepest first. Raises FileExistsError when a part of
     the path exists and is not a folder (a dangling symlink: a disk not mounted?)."""
+    made: list[Path] = []  # in the order made: each one's parent before it
+    for _attempt in range(10):
+        try:
+            _make_missing(folder, made)
+            break
+        except FileNotFoundError:
+            # A parent vanished between our seeing it and making a folder in it: a concurrent first build that
+            # failed removed the folder it had made (a sibling -o under the same new parent). Make it again.
+            if _attempt == 9:
+                raise
+    return made[::-1]
+
+
+def _make_missing(folder: Path, made: list[Path]) -> None:
     missing: list[Path] = []  # below the deepest folder that exists, deepest first
-    made: list[Path] = []
     while True:
         try:
             os.mkdir(folder)
@@ -481,7 +494,6 @@ def _make_folders(folder: Path) -> list[Path]:
         except FileExistsError:  # another run made it meanwhile, or `x/..`
             if not folder.is_dir():
                 raise
-    return made[::-1]
 
 
 def _not_our_lock(path: Path) -> IndexDirError:

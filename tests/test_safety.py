@@ -729,3 +729,28 @@ def test_an_index_of_a_newer_format_is_never_replaced(cli, tmp_path, update):
     result = cli(*args)
     one_error_line(result, 1, f"format version {FORMAT_VERSION + 1} is newer", "nothing was changed", "upgrade dsearch")
     assert tree(index) == before and not list(index.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("command", ["reindex", "reindex --index-type hnsw", "index --update", "index --restart"])
+def test_nothing_in_an_index_of_a_newer_format_is_collected_as_left_over(cli, tmp_path, command):
+    """What looks left over in a newer dsearch's index (a staging area, a segment, an ANN file its manifest lists
+    in a way this version does not read) may be its own: `reindex` removed a staging area before refusing."""
+    from dsearch.manifest import FORMAT_VERSION
+
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    set_manifest(index, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    (segment,) = segments(index)
+    (index / ".staging-20990101000000-0123abcd").mkdir()  # no progress.json this version reads
+    (index / "seg-20990101000000-0123abcd").mkdir()  # named by no manifest this version reads
+    (index / segment / "ann-0123456789ab.faiss").write_bytes(b"listed where this version does not look")
+    (index / ".manifest.json.tmp").write_bytes(b"its publish in progress")
+    before = tree(index)
+    name, *options = command.split()
+    result = cli(name, *([SAMPLE / "passages.jsonl", "-o"] if name == "index" else []), index, *options)
+    one_error_line(result, 1, f"format version {FORMAT_VERSION + 1} is newer", "upgrade dsearch")
+    assert tree(index) == before
+    assert sorted(p.name for p in index.iterdir() if p.is_dir()) == sorted(
+        [segment, ".staging-20990101000000-0123abcd", "seg-20990101000000-0123abcd"]
+    )
+

@@ -587,10 +587,16 @@ def tidy(target: Path) -> None:
     """Remove what crashed runs left in ``target`` (call with the lock held): segments that the manifest does
     not name, ANN files in its segments that it does not list (a killed ``reindex``), and staging areas that
     hold no checkpoint to resume. A corrupt manifest's segments stay until a
-    rebuild replaces it."""
+    rebuild replaces it. An index a newer dsearch wrote raises NewerIndexError, before anything is removed: what
+    looks left over there may be what its manifest lists in a way this version cannot read."""
     if (target / MANIFEST_FILE).exists():
-        if _manifest_is_valid(target):
-            manifest = read_manifest(target)
+        try:
+            manifest: Manifest | None = read_manifest(target)
+        except NewerIndexError:
+            raise
+        except IndexDirError:
+            manifest = None
+        if manifest is not None:
             collect_leftovers(target, {s.path for s in manifest.segments})
             for path in unlisted_ann_files(target, manifest):
                 path.unlink()

@@ -630,6 +630,23 @@ def test_kept_vectors_are_not_resumed_by_a_run_that_cuts_passages_otherwise(tmp_
     assert not list(index.glob(".staging-*"))
 
 
+def test_a_build_from_stdin_that_fails_after_encoding_keeps_nothing_and_does_not_promise_a_resume(tmp_path, cli):
+    """Passages read from stdin cannot be read again, so no rerun resumes from their vectors: the error said they
+    were kept for a rerun that 'finishes without encoding them again', status then said to rerun to finish it
+    (exit 6), and the rerun encoded everything anyway."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300).read_bytes()
+    index = tmp_path / "new" / "idx"
+    failed = cli("index", "-", "-o", index, "--index-type", "IVF1024,Flat", stdin=corpus)
+    one_error_line(failed, 2, "cannot build the index", "choose another --index-type")
+    assert "kept" not in failed.stderr and "rerun" not in failed.stderr
+    assert listing(tmp_path) == ["c.jsonl"]  # no staging area, nor the folders this first build made
+    assert cli("status", index).exit_code == 5
+    rerun = cli("index", "-", "-o", index, "--index-type", "IVF4,Flat", "--json", stdin=corpus)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (0, 300)
+    assert cli("status", index).exit_code == 0
+
+
 def test_a_failure_while_encoding_still_removes_the_staging_area(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')

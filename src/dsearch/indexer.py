@@ -376,13 +376,16 @@ def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[st
     return False
 
 
+_STREAM = "stream-"  # the signature of a run whose passages cannot be read again
+
+
 def _signature(
     corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None, split: SplitSpec | None
 ) -> str:
     """What a checkpoint was made from: a resumed run must read the same corpus the same way, and cut it into the
     same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows)."""
     if any(not isinstance(p, str) or p == "-" for p in corpus.paths):
-        return f"stream-{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
+        return f"{_STREAM}{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
     parts = {
         "sources": describe_sources(corpus.paths),
         "format": corpus.fmt,
@@ -800,7 +803,8 @@ def _build(
     # The costly part is done: make every vector durable, so that a failure from here on (an ANN index FAISS
     # cannot train, a full disk, Ctrl-C while it trains) leaves the rerun nothing to encode again.
     checkpoint(counts.saved())
-    staging.encoded = True
+    # Unless the passages came from stdin or a program: no rerun can resume from them, so none are kept.
+    staging.encoded = not signature.startswith(_STREAM)
     segment = writer.close()
     if lexical:  # from the closed segment's passages, so an update or a resumed run indexes exactly its rows
         lexical_started = time.perf_counter()

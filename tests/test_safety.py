@@ -723,6 +723,30 @@ def test_a_first_build_whose_new_parent_a_sibling_build_removes_meanwhile_makes_
             assert not parent.exists()  # this run made `new` again: its failure removed it
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.ELOOP])
+@pytest.mark.parametrize("failing", [".dsearch.lock", "idx"])
+def test_a_first_build_that_cannot_create_its_lock_file_removes_the_folders_it_created(
+    tmp_path, cli, monkeypatch, code, failing
+):
+    """Out of inodes (a tmpfs with nr_inodes, measured): the three folders of -o x/y/idx took the last ones and
+    the lock file could not be created, or x and y did and idx could not; the run failed with its one line but
+    left x/y/idx (or x/y) behind."""
+    (tmp_path / "existing").mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def fails(path) -> bool:
+        if os.path.basename(os.fspath(path)) == failing and os.path.isdir(os.path.dirname(os.fspath(path))):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+
+    monkeypatch.setattr(os, "open", lambda path, *a, **kw: fails(path) or real_open(path, *a, **kw))
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **kw: fails(path) or real_mkdir(path, *a, **kw))
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "existing" / "x" / "y" / "idx")
+    monkeypatch.undo()
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert failing in result.stderr
+    assert listing(tmp_path) == ["existing"] and listing(tmp_path / "existing") == []
+
+
 def test_a_failed_first_build_with_kept_vectors_keeps_its_folders(tmp_path, cli):
     target = tmp_path / "a" / "idx"
     result = cli("index", write_corpus(tmp_path / "c.jsonl", 300), "-o", target, "--index-type", "IVF1024,Flat")

@@ -609,6 +609,26 @@ def test_an_ann_file_a_killed_run_left_half_written_is_not_published_by_the_resu
     assert cli("status", index).exit_code == 0
 
 
+def test_kept_vectors_are_not_resumed_by_a_run_whose_model_is_another(tmp_path, capsys):
+    """The same --model (a local path, the default) that now holds other weights: the rerun resumed from the old
+    model's vectors and published them under the new model's fingerprint, so every query scored against vectors
+    of another model."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    old = Runner(capsys)  # fingerprint hashing-64-cosine
+    one_error_line(old("index", corpus, "-o", index, "--index-type", "IVF1024,Flat"), 2, "vectors are kept")
+    new, encoders = counting_runner(capsys)
+    new.encoder_factory = lambda name, **kw: encoders.append(HashingEncoder(name, similarity="dot")) or encoders[-1]
+    rerun = new("index", corpus, "-o", index, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (0, 300)
+    assert new("index", corpus, "-o", tmp_path / "fresh").exit_code == 0
+    built, fresh = OpenIndex(index), OpenIndex(tmp_path / "fresh")
+    assert built.manifest.model.fingerprint == fresh.manifest.model.fingerprint == "hashing-64-dot"
+    assert built.vectors(0, 300).tolist() == fresh.vectors(0, 300).tolist()
+    assert not list(index.glob(".staging-*"))
+
+
 @pytest.mark.parametrize(("first", "second"), [("--no-split", "--split"), ("--split", "--no-split")])
 def test_kept_vectors_are_not_resumed_by_a_run_that_cuts_passages_otherwise(tmp_path, cli, first, second):
     """Vectors of whole (truncated) passages are not the vectors of their windows: the rerun encodes again. It

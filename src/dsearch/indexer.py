@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -724,6 +725,11 @@ def _build(
         passages = chain([first], passages)
     info = base.manifest.model if base else model_info(lazy.get())
     _check_factory(ann[0], info.dim)
+    if staging.progress and staging.progress.get("fingerprint", info.fingerprint) != info.fingerprint:
+        # The same model name, other weights (a local model retrained in place): its vectors are not this model's.
+        log.info("the checkpoint was made with another model (%s): starting over", info.name)
+        shutil.rmtree(staging.segment_dir)
+        staging.progress, resume, resumed_at, counts = None, {}, 0, _Counts()
     if resumed_at:
         log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
     writer = SegmentWriter(
@@ -746,7 +752,9 @@ def _build(
         """Make every row written so far durable, and record where a resumed run picks up."""
         parts = writer.checkpoint()
         progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-        staging.save_progress({**progress_record, "dim": info.dim, "counts": saved_counts})
+        staging.save_progress(
+            {**progress_record, "dim": info.dim, "fingerprint": info.fingerprint, "counts": saved_counts}
+        )
 
     def write_oldest() -> None:
         nonlocal done, last_checkpoint

@@ -667,6 +667,25 @@ def test_a_build_from_stdin_that_fails_after_encoding_keeps_nothing_and_does_not
     assert cli("status", index).exit_code == 0
 
 
+def test_an_interrupted_build_from_stdin_keeps_no_checkpoint_and_does_not_promise_a_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while encoding stdin: the error said 'run the same command again to resume', the checkpoint (and
+    the folders of a first build) stayed, status said to rerun to finish it; no rerun can read stdin again."""
+    monkeypatch.setenv("DSEARCH_CHECKPOINT_SECONDS", "0")
+    corpus = write_corpus(tmp_path / "c.jsonl", 300).read_bytes()
+    interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
+    result = interrupted("index", "-", "-o", tmp_path / "new" / "idx", "--batch-size", "8", stdin=corpus)
+    one_error_line(result, 3, "interrupted; nothing was published", "stdin")
+    assert "resume" not in result.stderr
+    assert listing(tmp_path) == ["c.jsonl"]
+    # From files, the checkpoint stays and the message promises the resume it gets.
+    result = interrupted("index", tmp_path / "c.jsonl", "-o", tmp_path / "idx", "--batch-size", "8")
+    one_error_line(result, 3, "interrupted; nothing was published (run the same command again to resume)")
+    rerun = Runner(capsys)("index", tmp_path / "c.jsonl", "-o", tmp_path / "idx", "--batch-size", "8", "--json")
+    assert rerun.exit_code == 0 and json.loads(rerun.stdout)["resumed_at"] > 0, rerun.stderr
+
+
 def test_a_failure_while_encoding_still_removes_the_staging_area(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')

@@ -751,6 +751,8 @@ def _build(
     def checkpoint(saved_counts: dict[str, Any]) -> None:
         """Make every row written so far durable, and record where a resumed run picks up."""
         parts = writer.checkpoint()
+        if signature.startswith(_STREAM):
+            return  # stdin or a program's passages: no rerun can resume, so no checkpoint is recorded (nor kept)
         progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
         staging.save_progress(
             {**progress_record, "dim": info.dim, "fingerprint": info.fingerprint, "counts": saved_counts}

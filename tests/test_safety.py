@@ -650,6 +650,37 @@ def test_kept_vectors_are_not_resumed_by_a_run_that_cuts_passages_otherwise(tmp_
     assert not list(index.glob(".staging-*"))
 
 
+def test_a_full_disk_while_writing_the_manifest_does_not_promise_kept_vectors(tmp_path, cli, monkeypatch):
+    """By the time the new manifest is written the segment has left the staging area (and its parts, which a
+    resume needs, are gone): the error said the vectors were kept for a rerun that then encoded them all again."""
+    import dsearch.store
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    before = tree(index)
+    real_write = dsearch.store._write_file
+
+    def full(path, data, atomic=False):
+        if path.name == dsearch.store.MANIFEST_TMP:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, data, atomic)
+
+    monkeypatch.setattr(dsearch.store, "_write_file", full)
+    failed = cli("index", corpus, "-o", index)
+    monkeypatch.undo()
+    one_error_line(failed, 1, "No space left on device", "nothing was published")
+    assert "kept" not in failed.stderr
+    assert {k: v for k, v in tree(index).items() if k.startswith("manifest")} == {
+        k: v for k, v in before.items() if k.startswith("manifest")
+    }
+    assert cli("query", index, "volcano", "--format", "jsonl").exit_code == 0  # the published index answers
+    rerun = cli("index", corpus, "-o", index, "--json")
+    assert rerun.exit_code == 0 and json.loads(rerun.stdout)["encoded"] == 300, rerun.stderr
+    assert tree(index).keys() == {k for k in tree(index) if not k.startswith(".staging")}
+    assert len(segments(index)) == 1
+
+
 def test_a_build_from_stdin_that_fails_after_encoding_keeps_nothing_and_does_not_promise_a_resume(tmp_path, cli):
     """Passages read from stdin cannot be read again, so no rerun resumes from their vectors: the error said they
     were kept for a rerun that 'finishes without encoding them again', status then said to rerun to finish it

@@ -701,6 +701,9 @@ def publish(staging: Staging, manifest: Manifest) -> None:
     """
     target = staging.target
     data = manifest.to_json().encode("utf-8")
+    # From here the parts a resume reads go and the segment leaves the staging area: a failure (a full disk while
+    # writing the manifest) no longer leaves anything to resume, so none is kept or promised.
+    staging.encoded = False
     for segment in manifest.segments:
         source = staging.root / segment.path
         if source.exists():

@@ -423,6 +423,27 @@ def test_a_build_past_the_file_size_limit_is_one_line_and_publishes_nothing(tmp_
     assert not target.exists()
 
 
+def test_the_lexical_index_past_the_file_size_limit_is_one_line_and_keeps_the_vectors(tmp_path, cli, file_size_limit):
+    """numpy's tofile reports a short write as 'OSError: N requested and M written', without the errno: the build
+    failed with 'unexpected OSError ... report it' while writing the BM25 index, after every vector was encoded."""
+    import random
+
+    rng = random.Random(1)
+    rows = ({"id": f"p{i}", "text": " ".join(f"w{rng.randrange(1000)}" for _ in range(37))} for i in range(1000))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    target = tmp_path / "idx"
+    file_size_limit(300_000)  # the vectors are 1000 x 64 x 4 = 256 kB; the BM25 build's temporary triples 430 kB
+    result = cli("index", corpus, "-o", target)
+    file_size_limit(None)
+    one_error_line(result, 1, "File too large", "nothing was published", "ulimit -f", "the encoded vectors are kept")
+    assert "unexpected" not in result.stderr
+    rerun = cli("index", corpus, "-o", target, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (1000, 0)
+    assert cli("status", target).exit_code == 0
+
+
 def test_a_reindex_past_the_file_size_limit_is_one_line_and_leaves_no_half_written_file(
     cli, sample_index, file_size_limit
 ):

@@ -508,6 +508,27 @@ def test_a_linked_folder_in_the_corpus_is_read_and_its_changes_seen_by_status(cl
     assert cli("status", tmp_path / "idx").exit_code == 8
 
 
+def test_status_sees_a_renamed_linked_folder_or_file_whose_totals_are_the_same(cli, tmp_path):
+    """A renamed link (or file) changes the ids of its text passages, and an --update removes and re-adds them;
+    status compared only the folder's totals (files, bytes, newest mtime) and said ok, exit 0."""
+    docs, elsewhere = tmp_path / "docs", tmp_path / "other-disk"
+    write(docs / "own.txt", "second doc\n")
+    write(elsewhere / "doc.txt", "hello world text\n")
+    (docs / "link").symlink_to(elsewhere, target_is_directory=True)
+    index = tmp_path / "idx"
+    assert cli("index", docs, "-o", index).exit_code == 0
+    assert cli("status", index).exit_code == 0
+    for old, new in (("link", "renamed"), ("own.txt", "mine.txt")):
+        (docs / old).rename(docs / new)
+        status = cli("status", index)
+        assert (status.exit_code, status.stderr) == (8, ""), status.stdout
+        assert status.stdout.startswith(f"corpus-changed: {docs} changed since the index was built")
+        update = cli("index", docs, "-o", index, "--update", "--json")
+        assert update.exit_code == 0, update.stderr
+        assert (json.loads(update.stdout)["removed"], json.loads(update.stdout)["added"]) == (1, 1)  # what changed
+        assert cli("status", index).exit_code == 0
+
+
 def test_a_folder_reached_twice_through_links_is_read_once(tmp_path):
     docs = tmp_path / "docs"
     write(docs / "sub" / "a.jsonl", "")

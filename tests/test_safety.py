@@ -592,6 +592,131 @@ def test_an_ann_build_that_fails_keeps_the_encoded_vectors_for_the_rerun(tmp_pat
     )
 
 
+def test_an_ann_file_a_killed_run_left_half_written_is_not_published_by_the_resumed_run(tmp_path, cli):
+    """kill -9 while FAISS writes the ANN file (after the final checkpoint) leaves the partial file in the staged
+    segment; the resumed run moved it into the published segment, where no manifest lists it."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    one_error_line(cli("index", corpus, "-o", index, "--index-type", "IVF1024,Flat"), 2, "vectors are kept")
+    (staged,) = index.glob(".staging-*/seg-*")
+    (staged / "ann-0123456789ab.faiss").write_bytes(b"half of an IVF index")  # what the kill left
+    rerun = cli("index", corpus, "-o", index, "--index-type", "IVF4,Flat", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["encoded"] == 0
+    (segment,) = segments(index)
+    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
+    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)
+    assert cli("status", index).exit_code == 0
+
+
+def test_kept_vectors_are_not_resumed_by_a_run_whose_model_is_another(tmp_path, capsys):
+    """The same --model (a local path, the default) that now holds other weights: the rerun resumed from the old
+    model's vectors and published them under the new model's fingerprint, so every query scored against vectors
+    of another model."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    old = Runner(capsys)  # fingerprint hashing-64-cosine
+    one_error_line(old("index", corpus, "-o", index, "--index-type", "IVF1024,Flat"), 2, "vectors are kept")
+    new, encoders = counting_runner(capsys)
+    new.encoder_factory = lambda name, **kw: encoders.append(HashingEncoder(name, similarity="dot")) or encoders[-1]
+    rerun = new("index", corpus, "-o", index, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (0, 300)
+    assert new("index", corpus, "-o", tmp_path / "fresh").exit_code == 0
+    built, fresh = OpenIndex(index), OpenIndex(tmp_path / "fresh")
+    assert built.manifest.model.fingerprint == fresh.manifest.model.fingerprint == "hashing-64-dot"
+    assert built.vectors(0, 300).tolist() == fresh.vectors(0, 300).tolist()
+    assert not list(index.glob(".staging-*"))
+
+
+@pytest.mark.parametrize(("first", "second"), [("--no-split", "--split"), ("--split", "--no-split")])
+def test_kept_vectors_are_not_resumed_by_a_run_that_cuts_passages_otherwise(tmp_path, cli, first, second):
+    """Vectors of whole (truncated) passages are not the vectors of their windows: the rerun encodes again. It
+    resumed, and published 300 truncated vectors under a manifest that said the passages were split."""
+    rows = ({"id": f"p{i}", "text": " ".join(f"w{i}x{j}" for j in range(100))} for i in range(300))
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))  # 100 words: 40-token windows split them
+    index = tmp_path / "idx"
+    failed = cli("index", corpus, "-o", index, first, "--index-type", "IVF4096,Flat")
+    one_error_line(failed, 2, "the encoded vectors are kept")
+    rerun = cli("index", corpus, "-o", index, second, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (0, 300)
+    assert cli("index", corpus, "-o", tmp_path / "fresh", second).exit_code == 0
+    built, fresh = OpenIndex(index), OpenIndex(tmp_path / "fresh")
+    assert built.manifest.corpus["split"] == fresh.manifest.corpus["split"]
+    assert built.rows == fresh.rows and built.rows in (300, 1500) and (built.rows == 1500) == (second == "--split")
+    assert built.vectors(0, built.rows).tolist() == fresh.vectors(0, fresh.rows).tolist()
+    assert not list(index.glob(".staging-*"))
+
+
+def test_a_full_disk_while_writing_the_manifest_does_not_promise_kept_vectors(tmp_path, cli, monkeypatch):
+    """By the time the new manifest is written the segment has left the staging area (and its parts, which a
+    resume needs, are gone): the error said the vectors were kept for a rerun that then encoded them all again."""
+    import dsearch.store
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    before = tree(index)
+    real_write = dsearch.store._write_file
+
+    def full(path, data, atomic=False):
+        if path.name == dsearch.store.MANIFEST_TMP:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, data, atomic)
+
+    monkeypatch.setattr(dsearch.store, "_write_file", full)
+    failed = cli("index", corpus, "-o", index)
+    monkeypatch.undo()
+    one_error_line(failed, 1, "No space left on device", "nothing was published")
+    assert "kept" not in failed.stderr
+    assert {k: v for k, v in tree(index).items() if k.startswith("manifest")} == {
+        k: v for k, v in before.items() if k.startswith("manifest")
+    }
+    assert cli("query", index, "volcano", "--format", "jsonl").exit_code == 0  # the published index answers
+    rerun = cli("index", corpus, "-o", index, "--json")
+    assert rerun.exit_code == 0 and json.loads(rerun.stdout)["encoded"] == 300, rerun.stderr
+    assert tree(index).keys() == {k for k in tree(index) if not k.startswith(".staging")}
+    assert len(segments(index)) == 1
+
+
+def test_a_build_from_stdin_that_fails_after_encoding_keeps_nothing_and_does_not_promise_a_resume(tmp_path, cli):
+    """Passages read from stdin cannot be read again, so no rerun resumes from their vectors: the error said they
+    were kept for a rerun that 'finishes without encoding them again', status then said to rerun to finish it
+    (exit 6), and the rerun encoded everything anyway."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300).read_bytes()
+    index = tmp_path / "new" / "idx"
+    failed = cli("index", "-", "-o", index, "--index-type", "IVF1024,Flat", stdin=corpus)
+    one_error_line(failed, 2, "cannot build the index", "choose another --index-type")
+    assert "kept" not in failed.stderr and "rerun" not in failed.stderr
+    assert listing(tmp_path) == ["c.jsonl"]  # no staging area, nor the folders this first build made
+    assert cli("status", index).exit_code == 5
+    rerun = cli("index", "-", "-o", index, "--index-type", "IVF4,Flat", "--json", stdin=corpus)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (0, 300)
+    assert cli("status", index).exit_code == 0
+
+
+def test_an_interrupted_build_from_stdin_keeps_no_checkpoint_and_does_not_promise_a_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while encoding stdin: the error said 'run the same command again to resume', the checkpoint (and
+    the folders of a first build) stayed, status said to rerun to finish it; no rerun can read stdin again."""
+    monkeypatch.setenv("DSEARCH_CHECKPOINT_SECONDS", "0")
+    corpus = write_corpus(tmp_path / "c.jsonl", 300).read_bytes()
+    interrupted = Runner(capsys, lambda name, **kw: HashingEncoder(name, fail_after_batches=3))
+    result = interrupted("index", "-", "-o", tmp_path / "new" / "idx", "--batch-size", "8", stdin=corpus)
+    one_error_line(result, 3, "interrupted; nothing was published", "stdin")
+    assert "resume" not in result.stderr
+    assert listing(tmp_path) == ["c.jsonl"]
+    # From files, the checkpoint stays and the message promises the resume it gets.
+    result = interrupted("index", tmp_path / "c.jsonl", "-o", tmp_path / "idx", "--batch-size", "8")
+    one_error_line(result, 3, "interrupted; nothing was published (run the same command again to resume)")
+    rerun = Runner(capsys)("index", tmp_path / "c.jsonl", "-o", tmp_path / "idx", "--batch-size", "8", "--json")
+    assert rerun.exit_code == 0 and json.loads(rerun.stdout)["resumed_at"] > 0, rerun.stderr
+
+
 def test_a_failure_while_encoding_still_removes_the_staging_area(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": 7}\n')
@@ -636,6 +761,62 @@ def test_a_failed_first_build_removes_the_folders_it_created_and_no_other(tmp_pa
     assert listing(tmp_path / "existing") == ["keep.txt"]
 
 
+def test_a_first_build_whose_new_parent_a_sibling_build_removes_meanwhile_makes_it_again(tmp_path, cli, monkeypatch):
+    """Two first builds into new/a and new/b. b finds no `new`, a makes it, b sees it exists, then a fails and
+    removes it before b makes new/b in it. b failed with 'cannot create it (No such file or directory)'; it makes
+    `new` again, and owns it: its own failure removes it, its success keeps it."""
+    real_mkdir = os.mkdir
+
+    def racing(parent: Path, target: Path, calls: list[Path]):
+        def mkdir(path, *args, **kwargs):
+            calls.append(Path(path))
+            if len(calls) == 2 and Path(path) == parent:
+                real_mkdir(parent)  # the sibling build made it just now
+            if len(calls) == 3 and Path(path) == target:
+                os.rmdir(parent)  # and its failure removed it again
+            return real_mkdir(path, *args, **kwargs)
+
+        return mkdir
+
+    for corpus, code in ((SAMPLE / "passages.jsonl", 0), (bad_corpus(tmp_path / "bad.jsonl"), 1)):
+        parent = tmp_path / f"new{code}"
+        target, calls = parent / "b", []
+        monkeypatch.setattr(os, "mkdir", racing(parent, target, calls))
+        result = cli("index", corpus, "-o", target)
+        monkeypatch.undo()
+        assert "cannot create" not in result.stderr and result.exit_code == code, result.stderr
+        assert calls[:5] == [target, parent, target, target, parent]  # the race as described, then `new` again
+        if code == 0:
+            assert (target / "manifest.json").is_file()
+            assert cli("query", target, "solar", "--format", "jsonl").stdout.count("\n") > 0
+        else:
+            assert not parent.exists()  # this run made `new` again: its failure removed it
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.ELOOP])
+@pytest.mark.parametrize("failing", [".dsearch.lock", "idx"])
+def test_a_first_build_that_cannot_create_its_lock_file_removes_the_folders_it_created(
+    tmp_path, cli, monkeypatch, code, failing
+):
+    """Out of inodes (a tmpfs with nr_inodes, measured): the three folders of -o x/y/idx took the last ones and
+    the lock file could not be created, or x and y did and idx could not; the run failed with its one line but
+    left x/y/idx (or x/y) behind."""
+    (tmp_path / "existing").mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def fails(path) -> bool:
+        if os.path.basename(os.fspath(path)) == failing and os.path.isdir(os.path.dirname(os.fspath(path))):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+
+    monkeypatch.setattr(os, "open", lambda path, *a, **kw: fails(path) or real_open(path, *a, **kw))
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **kw: fails(path) or real_mkdir(path, *a, **kw))
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "existing" / "x" / "y" / "idx")
+    monkeypatch.undo()
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert failing in result.stderr
+    assert listing(tmp_path) == ["existing"] and listing(tmp_path / "existing") == []
+
+
 def test_a_failed_first_build_with_kept_vectors_keeps_its_folders(tmp_path, cli):
     target = tmp_path / "a" / "idx"
     result = cli("index", write_corpus(tmp_path / "c.jsonl", 300), "-o", target, "--index-type", "IVF1024,Flat")
@@ -659,3 +840,28 @@ def test_an_index_of_a_newer_format_is_never_replaced(cli, tmp_path, update):
     result = cli(*args)
     one_error_line(result, 1, f"format version {FORMAT_VERSION + 1} is newer", "nothing was changed", "upgrade dsearch")
     assert tree(index) == before and not list(index.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("command", ["reindex", "reindex --index-type hnsw", "index --update", "index --restart"])
+def test_nothing_in_an_index_of_a_newer_format_is_collected_as_left_over(cli, tmp_path, command):
+    """What looks left over in a newer dsearch's index (a staging area, a segment, an ANN file its manifest lists
+    in a way this version does not read) may be its own: `reindex` removed a staging area before refusing."""
+    from dsearch.manifest import FORMAT_VERSION
+
+    index = tmp_path / "idx"
+    assert cli("index", SAMPLE / "passages.jsonl", "-o", index).exit_code == 0
+    set_manifest(index, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    (segment,) = segments(index)
+    (index / ".staging-20990101000000-0123abcd").mkdir()  # no progress.json this version reads
+    (index / "seg-20990101000000-0123abcd").mkdir()  # named by no manifest this version reads
+    (index / segment / "ann-0123456789ab.faiss").write_bytes(b"listed where this version does not look")
+    (index / ".manifest.json.tmp").write_bytes(b"its publish in progress")
+    before = tree(index)
+    name, *options = command.split()
+    result = cli(name, *([SAMPLE / "passages.jsonl", "-o"] if name == "index" else []), index, *options)
+    one_error_line(result, 1, f"format version {FORMAT_VERSION + 1} is newer", "upgrade dsearch")
+    assert tree(index) == before
+    assert sorted(p.name for p in index.iterdir() if p.is_dir()) == sorted(
+        [segment, ".staging-20990101000000-0123abcd", "seg-20990101000000-0123abcd"]
+    )
+

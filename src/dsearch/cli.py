@@ -192,7 +192,10 @@ def _guard(command: Callable[..., None]) -> Callable[..., None]:
             sys.stdout.flush()
         except KeyboardInterrupt:
             message = "interrupted"
-            if command.__name__ == "index":
+            if command.__name__ == "index" and "-" in (kwargs.get("corpus") or ()):
+                # No checkpoint is kept of passages that no rerun can read again (indexer._build).
+                message = "interrupted; nothing was published (the passages came from stdin: run it again)"
+            elif command.__name__ == "index":
                 message = "interrupted; nothing was published (run the same command again to resume)"
             raise IncompleteError(message) from None
         except BrokenPipeError:

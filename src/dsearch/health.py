@@ -249,6 +249,10 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> tuple[str
         now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1)
         if now.get("cut_short") or any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
             return f"{path} changed", False
+        # File by file where the build listed them: a renamed file or linked folder keeps the totals but changes
+        # the passages a build reads (text passages' ids name their file).
+        if isinstance(then.get("listing"), dict) and "listing" in now and now["listing"] != then["listing"]:
+            return f"{path} changed", False
     return None
 
 

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -376,10 +377,16 @@ def _classify(passage: Passage, hash_: str, row: dict[str, Any], stored: dict[st
     return False
 
 
-def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None) -> str:
-    """What a checkpoint was made from: a resumed run must read the same corpus the same way."""
+_STREAM = "stream-"  # the signature of a run whose passages cannot be read again
+
+
+def _signature(
+    corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None, split: SplitSpec | None
+) -> str:
+    """What a checkpoint was made from: a resumed run must read the same corpus the same way, and cut it into the
+    same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows)."""
     if any(not isinstance(p, str) or p == "-" for p in corpus.paths):
-        return f"stream-{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
+        return f"{_STREAM}{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
     parts = {
         "sources": describe_sources(corpus.paths),
         "format": corpus.fmt,
@@ -388,6 +395,7 @@ def _signature(corpus: CorpusSpec, model: str | None, precision: str | None, bas
         "model": model,
         "precision": precision,
         "base": base.created_at if base else None,
+        "split": split.as_dict() if split else None,
     }
     return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
 
@@ -625,7 +633,7 @@ def _locked_build(
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
                 )
-        signature = _signature(corpus, model_name, precision, base.manifest if base else None)
+        signature = _signature(corpus, model_name, precision, base.manifest if base else None, split)
         guard = _Guard(limit, existing, update=base is not None)
         # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
         requested = ann[0] or (base.manifest.index_params.get("requested", "auto") if base else "auto")
@@ -717,6 +725,11 @@ def _build(
         passages = chain([first], passages)
     info = base.manifest.model if base else model_info(lazy.get())
     _check_factory(ann[0], info.dim)
+    if staging.progress and staging.progress.get("fingerprint", info.fingerprint) != info.fingerprint:
+        # The same model name, other weights (a local model retrained in place): its vectors are not this model's.
+        log.info("the checkpoint was made with another model (%s): starting over", info.name)
+        shutil.rmtree(staging.segment_dir)
+        staging.progress, resume, resumed_at, counts = None, {}, 0, _Counts()
     if resumed_at:
         log.info("resuming from the checkpoint of an interrupted run: %d passages already done", resumed_at)
     writer = SegmentWriter(
@@ -738,8 +751,12 @@ def _build(
     def checkpoint(saved_counts: dict[str, Any]) -> None:
         """Make every row written so far durable, and record where a resumed run picks up."""
         parts = writer.checkpoint()
+        if signature.startswith(_STREAM):
+            return  # stdin or a program's passages: no rerun can resume, so no checkpoint is recorded (nor kept)
         progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-        staging.save_progress({**progress_record, "dim": info.dim, "counts": saved_counts})
+        staging.save_progress(
+            {**progress_record, "dim": info.dim, "fingerprint": info.fingerprint, "counts": saved_counts}
+        )
 
     def write_oldest() -> None:
         nonlocal done, last_checkpoint
@@ -796,7 +813,8 @@ def _build(
     # The costly part is done: make every vector durable, so that a failure from here on (an ANN index FAISS
     # cannot train, a full disk, Ctrl-C while it trains) leaves the rerun nothing to encode again.
     checkpoint(counts.saved())
-    staging.encoded = True
+    # Unless the passages came from stdin or a program: no rerun can resume from them, so none are kept.
+    staging.encoded = not signature.startswith(_STREAM)
     segment = writer.close()
     if lexical:  # from the closed segment's passages, so an update or a resumed run indexes exactly its rows
         lexical_started = time.perf_counter()

@@ -145,7 +145,8 @@ def build_lexical(
                 frequencies = np.pad(frequencies, (0, len(vocab) - len(frequencies)))
                 frequencies += np.bincount(token_ids, minlength=len(vocab))
                 for column in (pairs >> 32, token_ids, tf):
-                    column.astype(np.int32).tofile(triples)
+                    # Not tofile: it reports a full disk as "N requested and M written", without the errno.
+                    triples.write(column.astype(np.int32).tobytes())
                 batches.append(len(pairs))
                 lengths.append(per_doc)
                 first_rows.append(np.asarray(starts, np.int64))
@@ -165,8 +166,8 @@ def build_lexical(
                     triples_path, batches, frequencies, indptr, passage_lengths, retriever.k1, retriever.b,
                     range_pairs, data, indices,
                 )  # fmt: skip
-    np.save(segment_dir / "bm25-indptr.npy", indptr)
-    np.save(segment_dir / "bm25-rows.npy", np.concatenate(first_rows) if first_rows else np.zeros(0, np.int64))
+    _save(segment_dir / "bm25-indptr.npy", indptr)
+    _save(segment_dir / "bm25-rows.npy", np.concatenate(first_rows) if first_rows else np.zeros(0, np.int64))
     meta = {
         "library": f"bm25s {bm25s.__version__}",
         "method": retriever.method,
@@ -244,6 +245,13 @@ def _system_memory_pool() -> Iterator[None]:
         yield
     finally:
         pa.set_memory_pool(previous)
+
+
+def _save(path: Path, array: Any) -> None:
+    """``np.save`` of a 1-D array, through a Python file object: a full disk is then the OSError with its errno
+    (np.save writes with tofile, which loses it), so the build's one line names it and the fix."""
+    with _npy_writer(path, array.dtype, len(array)) as fh:
+        fh.write(array.tobytes())
 
 
 @contextmanager

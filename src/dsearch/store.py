@@ -194,6 +194,9 @@ class SegmentWriter:
                     part.unlink()  # written after the last checkpoint: its rows are redone
             for tmp in self.parts_dir.glob(".*"):
                 tmp.unlink()
+            for entry in directory.iterdir():  # an ANN file a run killed while writing it (after the last checkpoint)
+                if ANN_NAME.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
         self.vectors = FlatIndexFileWriter(directory / INDEX_FILE, dim, resume_rows)
         self.parts = resume_parts
         self._part: PassageTableWriter | None = None
@@ -387,53 +390,57 @@ def index_lock(target: Path) -> Iterator[Path]:
             "nothing was changed (create that folder, or choose another -o)"
         )
     made: list[Path] = []  # DIR and the folders above it that this run created, deepest first
-    for _attempt in range(10):
-        try:
-            new = _make_folders(target)
-            made = new + [folder for folder in made if folder not in new]
-        except FileExistsError as exc:  # a folder above DIR is a dangling symlink
-            raise IndexDirError(
-                f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
-                "nothing was changed (create that folder, or choose another -o)"
-            ) from None
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
-                raise  # the build's one line for these names the path and the fix (indexer._DISK_FIXES)
-            # A symlink loop above DIR, a name too long, a file system that takes no folders (/proc)
-            raise IndexDirError(
-                f"{target}: cannot create it ({exc.strerror}); nothing was changed (choose another -o)"
-            ) from None
-        real = target.resolve()
-        path = real / LOCK_FILE
-        try:
-            # Never through a symlink (it would truncate a file outside DIR), never a FIFO (open would block).
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        except FileNotFoundError:
-            continue  # a failed first build removed the directory it had made, just now: make it again
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):  # a link, folder, socket
-                raise _not_our_lock(path) from exc
-            raise  # read-only, no permission, disk full: the caller's one line names it (indexer._DISK_FIXES)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise _not_our_lock(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise LockedError(
-                f"{target}: another dsearch run{holder} is writing this index; try again when it ends"
-            ) from None
-        try:
-            current = os.stat(path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current == os.fstat(fd).st_ino:
-            break
-        os.close(fd)  # the holder before us removed this file as it let go: lock the one at the path now
-    else:
-        raise LockedError(f"{target}: the lock kept changing hands; try again")
+    try:
+        for _attempt in range(10):
+            try:
+                new = _make_folders(target)
+                made = new + [folder for folder in made if folder not in new]
+            except FileExistsError as exc:  # a folder above DIR is a dangling symlink
+                raise IndexDirError(
+                    f"{target}: cannot create it: {exc.filename} is a symlink to nothing (a disk not mounted?); "
+                    "nothing was changed (create that folder, or choose another -o)"
+                ) from None
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+                    raise  # the build's one line for these names the path and the fix (indexer._DISK_FIXES)
+                # A symlink loop above DIR, a name too long, a file system that takes no folders (/proc)
+                raise IndexDirError(
+                    f"{target}: cannot create it ({exc.strerror}); nothing was changed (choose another -o)"
+                ) from None
+            real = target.resolve()
+            path = real / LOCK_FILE
+            try:
+                # Never through a symlink (it would truncate a file outside DIR), never a FIFO (open would block).
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            except FileNotFoundError:
+                continue  # a failed first build removed the directory it had made, just now: make it again
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):  # a link, folder, socket
+                    raise _not_our_lock(path) from exc
+                raise  # read-only, no permission, disk full: the caller's one line names it (indexer._DISK_FIXES)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise _not_our_lock(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise LockedError(
+                    f"{target}: another dsearch run{holder} is writing this index; try again when it ends"
+                ) from None
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder before us removed this file as it let go: lock the one at the path now
+        else:
+            raise LockedError(f"{target}: the lock kept changing hands; try again")
+    except BaseException:
+        _remove_made(made)  # no lock, no index: the folders made for them go (out of inodes, no permission, ...)
+        raise
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -442,21 +449,42 @@ def index_lock(target: Path) -> Iterator[Path]:
         # Unlink before unlocking, so the next taker's inode check sees it; then drop DIR if we made it for nothing.
         with suppress(OSError):
             os.unlink(path)
-        # The folders this run made, by the very paths it made them with, while each is empty (rmdir fails on
-        # one that is not): never a folder that was there before, whatever `..` or symlinks the path holds.
-        for folder in made:
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        _remove_made(made)
         os.close(fd)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """The folders a run made, by the very paths it made them with, while each is empty (rmdir fails on one that
+    is not), deepest first: never a folder that was there before, whatever `..` or symlinks the path holds."""
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def _make_folders(folder: Path) -> list[Path]:
     """``mkdir -p folder``: the folders this call created, deepest first. Raises FileExistsError when a part of
     the path exists and is not a folder (a dangling symlink: a disk not mounted?)."""
+    made: list[Path] = []  # in the order made: each one's parent before it
+    try:
+        for _attempt in range(10):
+            try:
+                _make_missing(folder, made)
+                break
+            except FileNotFoundError:
+                # A parent vanished between our seeing it and making a folder in it: a concurrent first build that
+                # failed removed the folder it had made (a sibling -o under the same new parent). Make it again.
+                if _attempt == 9:
+                    raise
+    except BaseException:
+        _remove_made(made[::-1])  # x and y of x/y/idx made, idx not (out of inodes): they go too
+        raise
+    return made[::-1]
+
+
+def _make_missing(folder: Path, made: list[Path]) -> None:
     missing: list[Path] = []  # below the deepest folder that exists, deepest first
-    made: list[Path] = []
     while True:
         try:
             os.mkdir(folder)
@@ -478,7 +506,6 @@ def _make_folders(folder: Path) -> list[Path]:
         except FileExistsError:  # another run made it meanwhile, or `x/..`
             if not folder.is_dir():
                 raise
-    return made[::-1]
 
 
 def _not_our_lock(path: Path) -> IndexDirError:
@@ -572,10 +599,16 @@ def tidy(target: Path) -> None:
     """Remove what crashed runs left in ``target`` (call with the lock held): segments that the manifest does
     not name, ANN files in its segments that it does not list (a killed ``reindex``), and staging areas that
     hold no checkpoint to resume. A corrupt manifest's segments stay until a
-    rebuild replaces it."""
+    rebuild replaces it. An index a newer dsearch wrote raises NewerIndexError, before anything is removed: what
+    looks left over there may be what its manifest lists in a way this version cannot read."""
     if (target / MANIFEST_FILE).exists():
-        if _manifest_is_valid(target):
-            manifest = read_manifest(target)
+        try:
+            manifest: Manifest | None = read_manifest(target)
+        except NewerIndexError:
+            raise
+        except IndexDirError:
+            manifest = None
+        if manifest is not None:
             collect_leftovers(target, {s.path for s in manifest.segments})
             for path in unlisted_ann_files(target, manifest):
                 path.unlink()
@@ -668,6 +701,9 @@ def publish(staging: Staging, manifest: Manifest) -> None:
     """
     target = staging.target
     data = manifest.to_json().encode("utf-8")
+    # From here the parts a resume reads go and the segment leaves the staging area: a failure (a full disk while
+    # writing the manifest) no longer leaves anything to resume, so none is kept or promised.
+    staging.encoded = False
     for segment in manifest.segments:
         source = staging.root / segment.path
         if source.exists():

@@ -865,3 +865,33 @@ def test_nothing_in_an_index_of_a_newer_format_is_collected_as_left_over(cli, tm
         [segment, ".staging-20990101000000-0123abcd", "seg-20990101000000-0123abcd"]
     )
 
+
+
+# --- 12. a corpus change that changes no passage ------------------------------------------------------------
+
+
+def test_an_update_that_changes_no_passage_clears_the_corpus_change_status_reports(cli, tmp_path):
+    """A `touch` (or a copy that keeps the bytes) is a corpus change to `status` (exit 8) but no passage changes:
+    the update published nothing and left status at 8 for ever, though cron ran it every night."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_corpus(docs / "a.jsonl", 20)
+    write_corpus(docs / "b.jsonl", 20, prefix="q")
+    index = tmp_path / "idx"
+    assert cli("index", docs, "-o", index).exit_code == 0
+    segments_before = json.loads((index / "manifest.json").read_text())["segments"]
+    created = json.loads((index / "manifest.json").read_text())["created_at"]
+    os.utime(docs / "a.jsonl", (1e9, 1e9))  # an older time for one file: not even the newest mtime
+    (docs / "b.jsonl").touch()
+    assert cli("status", index).exit_code == 8
+    update = cli("index", docs, "-o", index, "--update", "--json")
+    assert update.exit_code == 0, update.stderr
+    summary = json.loads(update.stdout)
+    assert (summary["published"], summary["encoded"], summary["unchanged"]) == (False, 0, 40)
+    status = cli("status", index)
+    assert (status.exit_code, status.stdout.split(":")[0]) == (0, "ok"), status.stdout
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert (manifest["segments"], manifest["created_at"]) == (segments_before, created)  # the index as it was
+    before = tree(index)
+    assert cli("index", docs, "-o", index, "--update").exit_code == 0
+    assert tree(index) == before  # with nothing new to record, nothing is written

@@ -56,6 +56,7 @@ from dsearch.store import (
     index_lock,
     passage_row,
     publish,
+    rewrite_manifest,
     staging_area,
     tidy,
 )
@@ -629,6 +630,7 @@ def _locked_build(
             )
             if counts.changes(len(stored)) == 0 and complete:
                 tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
+                _record_sources(target, base.manifest, corpus)
                 passages = _passages_of(base.manifest)
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
@@ -664,6 +666,16 @@ def _encoding_kept(exc: DsearchError | OSError, target: Path) -> BaseException:
         return exc
     error.args = (error.template + _KEPT,)
     return error
+
+
+def _record_sources(target: Path, manifest: Manifest, corpus: CorpusSpec) -> None:
+    """After an update that found no passage to change: record the corpus files as they are now (a `touch`, a
+    copy or a rename that left every passage as it was), so that `status` stops reporting a corpus change that no
+    update could ever clear. The index, and its publish time, stay as they are."""
+    sources = describe_sources(corpus.paths, corpus.exclude)
+    if sources != manifest.corpus.get("sources"):
+        manifest.corpus["sources"] = sources
+        rewrite_manifest(target, manifest)
 
 
 def _passages_of(manifest: Manifest) -> int:

@@ -730,6 +730,12 @@ def publish(staging: Staging, manifest: Manifest) -> None:
         log.warning("interrupted after the new index was published; the next run removes what is left over")
 
 
+def rewrite_manifest(target: Path, manifest: Manifest) -> None:
+    """Replace the manifest of the index at ``target`` (lock held) in one atomic step, its segments unchanged."""
+    _write_file(target / MANIFEST_FILE, manifest.to_json().encode("utf-8"), atomic=True)
+    _fsync_dir(target)
+
+
 def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
     destination = path
     if atomic:

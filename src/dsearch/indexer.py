@@ -670,8 +670,8 @@ def _encoding_kept(exc: DsearchError | OSError, target: Path) -> BaseException:
 
 def _record_sources(target: Path, manifest: Manifest, corpus: CorpusSpec) -> None:
     """After an update that found no passage to change: record the corpus files as they are now (a `touch`, a
-    copy or a rename that left every passage as it was), so that `status` stops reporting a corpus change that no
-    update could ever clear. The index, and its publish time, stay as they are."""
+    copy that kept the bytes), so that `status` stops reporting a corpus change that no update could ever clear.
+    The index, and its publish time, stay as they are."""
     sources = describe_sources(corpus.paths, corpus.exclude)
     if sources != manifest.corpus.get("sources"):
         manifest.corpus["sources"] = sources

@@ -38,6 +38,13 @@ def segments(index: Path) -> list[str]:
     return [name for name in listing(index) if name.startswith("seg-")]
 
 
+def assert_segment_holds_only_listed_files(index: Path) -> None:
+    """The index has one segment, and every file in it is one its manifest lists (nothing a failed run left)."""
+    (segment,) = segments(index)
+    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
+    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)
+
+
 def set_manifest(index: Path, change) -> None:
     path = index / "manifest.json"
     data = json.loads(path.read_text())
@@ -549,9 +556,7 @@ def test_a_build_killed_in_its_bm25_pass_publishes_no_temporary_files_when_resum
     rerun = cli("index", corpus, "-o", index, "--batch-size", "8", "--json")
     assert rerun.exit_code == 0, rerun.stderr
     assert json.loads(rerun.stdout)["resumed_at"] == 300
-    (segment,) = segments(index)
-    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
-    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)
+    assert_segment_holds_only_listed_files(index)
 
 
 # --- 9. a failure after encoding keeps the vectors ------------------------------------------------------
@@ -582,9 +587,7 @@ def test_an_ann_build_that_fails_keeps_the_encoded_vectors_for_the_rerun(tmp_pat
     assert (summary["resumed_at"], summary["indexed"], summary["encoded"]) == (300, 300, 0)
     assert sum(e.encoded_documents for e in encoders[2:]) == 0  # after the first failure, nothing was encoded
     assert not list(index.glob(".staging-*"))
-    (segment,) = segments(index)
-    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
-    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)  # no file of the failed runs
+    assert_segment_holds_only_listed_files(index)  # no file of the failed runs
     fresh = Runner(capsys)
     assert fresh("index", corpus, "-o", tmp_path / "fresh", "--index-type", "IVF4,Flat").exit_code == 0
     assert OpenIndex(index).vectors_at(list(range(300))).tolist() == (
@@ -603,9 +606,7 @@ def test_an_ann_file_a_killed_run_left_half_written_is_not_published_by_the_resu
     rerun = cli("index", corpus, "-o", index, "--index-type", "IVF4,Flat", "--json")
     assert rerun.exit_code == 0, rerun.stderr
     assert json.loads(rerun.stdout)["encoded"] == 0
-    (segment,) = segments(index)
-    listed = set(json.loads((index / "manifest.json").read_text())["segments"][0]["files"])
-    assert sorted(p.name for p in (index / segment).iterdir()) == sorted(listed)
+    assert_segment_holds_only_listed_files(index)
     assert cli("status", index).exit_code == 0
 
 

@@ -1,13 +1,14 @@
 """`dsearch index --ray` against a local build on the same passages, in one run, and the driver's ingest ceiling.
 
-    python benchmarks/ray_bench.py [--passages 5000] [--workers 2] [--precision auto] [--repeat 2] [--scifact DIR]
+    python benchmarks/ray_bench.py [--passages 5000] [--corpus sentences|abstracts] [--workers 2] [--precision auto]
+        [--repeat 2] [--scifact DIR]
 
-1. The same corpus (SciFact sentences, as in the other benchmarks) indexed by `dsearch index` locally and with
-   `--ray --workers N` (Ray Data map_batches over an actor pool), whole process each, after one warm-up build that
-   caches the ONNX export; `--repeat` pairs, local then Ray, so that both see the same load. The Ray build joins a
-   local cluster with as many CPUs as this machine (benchmarks/ray_cluster.py), started before and stopped after
-   each Ray build, so that its idle daemons do not slow the local build. Overhead = Ray wall time / local wall
-   time - 1, per pair and for the sums.
+1. The same corpus (SciFact sentences, as in the other benchmarks, or whole SciFact documents) indexed by
+   `dsearch index` locally and with `--ray --workers N` (Ray Data map_batches over an actor pool), whole process
+   each, after one warm-up build that caches the ONNX export; `--repeat` pairs, local then Ray, so that both see
+   the same load. The Ray build joins a local cluster with as many CPUs as this machine (benchmarks/ray_cluster.py),
+   started before and stopped after each Ray build, so that its idle daemons do not slow the local build.
+   Overhead = Ray wall time / local wall time - 1, per pair and for the sums.
 2. The driver's ingest rate: the same build in-process with a chunk encoder that returns zero vectors at once, so
    what is timed is everything the driver does besides encoding (reading, hashing, windows, writing FAISS and
    Parquet, checkpoints, publishing). A cluster saturates the driver when its workers together encode faster.
@@ -105,7 +106,7 @@ def ray_ingest(corpus: Path, target: Path, precision: str, workers: int, env: di
 def report(args: argparse.Namespace, cpus: int, load_before: float, pairs: list, baselines: list[float]) -> float:
     """The local/Ray pairs as a table (with the baseline's Ray build when there is one); one worker's rate."""
     precision = pairs[0][1]["precision"]
-    print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; precision {precision}")
+    print(f"machine: {cpus} CPUs; {args.passages} SciFact {args.corpus}; precision {precision}")
     print(f"Ray workers' nice value: {args.worker_niceness}; cluster: {'warm' if args.warm_cluster else 'fresh'}")
     print(f"load average (1 min) before the builds: {load_before:.2f}")
     base = f" baseline `--ray` wall s ({' '.join(args.baseline_env) or 'its defaults'}) | baseline vs local |"
@@ -127,6 +128,13 @@ def report(args: argparse.Namespace, cpus: int, load_before: float, pairs: list,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=5000)
+    parser.add_argument(
+        "--corpus",
+        choices=["sentences", "abstracts"],
+        default="sentences",
+        help="the timed builds' passages: SciFact sentences (short, about 25 words: the fixed costs weigh most) or "
+        "the first N SciFact documents as they are (about 215 words; the ingest rates always use sentences)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--repeat", type=int, default=2, help="local/Ray pairs, one after the other")
@@ -165,9 +173,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         corpus = tmp / "corpus.jsonl"
-        sentences = synthetic.scifact_sentences(max(args.passages, args.ingest_passages))
-        rows = [json.dumps({"id": pid, "title": "SciFact", "text": text}) + "\n" for pid, text in sentences]
-        corpus.write_text("".join(rows[: args.passages]))
+        passages = synthetic.corpus_rows(args.corpus, args.passages)
+        corpus.write_text("".join(passages))
         common = ["--precision", args.precision]
         timed_index([str(corpus), "-o", str(tmp / "warm"), *common])  # caches the ONNX export for both runs
         cpus = os.cpu_count() or 2
@@ -175,7 +182,7 @@ def main() -> None:
         niceness = {"RAY_worker_niceness": str(args.worker_niceness)}
         pairs, baselines = [], []
         small = tmp / "small.jsonl"
-        small.write_text("".join(rows[:64]))
+        small.write_text("".join(passages[:64]))
 
         def ray_build(name: str, env: dict[str, str] | None = None) -> tuple[float, dict]:
             """One timed Ray build against a cluster started for it (after a small one with --warm-cluster)."""
@@ -201,7 +208,7 @@ def main() -> None:
             report(args, cpus, load_before, pairs, baselines)
             return
         big = tmp / "big.jsonl"
-        big.write_text("".join(rows[: args.ingest_passages]))
+        big.write_text("".join(synthetic.corpus_rows("sentences", args.ingest_passages)))
         ingest_s, ingest = driver_ingest(big, tmp / "ingest", args.precision)
         # Whole abstracts: most are longer than the model's window, so the driver tokenizes and cuts windows.
         abstracts_s, abstracts = driver_ingest(args.scifact / "corpus.jsonl", tmp / "abstracts", args.precision)

@@ -1,7 +1,8 @@
 """Where the CPU goes when `dsearch index --ray` runs on the same cores as a local build, and what Ray Data alone
 costs: the arithmetic behind the `--ray` overhead on one machine.
 
-    python benchmarks/ray_cpu.py [--passages 5000] [--workers 2] [--repeat 3] [--scifact DIR]
+    python benchmarks/ray_cpu.py [--passages 5000] [--corpus sentences|abstracts] [--workers 2] [--repeat 3]
+        [--scifact DIR]
 
 On one warm local cluster (`ray start --head`, as many CPUs as this machine, workers at nice 0, a small Ray build
 run first so that Ray Data's detached helper actors are up), `--repeat` rounds of:
@@ -26,7 +27,6 @@ encoding half the passages, as two one-CPU Ray workers do, without Ray), once wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -166,6 +166,9 @@ class Measured:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=5000)
+    parser.add_argument(
+        "--corpus", choices=["sentences", "abstracts"], default="sentences", help="SciFact sentences or documents"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scifact", type=Path, default=synthetic.SCIFACT, help="BEIR SciFact folder")
@@ -177,8 +180,7 @@ def main() -> None:
     rounds = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        rows = [json.dumps({"id": pid, "title": "SciFact", "text": text}) + "\n"
-                for pid, text in synthetic.scifact_sentences(args.passages)]  # fmt: skip
+        rows = synthetic.corpus_rows(args.corpus, args.passages)
         corpus, small = tmp / "corpus.jsonl", tmp / "small.jsonl"
         corpus.write_text("".join(rows))
         small.write_text("".join(rows[:64]))
@@ -198,7 +200,7 @@ def main() -> None:
     for i, (pool, alone) in enumerate(tokenizer, 1):
         print(f"tokenizer pair {i}: two one-thread encoders, CPU s with the tokenizer's thread pool {pool:.2f}, "
               f"without {alone:.2f} ({100 * (alone / pool - 1):+.1f}%)")  # fmt: skip
-    print(f"machine: {cpus} CPUs; {args.passages} SciFact sentences; --workers {args.workers}; warm cluster")
+    print(f"machine: {cpus} CPUs; {args.passages} SciFact {args.corpus}; --workers {args.workers}; warm cluster")
     print("| round | local wall s | local CPU s (cores busy) | --ray wall s | --ray CPU s (cores busy) | Ray vs local |"
           " Ray Data floor wall s | floor CPU s | load after |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")

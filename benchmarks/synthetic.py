@@ -35,6 +35,22 @@ def scifact_sentences(limit: int) -> list[tuple[str, str]]:
     return out
 
 
+def scifact_abstracts(limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` SciFact documents as the collection has them (id, title, text): real passages of about
+    215 words, most longer than the default model's window."""
+    rows = [json.loads(line) for line in islice(open(SCIFACT / "corpus.jsonl"), limit)]
+    if len(rows) < limit:
+        raise SystemExit(f"SciFact has {len(rows)} documents, fewer than {limit}")
+    return [{"id": row["_id"], "title": row["title"], "text": row["text"]} for row in rows]
+
+
+def corpus_rows(kind: str, limit: int) -> list[str]:
+    """JSONL lines of ``limit`` passages: ``sentences`` (short, from ``scifact_sentences``) or ``abstracts``."""
+    if kind == "abstracts":
+        return [json.dumps(row) + "\n" for row in scifact_abstracts(limit)]
+    return [json.dumps({"id": pid, "title": "SciFact", "text": text}) + "\n" for pid, text in scifact_sentences(limit)]
+
+
 def write_random_index(target: Path, passages: Iterable[Passage], sources: list[str] | None = None) -> None:
     """An index of ``passages`` for the bundled model at its default precision, with random unit vectors.
 

@@ -9,8 +9,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from dsearch.corpus import FORMATS
 from dsearch.errors import (
     EXIT_OK,
     EXIT_STATUS_BROKEN,
@@ -187,14 +188,15 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
                 "(an --update that finds nothing to change keeps the old build time)",
             }
         )
-    changed = _changed_sources(manifest.corpus.get("sources", []), corpus)
+    fmt = manifest.corpus.get("format")
+    changed = _changed_sources(manifest.corpus.get("sources", []), corpus, fmt if fmt in FORMATS else None)
     if changed:
-        how, gone = changed
         report.problems.append(
             {
                 "kind": "corpus-changed",
-                # A path that is gone (an unmounted or moved corpus) fails the update until it is back.
-                "detail": f"{how} since the index was built; {'restore it, then ' if gone else ''}"
+                # A path that is gone (an unmounted or moved corpus), or a link the build stops on, fails the
+                # update until it is put right: the line says what to do first.
+                "detail": f"{changed.how}; {changed.first + ', then ' if changed.first else ''}"
                 f"run '{update_command(directory, manifest, corpus)}'",
             }
         )
@@ -220,9 +222,19 @@ def update_command(directory: Path, manifest: Manifest, given: list[str] | None 
     return shell_join(words)
 
 
-def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> tuple[str, bool] | None:
+class _Change(NamedTuple):
+    """How a corpus path differs from the build's record, for the status line."""
+
+    how: str  # what differs
+    first: str  # what to do before the update command can succeed ("" when it can now)
+    lasting: bool  # its files differ: no run reads the corpus as recorded again (a path that is gone may come back)
+
+
+def _changed_sources(recorded: list[Any], corpus: list[str] | None, fmt: str | None = None) -> _Change | None:
     """How the first corpus path whose files, size or modification time differ from the build's record differs:
-    ``PATH changed``, or ``PATH is gone …`` when nothing is there now (unmounted, moved), and whether it is gone.
+    ``PATH changed``; ``PATH is gone …`` when nothing is there now (unmounted, moved); or a link in it that a
+    build reading ``fmt`` stops on (to nothing, or to a folder that holds the corpus), whatever else changed:
+    the update command alone would fail on it.
 
     Paths come from the manifest, which may be damaged or hostile: a folder is walked no further than the
     number of files and folders the build recorded there (plus one, which is enough to see a change), so a
@@ -239,21 +251,26 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> tuple[str
         if then is None:
             then, inside = _recorded_part(by_path, resolved)
             if then is None:
-                return f"{path} ({inside or 'not part of the build'}) changed", False
+                return _Change(f"{path} ({inside or 'not part of the build'}) changed{_SINCE}", "", True)
         # Files and folders the build saw, plus one: enough to see a change, and no more than the build walked.
         # (Records from before "folders" was kept: the files count stands in for both.)
         files = then.get("files") if isinstance(then.get("files"), int) else 0
         folders = then.get("folders") if isinstance(then.get("folders"), int) else files
         if not os.path.lexists(path):
-            return f"{path} is gone (unmounted or moved?)", True
-        now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1)
+            return _Change(f"{path} is gone (unmounted or moved?){_SINCE}", "restore it", False)
+        now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1, fmt=fmt)
+        if now.get("problem"):  # the build stops on it (exit 1), and so would the update this line gives
+            return _Change(f"{now['problem']}: the next 'dsearch index' stops on it", "put that right", False)
         if now.get("cut_short") or any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
-            return f"{path} changed", False
+            return _Change(f"{path} changed{_SINCE}", "", True)
         # File by file where the build listed them: a renamed file or linked folder keeps the totals but changes
         # the passages a build reads (text passages' ids name their file).
         if isinstance(then.get("listing"), dict) and "listing" in now and now["listing"] != then["listing"]:
-            return f"{path} changed", False
+            return _Change(f"{path} changed{_SINCE}", "", True)
     return None
+
+
+_SINCE = " since the index was built"
 
 
 def _recorded_part(by_path: dict[str, dict[str, Any]], resolved: str) -> tuple[dict[str, Any] | None, str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fakes import HashingEncoder
 from test_cli import one_error_line
 
 from dsearch.corpus import corpus_files
@@ -182,3 +183,102 @@ def test_links_inside_the_corpus_are_still_read_once_and_v_counts_what_was_walke
     assert stored_ids(index) == ["b1", "a1"]
     size = (docs / "sub" / "a.jsonl").stat().st_size + (elsewhere / "deep" / "b.jsonl").stat().st_size
     assert f"{docs}: 2 corpus files ({size:,} bytes) found walking it and 3 folders below it" in result.stderr
+
+
+# --- 3. a kept checkpoint that an update passes over ------------------------------------------------------------
+
+
+def _failed_rebuild(cli, docs: Path, index: Path) -> Path:
+    """A rebuild that fails after encoding (FAISS cannot train 1024 lists on 30 vectors): its vectors are kept."""
+    failed = cli("index", docs, "-o", index, "--index-type", "IVF1024,Flat")
+    one_error_line(failed, 2, "the encoded vectors are kept")
+    (staging,) = index.glob(".staging-*")
+    status = cli("status", index)
+    assert (status.exit_code, status.stdout.split(":")[0]) == (6, "incomplete")
+    assert "failed run left a checkpoint" in status.stdout and "--update --restart" in status.stdout
+    return staging
+
+
+@pytest.fixture
+def docs_index(cli, tmp_path) -> tuple[Path, Path]:
+    docs = tmp_path / "docs"
+    jsonl(docs / "a.jsonl", *(f"a{i}" for i in range(20)))
+    jsonl(docs / "b.jsonl", *(f"b{i}" for i in range(10)))
+    index = tmp_path / "idx"
+    assert cli("index", docs, "-o", index).exit_code == 0
+    return docs, index
+
+
+def test_an_update_that_finds_the_index_current_ends_the_incomplete_status_of_a_failed_rebuild(cli, docs_index):
+    """The user changed their mind after a failed rebuild and went back to the nightly --update: it had nothing to
+    do, so the checkpoint stayed and status said exit 6 for ever. The rebuild's rerun can still use it."""
+    docs, index = docs_index
+    before = (index / "manifest.json").read_bytes()
+    staging = _failed_rebuild(cli, docs, index)
+    update = cli("index", docs, "-o", index, "--update", "--index-type", "flat", "--json")
+    assert update.exit_code == 0, update.stderr
+    assert json.loads(update.stdout)["published"] is False
+    assert (index / "manifest.json").read_bytes() == before  # the published index untouched
+    status = cli("status", index)
+    assert (status.exit_code, status.stderr) == (0, "")
+    assert status.stdout.startswith(f"ok: {index}: 30 passages") and str(staging) in status.stdout
+    assert json.loads(cli("status", index, "--json").stdout)["kept_checkpoint"] == str(staging)
+    assert staging.is_dir()  # kept: the rebuild's rerun finishes without encoding
+    encoders: list[HashingEncoder] = []
+    cli.encoder_factory = lambda name, **kw: encoders.append(HashingEncoder(name)) or encoders[-1]
+    rerun = cli("index", docs, "-o", index, "--index-type", "IVF2,Flat", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (json.loads(rerun.stdout)["resumed_at"], json.loads(rerun.stdout)["encoded"]) == (30, 0)
+    assert sum(e.encoded_documents for e in encoders) == 0
+    assert not list(index.glob(".staging-*"))
+    assert cli("status", index).exit_code == 0
+
+
+@pytest.mark.parametrize("change", ["touch", "restart"])
+def test_a_checkpoint_no_run_can_resume_is_reported_as_such_and_removed_by_an_update_with_nothing_to_do(
+    cli, docs_index, change
+):
+    """A touched corpus file changes every run's signature: the checkpoint can never be resumed, and status must
+    not send the user to 'rerun to finish it'. --restart discards one that a run could still resume."""
+    docs, index = docs_index
+    before = (index / "manifest.json").read_bytes()
+    staging = _failed_rebuild(cli, docs, index)
+    if change == "touch":
+        os.utime(docs / "b.jsonl", (2e9, 2e9))  # the same passages, another time
+        status = cli("status", index)
+        assert (status.exit_code, status.stdout.split(":")[0]) == (6, "incomplete")
+        assert f"{staging}: a checkpoint that no run can resume (its corpus files changed since it was made)" in (
+            status.stdout
+        )
+        assert "the next 'dsearch index' run removes it" in status.stdout
+    update = cli("index", docs, "-o", index, "--update", *(["--restart"] if change == "restart" else []))
+    assert update.exit_code == 0, update.stderr
+    assert not staging.exists()
+    status = cli("status", index)
+    assert (status.exit_code, status.stdout.split(":")[0]) == (0, "ok"), status.stdout
+    assert "kept" not in status.stdout and json.loads(cli("status", index, "--json").stdout)["kept_checkpoint"] is None
+    if change == "restart":
+        assert (index / "manifest.json").read_bytes() == before
+
+
+def test_an_update_checkpoint_of_a_version_no_longer_published_is_obsolete(cli, docs_index):
+    """An update's signature holds the index version it started from: once another is published, no update
+    resumes it, and a rebuild never does."""
+    from dsearch.health import obsolete_checkpoint
+    from dsearch.manifest import read_manifest
+    from dsearch.store import read_progress
+
+    docs, index = docs_index
+    jsonl(docs / "c.jsonl", "c1")  # something for the update to do
+    failed = cli("index", docs, "-o", index, "--update", "--index-type", "IVF1024,Flat")
+    one_error_line(failed, 2, "the encoded vectors are kept")
+    (staging,) = index.glob(".staging-*")
+    progress = read_progress(staging)
+    manifest = read_manifest(index)
+    assert progress["made_from"]["base"] == manifest.created_at
+    assert obsolete_checkpoint(progress, manifest) is None  # the same update resumes it
+    manifest.created_at = "2000-01-01T00:00:00+00:00"  # another version published since
+    assert "no longer published" in obsolete_checkpoint(progress, manifest)
+    rerun = cli("index", docs, "-o", index, "--update", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["resumed_at"] == 31

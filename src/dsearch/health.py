@@ -49,6 +49,7 @@ class StatusReport:
     created_at: str | None = None
     age_seconds: float | None = None
     updating: bool = False  # another run holds the lock right now
+    kept_checkpoint: str | None = None  # an unfinished run's checkpoint that an --update passed over: not a problem
 
     @property
     def status(self) -> str:
@@ -67,6 +68,7 @@ class StatusReport:
             "created_at": self.created_at,
             "age_seconds": self.age_seconds,
             "updating": self.updating,
+            "kept_checkpoint": self.kept_checkpoint,
             "problems": self.problems,
         }
 
@@ -74,6 +76,8 @@ class StatusReport:
         if not self.problems:
             age = f", built {_human_age(self.age_seconds)} ago" if self.age_seconds is not None else ""
             busy = "; a run is updating it now" if self.updating else ""
+            if self.kept_checkpoint:
+                busy += f"; an unfinished run's checkpoint is kept for its rerun in {self.kept_checkpoint}"
             return _one_line(f"ok: {self.index}: {self.passages:,} passages{age}{busy}")  # 2,000 as `info` has it
         return _one_line("; ".join(f"{p['kind']}: {p['detail']}" for p in self.problems))
 
@@ -131,16 +135,9 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
 def _check_index(directory: Path, corpus: list[str] | None, max_age: float | None) -> StatusReport:
     report = StatusReport(str(directory))
     report.updating = lock_is_held(directory)
-    leftovers = [d for d in staging_dirs(directory) if read_progress(d) is not None]
-    if leftovers and not report.updating:
-        report.problems.append(
-            {
-                "kind": "incomplete",
-                "detail": f"an interrupted or failed run left a checkpoint in {leftovers[0]}; "
-                "rerun 'dsearch index' to finish it",
-            }
-        )
+    checkpoints = [] if report.updating else _checkpoints(directory)
     if not (directory / MANIFEST_FILE).exists():
+        report.problems += _checkpoint_problems(checkpoints, None, report)
         detail = f"{directory}: no index here; build it with 'dsearch index'"
         if report.updating:  # the first build is running: telling cron to start one would only get exit 4
             detail = f"{directory}: no index here yet; a run is building it now, check again when it ends"
@@ -149,9 +146,11 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
     try:
         opened = OpenIndex(directory, verify=True)
     except DsearchError as exc:
+        report.problems += _checkpoint_problems(checkpoints, None, report)
         report.problems.insert(0, {"kind": "corrupt", "detail": exc.for_cli()})  # `dsearch status` prints it
         return report
     manifest = opened.manifest
+    report.problems += _checkpoint_problems(checkpoints, manifest, report)
     orphans = leftover_segments(directory, {s.path for s in manifest.segments})
     if orphans and not report.updating:
         report.problems.append(
@@ -202,6 +201,56 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
         )
     report.problems.sort(key=lambda p: list(_ORDER).index(p["kind"]))  # the first problem sets the exit code
     return report
+
+
+def _checkpoints(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The staging areas in ``directory`` that hold a checkpoint, with its record."""
+    found = ((root, read_progress(root)) for root in staging_dirs(directory))
+    return [(root, progress) for root, progress in found if progress is not None]
+
+
+def _checkpoint_problems(
+    checkpoints: list[tuple[Path, dict[str, Any]]], manifest: Manifest | None, report: StatusReport
+) -> list[dict[str, str]]:
+    """What kept checkpoints mean for the index (``manifest``: the one published, if it reads): an unfinished
+    run to rerun; debris that no run can resume, which the next run removes; or, once an --update found the index
+    complete and current after it, no problem at all (``report.kept_checkpoint`` names it for the ok line)."""
+    for root, progress in checkpoints:
+        why = obsolete_checkpoint(progress, manifest) if manifest is not None else None
+        if why:
+            detail = f"{root}: a checkpoint that no run can resume ({why}); the next 'dsearch index' run removes it"
+        elif manifest is not None and "passed_over" in progress:
+            report.kept_checkpoint = report.kept_checkpoint or str(root)
+            continue
+        else:
+            detail = (
+                f"an interrupted or failed run left a checkpoint in {root}; rerun 'dsearch index' to finish it "
+                "(or --update --restart to discard it)"
+            )
+        return [{"kind": "incomplete", "detail": detail}]
+    return []
+
+
+def obsolete_checkpoint(progress: dict[str, Any], manifest: Manifest) -> str | None:
+    """Why no run can resume this checkpoint any more, or None while one still can (or when the dsearch that made
+    it did not record what from).
+
+    A run resumes a checkpoint only with the signature it was made with (``indexer._signature``), which holds the
+    size and time of every corpus file, and for an ``--update`` the version of the index it started from. Once
+    the files are different, every run's signature differs (a corpus path that is gone is not that: an unmounted
+    disk comes back), and once another version is published, every update's does (a rebuild records none).
+    """
+    made_from = progress.get("made_from")
+    if not isinstance(made_from, dict):
+        return None
+    base = made_from.get("base")
+    if base is not None and base != manifest.created_at:
+        return "it was an update of an index version that is no longer published"
+    sources, fmt = made_from.get("sources"), made_from.get("format")
+    change = _changed_sources(sources if isinstance(sources, list) else [], None, fmt if fmt in FORMATS else None)
+    if change is not None and change.lasting:
+        return "its corpus files changed since it was made"
+    return None
 
 
 def update_command(directory: Path, manifest: Manifest, given: list[str] | None = None) -> str:

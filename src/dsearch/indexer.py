@@ -58,8 +58,11 @@ from dsearch.store import (
     index_lock,
     passage_row,
     publish,
+    read_progress,
     rewrite_manifest,
+    save_progress,
     staging_area,
+    staging_dirs,
     tidy,
 )
 from dsearch.windows import DEFAULT_OVERLAP, budget, window_spans
@@ -425,11 +428,16 @@ _STREAM = "stream-"  # the signature of a run whose passages cannot be read agai
 
 def _signature(
     corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None, split: SplitSpec | None
-) -> str:
+) -> tuple[str, dict[str, Any] | None]:
     """What a checkpoint was made from: a resumed run must read the same corpus the same way, and cut it into the
-    same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows)."""
+    same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows).
+
+    Also the parts of it that can stop matching every run for good, which the checkpoint records in the open
+    (``health.obsolete_checkpoint``): the corpus files as they were, and the index version an update started from.
+    """
     if any(not isinstance(p, str) or p == "-" for p in corpus.paths):
-        return f"{_STREAM}{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
+        # stdin or a program's passages cannot be read again: never resume
+        return f"{_STREAM}{time.time_ns()}", None
     parts = {
         "sources": describe_sources(corpus.paths, fmt=corpus.fmt),
         "format": corpus.fmt,
@@ -440,7 +448,8 @@ def _signature(
         "base": base.created_at if base else None,
         "split": split.as_dict() if split else None,
     }
-    return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
+    signature = xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
+    return signature, {k: parts[k] for k in ("sources", "format", "base")}
 
 
 @dataclass
@@ -671,13 +680,14 @@ def _locked_build(
                 lexical == has_lexical(base) and "field_types" in base.manifest.corpus and has_field_columns(base)
             )
             if counts.changes(len(stored)) == 0 and complete:
+                _settle_checkpoints(target, base.manifest, restart)
                 tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
                 _record_sources(target, base.manifest, corpus)
                 passages = _passages_of(base.manifest)
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
                 )
-        signature = _signature(corpus, model_name, precision, base.manifest if base else None, split)
+        signature, made_from = _signature(corpus, model_name, precision, base.manifest if base else None, split)
         guard = _Guard(limit, existing, update=base is not None)
         # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
         requested = ann[0] or (base.manifest.index_params.get("requested", "auto") if base else "auto")
@@ -685,7 +695,7 @@ def _locked_build(
             try:
                 return _build(
                     corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
-                    started, guard, on_resume, split, chunk_encoder, lexical, (requested, ann[1]),
+                    started, guard, on_resume, split, chunk_encoder, lexical, (requested, ann[1]), made_from,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 if staging.published:  # past the point of no return: the new index is live
@@ -708,6 +718,29 @@ def _encoding_kept(exc: DsearchError | OSError, target: Path) -> BaseException:
         return exc
     error.args = (error.template + _KEPT,)
     return error
+
+
+def _settle_checkpoints(target: Path, published: Manifest, restart: bool) -> None:
+    """After an update that found nothing to do: the checkpoints that failed or interrupted runs kept.
+
+    One that no run can resume any more (its corpus changed since, or it was an update of an index version that
+    is no longer published: ``health.obsolete_checkpoint``) is removed, and with ``restart`` every one is. One
+    that a rerun of the run that made it would still resume (a failed rebuild's, the corpus unchanged) is kept,
+    but marked: this update found the index complete and current, so ``status`` stops reporting an unfinished run
+    (exit 6) night after night, while that rerun still finishes without encoding again.
+    """
+    from dsearch.health import obsolete_checkpoint  # health builds on this module
+
+    for root in staging_dirs(target):
+        progress = read_progress(root)
+        if progress is None:
+            continue  # no checkpoint: tidy() removes it
+        why = "the run starts over (restart)" if restart else obsolete_checkpoint(progress, published)
+        if why:
+            log.info("removed the checkpoint in %s: %s", root, why)
+            shutil.rmtree(root, ignore_errors=True)
+        elif "passed_over" not in progress:
+            save_progress(root, {**progress, "passed_over": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
 
 
 def _record_sources(target: Path, manifest: Manifest, corpus: CorpusSpec) -> None:
@@ -763,6 +796,7 @@ def _build(
     chunk_encoder: ChunkEncoder,
     lexical: bool = True,
     ann: tuple[str, int | None] = ("auto", None),
+    made_from: dict[str, Any] | None = None,
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
@@ -808,10 +842,9 @@ def _build(
         parts = writer.checkpoint()
         if signature.startswith(_STREAM):
             return  # stdin or a program's passages: no rerun can resume, so no checkpoint is recorded (nor kept)
-        progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-        staging.save_progress(
-            {**progress_record, "dim": info.dim, "fingerprint": info.fingerprint, "counts": saved_counts}
-        )
+        record: dict[str, Any] = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
+        record.update(dim=info.dim, fingerprint=info.fingerprint, counts=saved_counts, made_from=made_from)
+        staging.save_progress(record)
 
     def write_oldest() -> None:
         nonlocal done, last_checkpoint

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import csv
+import functools
 import gzip
 import io
 import json
@@ -238,6 +239,70 @@ def is_index_dir(path: str | os.PathLike[str]) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
+# File types a link to nothing may be taken for besides those in Python's table of media types, which predates
+# them: office documents, notebooks, configuration, logs, archives and data files that corpus folders hold.
+_MORE_FILE_SUFFIXES = frozenset(
+    ".docx .xlsx .pptx .odt .ods .odp .epub .ipynb .yaml .yml .toml .ini .cfg .conf .log .7z .rar .bz2 .xz .zst "
+    ".tgz .jar .whl .iso .db .sqlite .npy .npz .pkl .flac .ogg .m4a .mkv".split()
+)
+
+
+def _known_file_type(name: str) -> bool:
+    """True when ``name`` ends in the extension of a known file type: a corpus format, one in Python's table of
+    media types (``.pdf``, ``.png``, ``.html``, ``.zip``…), or one of a few more (``.docx``, ``.yaml``, ``.7z``…)."""
+    suffix = Path(name).suffix.lower()
+    return bool(suffix) and (format_of_name(name) is not None or _file_suffix(suffix))
+
+
+@functools.cache
+def _file_suffix(suffix: str) -> bool:
+    import mimetypes  # only once a corpus folder holds a file of another type
+
+    if suffix in _MORE_FILE_SUFFIXES:
+        return True
+    # Only the table Python ships (a MimeTypes instance ignores /etc/mime.types): the same answer on every machine.
+    kind, encoding = mimetypes.MimeTypes().guess_type("x" + suffix, strict=False)
+    return kind is not None or encoding is not None
+
+
+def dangling_link(path: Path, fmt: str | None) -> InputError | None:
+    """The error for ``path``, a symlink to nothing inside a corpus folder; None when skipping it loses nothing.
+
+    A link whose target is gone cannot say whether it was a file or a folder, so it is taken for whatever could
+    have held passages: a corpus file this run reads (``b.jsonl``), or a folder (``archive``, ``archive.2024``,
+    ``v1.2``: a name with no extension, or with one that no file type has), whose passages an ``--update`` would
+    otherwise remove with exit 0. Only a name that says it is a file of another type (``logo.png``,
+    ``notes.docx``, ``README.md`` under ``--format jsonl``) is skipped, as that file would be: a broken link to a
+    picture in a docs folder does not stop a nightly build, an unmounted disk does.
+    """
+    file_fmt = format_of_name(path.name)
+    if not (file_fmt is not None and (fmt is None or file_fmt == fmt)) and _known_file_type(path.name):
+        return None
+    return InputError(
+        str(path), f"a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?)",
+        "mount it, or remove the link",
+    )  # fmt: skip
+
+
+def link_above(path: str, real: str, root: str) -> InputError | None:
+    """The error for ``path``, a folder inside the corpus folder ``root`` whose real path ``real`` holds ``root``
+    itself (``corpus/up -> ..``, ``corpus/all -> /``); None for any other folder.
+
+    Followed, such a link reads everything around the corpus (the whole disk, for ``/``) and the corpus once more
+    inside it; that is never what the link was made for. Skipped, the passages an earlier dsearch read through
+    it would be removed by the next ``--update`` with exit 0. So it stops the run, like a link to nothing. (A link
+    to the corpus folder itself, or to a folder inside it, reads nothing twice: the walk skips folders it has
+    already visited.) A link to any other folder is followed, however large: a disk of documents linked in is
+    what links are for, and ``index -v`` logs how many files and folders each corpus path held.
+    """
+    if not root.startswith(real.rstrip(os.sep) + os.sep):
+        return None
+    return InputError(
+        path, f"a symlink to {real}, which holds the corpus folder {root} itself: it would read all of {real}",
+        "link the folders you mean instead, or remove the link",
+    )  # fmt: skip
+
+
 def corpus_files(
     root: str | os.PathLike[str], fmt: str | None = None, exclude: Iterable[str | os.PathLike[str]] = ()
 ) -> list[Path]:
@@ -247,12 +312,14 @@ def corpus_files(
     directories, dsearch index directories and the ``exclude`` paths (the index being built) are skipped, so an
     index written inside its own corpus is never read back as corpus. Symlinks to folders are followed (the user
     linked them in to be read); a folder reached a second time, by another link or a link to a folder above it,
-    is read once (at the path the walk, in sorted order, meets first).
+    is read once (at the path the walk, in sorted order, meets first). A link to a folder that holds the corpus
+    folder, or to nothing, stops the walk with an InputError: see :func:`link_above` and :func:`dangling_link`.
     """
     root = Path(root)
     excluded = {os.path.realpath(p) for p in exclude}
     found: list[tuple[tuple[str, ...], Path]] = []
-    visited = {os.path.realpath(root)}  # folders already walked or queued: a link loop ends here
+    root_real = os.path.realpath(root)
+    visited = {root_real}  # folders already walked or queued: a link loop ends here
 
     def unreadable(exc: OSError) -> None:
         # os.walk skips a folder it cannot list: an --update would remove its passages and exit 0
@@ -260,9 +327,13 @@ def corpus_files(
         raise InputError(str(where), f"cannot read this folder ({exc.strerror})", "check its permissions")
 
     def walked(directory: str, name: str) -> bool:
-        real = os.path.realpath(os.path.join(directory, name))
-        if name.startswith(".") or real in excluded or real in visited or is_index_dir(os.path.join(directory, name)):
+        path = os.path.join(directory, name)
+        real = os.path.realpath(path)
+        if name.startswith(".") or real in excluded or real in visited or is_index_dir(path):
             return False
+        problem = link_above(path, real, root_real)
+        if problem is not None:
+            raise problem
         visited.add(real)
         return True
 
@@ -275,18 +346,18 @@ def corpus_files(
             path = Path(directory, name)
             file_fmt = format_of_name(name)
             wanted = file_fmt is not None and (fmt is None or file_fmt == fmt)
-            if name.startswith(".") or not (wanted or "." not in name):
+            # Worth a stat: a name that is read, or that could be a link to a folder that is gone.
+            if name.startswith(".") or not (wanted or not _known_file_type(name)):
                 continue
             if path.is_file():
                 if wanted:
                     found.append((path.relative_to(root).parts, path))
             elif path.is_symlink() and not path.exists():
-                # A corpus file, or a linked folder (a name with no extension), on a disk that is not mounted:
-                # skipping it would drop its passages (an --update would remove them and exit 0).
-                raise InputError(
-                    str(path), f"a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?)",
-                    "mount it, or remove the link",
-                )  # fmt: skip
+                # A corpus file, or a linked folder, on a disk that is not mounted: skipping it would drop its
+                # passages (an --update would remove them and exit 0). dangling_link says which names are safe.
+                problem = dangling_link(path, fmt)
+                if problem is not None:
+                    raise problem
     return [path for _, path in sorted(found)]
 
 

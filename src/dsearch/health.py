@@ -9,8 +9,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from dsearch.corpus import FORMATS
 from dsearch.errors import (
     EXIT_OK,
     EXIT_STATUS_BROKEN,
@@ -48,6 +49,7 @@ class StatusReport:
     created_at: str | None = None
     age_seconds: float | None = None
     updating: bool = False  # another run holds the lock right now
+    kept_checkpoint: str | None = None  # an unfinished run's checkpoint that an --update passed over: not a problem
 
     @property
     def status(self) -> str:
@@ -66,6 +68,7 @@ class StatusReport:
             "created_at": self.created_at,
             "age_seconds": self.age_seconds,
             "updating": self.updating,
+            "kept_checkpoint": self.kept_checkpoint,
             "problems": self.problems,
         }
 
@@ -73,6 +76,8 @@ class StatusReport:
         if not self.problems:
             age = f", built {_human_age(self.age_seconds)} ago" if self.age_seconds is not None else ""
             busy = "; a run is updating it now" if self.updating else ""
+            if self.kept_checkpoint:
+                busy += f"; an unfinished run's checkpoint is kept for its rerun in {self.kept_checkpoint}"
             return _one_line(f"ok: {self.index}: {self.passages:,} passages{age}{busy}")  # 2,000 as `info` has it
         return _one_line("; ".join(f"{p['kind']}: {p['detail']}" for p in self.problems))
 
@@ -130,16 +135,9 @@ def check_index(directory: Path, corpus: list[str] | None = None, max_age: float
 def _check_index(directory: Path, corpus: list[str] | None, max_age: float | None) -> StatusReport:
     report = StatusReport(str(directory))
     report.updating = lock_is_held(directory)
-    leftovers = [d for d in staging_dirs(directory) if read_progress(d) is not None]
-    if leftovers and not report.updating:
-        report.problems.append(
-            {
-                "kind": "incomplete",
-                "detail": f"an interrupted or failed run left a checkpoint in {leftovers[0]}; "
-                "rerun 'dsearch index' to finish it",
-            }
-        )
+    checkpoints = [] if report.updating else _checkpoints(directory)
     if not (directory / MANIFEST_FILE).exists():
+        report.problems += _checkpoint_problems(checkpoints, None, report)
         detail = f"{directory}: no index here; build it with 'dsearch index'"
         if report.updating:  # the first build is running: telling cron to start one would only get exit 4
             detail = f"{directory}: no index here yet; a run is building it now, check again when it ends"
@@ -148,9 +146,11 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
     try:
         opened = OpenIndex(directory, verify=True)
     except DsearchError as exc:
+        report.problems += _checkpoint_problems(checkpoints, None, report)
         report.problems.insert(0, {"kind": "corrupt", "detail": exc.for_cli()})  # `dsearch status` prints it
         return report
     manifest = opened.manifest
+    report.problems += _checkpoint_problems(checkpoints, manifest, report)
     orphans = leftover_segments(directory, {s.path for s in manifest.segments})
     if orphans and not report.updating:
         report.problems.append(
@@ -187,19 +187,70 @@ def _check_index(directory: Path, corpus: list[str] | None, max_age: float | Non
                 "(an --update that finds nothing to change keeps the old build time)",
             }
         )
-    changed = _changed_sources(manifest.corpus.get("sources", []), corpus)
+    fmt = manifest.corpus.get("format")
+    changed = _changed_sources(manifest.corpus.get("sources", []), corpus, fmt if fmt in FORMATS else None)
     if changed:
-        how, gone = changed
         report.problems.append(
             {
                 "kind": "corpus-changed",
-                # A path that is gone (an unmounted or moved corpus) fails the update until it is back.
-                "detail": f"{how} since the index was built; {'restore it, then ' if gone else ''}"
+                # A path that is gone (an unmounted or moved corpus), or a link the build stops on, fails the
+                # update until it is put right: the line says what to do first.
+                "detail": f"{changed.how}; {changed.first + ', then ' if changed.first else ''}"
                 f"run '{update_command(directory, manifest, corpus)}'",
             }
         )
     report.problems.sort(key=lambda p: list(_ORDER).index(p["kind"]))  # the first problem sets the exit code
     return report
+
+
+def _checkpoints(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The staging areas in ``directory`` that hold a checkpoint, with its record."""
+    found = ((root, read_progress(root)) for root in staging_dirs(directory))
+    return [(root, progress) for root, progress in found if progress is not None]
+
+
+def _checkpoint_problems(
+    checkpoints: list[tuple[Path, dict[str, Any]]], manifest: Manifest | None, report: StatusReport
+) -> list[dict[str, str]]:
+    """What kept checkpoints mean for the index (``manifest``: the one published, if it reads): an unfinished
+    run to rerun; debris that no run can resume, which the next run removes; or, once an --update found the index
+    complete and current after it, no problem at all (``report.kept_checkpoint`` names it for the ok line)."""
+    for root, progress in checkpoints:
+        why = obsolete_checkpoint(progress, manifest) if manifest is not None else None
+        if why:
+            detail = f"{root}: a checkpoint that no run can resume ({why}); the next 'dsearch index' run removes it"
+        elif manifest is not None and "passed_over" in progress:
+            report.kept_checkpoint = report.kept_checkpoint or str(root)
+            continue
+        else:
+            detail = (
+                f"an interrupted or failed run left a checkpoint in {root}; rerun 'dsearch index' to finish it "
+                "(or --update --restart to discard it)"
+            )
+        return [{"kind": "incomplete", "detail": detail}]
+    return []
+
+
+def obsolete_checkpoint(progress: dict[str, Any], manifest: Manifest) -> str | None:
+    """Why no run can resume this checkpoint any more, or None while one still can (or when the dsearch that made
+    it did not record what from).
+
+    A run resumes a checkpoint only with the signature it was made with (``indexer._signature``), which holds the
+    size and time of every corpus file, and for an ``--update`` the version of the index it started from. Once
+    the files are different, every run's signature differs (a corpus path that is gone is not that: an unmounted
+    disk comes back), and once another version is published, every update's does (a rebuild records none).
+    """
+    made_from = progress.get("made_from")
+    if not isinstance(made_from, dict):
+        return None
+    base = made_from.get("base")
+    if base is not None and base != manifest.created_at:
+        return "it was an update of an index version that is no longer published"
+    sources, fmt = made_from.get("sources"), made_from.get("format")
+    change = _changed_sources(sources if isinstance(sources, list) else [], None, fmt if fmt in FORMATS else None)
+    if change is not None and change.lasting:
+        return "its corpus files changed since it was made"
+    return None
 
 
 def update_command(directory: Path, manifest: Manifest, given: list[str] | None = None) -> str:
@@ -220,9 +271,19 @@ def update_command(directory: Path, manifest: Manifest, given: list[str] | None 
     return shell_join(words)
 
 
-def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> tuple[str, bool] | None:
+class _Change(NamedTuple):
+    """How a corpus path differs from the build's record, for the status line."""
+
+    how: str  # what differs
+    first: str  # what to do before the update command can succeed ("" when it can now)
+    lasting: bool  # its files differ: no run reads the corpus as recorded again (a path that is gone may come back)
+
+
+def _changed_sources(recorded: list[Any], corpus: list[str] | None, fmt: str | None = None) -> _Change | None:
     """How the first corpus path whose files, size or modification time differ from the build's record differs:
-    ``PATH changed``, or ``PATH is gone …`` when nothing is there now (unmounted, moved), and whether it is gone.
+    ``PATH changed``; ``PATH is gone …`` when nothing is there now (unmounted, moved); or a link in it that a
+    build reading ``fmt`` stops on (to nothing, or to a folder that holds the corpus), whatever else changed:
+    the update command alone would fail on it.
 
     Paths come from the manifest, which may be damaged or hostile: a folder is walked no further than the
     number of files and folders the build recorded there (plus one, which is enough to see a change), so a
@@ -239,21 +300,26 @@ def _changed_sources(recorded: list[Any], corpus: list[str] | None) -> tuple[str
         if then is None:
             then, inside = _recorded_part(by_path, resolved)
             if then is None:
-                return f"{path} ({inside or 'not part of the build'}) changed", False
+                return _Change(f"{path} ({inside or 'not part of the build'}) changed{_SINCE}", "", True)
         # Files and folders the build saw, plus one: enough to see a change, and no more than the build walked.
         # (Records from before "folders" was kept: the files count stands in for both.)
         files = then.get("files") if isinstance(then.get("files"), int) else 0
         folders = then.get("folders") if isinstance(then.get("folders"), int) else files
         if not os.path.lexists(path):
-            return f"{path} is gone (unmounted or moved?)", True
-        now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1)
+            return _Change(f"{path} is gone (unmounted or moved?){_SINCE}", "restore it", False)
+        now = describe_source(path, budget=max(files, 0) + max(folders, 0) + 1, fmt=fmt)
+        if now.get("problem"):  # the build stops on it (exit 1), and so would the update this line gives
+            return _Change(f"{now['problem']}: the next 'dsearch index' stops on it", "put that right", False)
         if now.get("cut_short") or any(now[k] != then.get(k) for k in ("files", "bytes", "mtime")):
-            return f"{path} changed", False
+            return _Change(f"{path} changed{_SINCE}", "", True)
         # File by file where the build listed them: a renamed file or linked folder keeps the totals but changes
         # the passages a build reads (text passages' ids name their file).
         if isinstance(then.get("listing"), dict) and "listing" in now and now["listing"] != then["listing"]:
-            return f"{path} changed", False
+            return _Change(f"{path} changed{_SINCE}", "", True)
     return None
+
+
+_SINCE = " since the index was built"
 
 
 def _recorded_part(by_path: dict[str, dict[str, Any]], resolved: str) -> tuple[dict[str, Any] | None, str]:

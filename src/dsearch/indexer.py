@@ -30,15 +30,17 @@ from dsearch.corpus import (
     Passage,
     Records,
     corpus_files,
+    dangling_link,
     format_of_name,
     is_index_dir,
+    link_above,
     needs_tokenizer,
     read_corpus,
     suffixes_of,
 )
 from dsearch.distributed import ChunkEncoder, LocalEncoder
 from dsearch.encoder import Encoder
-from dsearch.errors import DsearchError, IndexDirError, TooManyRemovedError, UsageError, option, spell
+from dsearch.errors import DsearchError, IndexDirError, InputError, TooManyRemovedError, UsageError, option, spell
 from dsearch.filters import field_types, has_field_columns, write_field_columns
 from dsearch.lexical import build_lexical, has_lexical
 from dsearch.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, ModelInfo, Segment, read_manifest
@@ -56,8 +58,11 @@ from dsearch.store import (
     index_lock,
     passage_row,
     publish,
+    read_progress,
     rewrite_manifest,
+    save_progress,
     staging_area,
+    staging_dirs,
     tidy,
 )
 from dsearch.windows import DEFAULT_OVERLAP, budget, window_spans
@@ -123,19 +128,31 @@ LISTED_FILES = 1000
 class _Walk:
     """The corpus files under a folder, in a stable order, skipping what a build skips (hidden entries, index
     directories, ``exclude``, files of no corpus format); with a budget, it stops after that many entries (files
-    and folders alike, so that a tree of empty folders is bounded too) and says it did."""
+    and folders alike, so that a tree of empty folders is bounded too) and says it did. A link that the build
+    refuses (to nothing, or to a folder that holds the corpus, by ``corpus.corpus_files``'s rules for ``fmt``) is
+    not followed: the first one's error line is ``problem``, so that ``status`` can say the next build stops."""
 
-    def __init__(self, root: Path, budget: int | None = None, exclude: Iterable[str] = ()) -> None:
+    def __init__(
+        self, root: Path, budget: int | None = None, exclude: Iterable[str] = (), fmt: str | None = None
+    ) -> None:
         self.root = root
         self.budget = budget
         self.excluded = {os.path.realpath(p) for p in exclude}
+        self.fmt = fmt
         self.folders = 0
         self.cut_short = False
+        self.problem: str | None = None
+
+    def _refused(self, error: InputError | None) -> bool:
+        if error is not None and self.problem is None:
+            self.problem = error.for_cli()
+        return error is not None
 
     def __iter__(self) -> Iterator[Path]:
         seen = 0
         stack = [self.root]
-        visited = {os.path.realpath(self.root)}  # as corpus.corpus_files: linked folders followed, each once
+        root_real = os.path.realpath(self.root)
+        visited = {root_real}  # as corpus.corpus_files: linked folders followed, each once
         while stack:
             folder = stack.pop()
             try:
@@ -144,14 +161,20 @@ class _Walk:
                 continue
             subfolders = []
             for entry in entries:
+                if entry.name.startswith("."):
+                    continue
                 is_dir = entry.is_dir()
                 if not is_dir and not entry.is_file():
+                    if entry.is_symlink() and not os.path.exists(entry.path):  # not counted: it leads nowhere
+                        self._refused(dangling_link(Path(entry.path), self.fmt))
                     continue
-                if entry.name.startswith(".") or (not is_dir and format_of_name(entry.name) is None):
+                if not is_dir and format_of_name(entry.name) is None:
                     continue
                 real = os.path.realpath(entry.path) if is_dir else ""
                 if is_dir and (real in self.excluded or real in visited or is_index_dir(entry.path)):
                     continue
+                if is_dir and self._refused(link_above(entry.path, real, root_real)):
+                    continue  # never walked: it holds the whole corpus and more
                 seen += 1
                 if self.budget is not None and seen > self.budget:
                     self.cut_short = True
@@ -165,11 +188,15 @@ class _Walk:
             stack.extend(reversed(subfolders))  # walked in sorted order, depth first, as os.walk walks them
 
 
-def describe_source(path: str, budget: int | None = None, exclude: Iterable[str] = ()) -> dict[str, Any]:
+def describe_source(
+    path: str, budget: int | None = None, exclude: Iterable[str] = (), fmt: str | None = None
+) -> dict[str, Any]:
     """Size and times of one corpus path. With ``budget``, a folder is walked no further than that many entries,
-    and ``cut_short`` says when the walk stopped early (so the folder differs from the record)."""
+    and ``cut_short`` says when the walk stopped early (so the folder differs from the record). ``problem`` is the
+    error line of a link in the folder that a build reading ``fmt`` stops on (never in a build's own record: that
+    build stopped first)."""
     p = Path(path)
-    walk = _Walk(p, budget, exclude) if p.is_dir() else None
+    walk = _Walk(p, budget, exclude, fmt) if p.is_dir() else None
     files = list(walk) if walk is not None else [p]
     stats = {}
     for f in files:
@@ -187,17 +214,35 @@ def describe_source(path: str, budget: int | None = None, exclude: Iterable[str]
             source["cut_short"] = True
         elif len(stats) <= LISTED_FILES:
             source["listing"] = {str(f.relative_to(p)): [s.st_size, s.st_mtime] for f, s in stats.items()}
+        if walk.problem is not None:
+            source["problem"] = walk.problem
     return source
 
 
-def describe_sources(paths: Iterable[str | Records], exclude: Iterable[str] = ()) -> list[dict[str, object]]:
+def describe_sources(
+    paths: Iterable[str | Records], exclude: Iterable[str] = (), fmt: str | None = None
+) -> list[dict[str, object]]:
     """Where the corpus came from, with sizes and times, so ``status`` can tell when it changed. A folder counts
     the files a build reads, never an index inside it (``exclude``: the one being written). Stdin and passages
     handed over by a program are ``-``: there is nothing to check again."""
     return [
-        {"path": "-"} if not isinstance(path, str) or path == "-" else describe_source(path, exclude=exclude)
+        {"path": "-"} if not isinstance(path, str) or path == "-" else describe_source(path, exclude=exclude, fmt=fmt)
         for path in paths
     ]
+
+
+def _log_sources(sources: list[dict[str, Any]]) -> None:
+    """Under -v, how much of the disk each corpus folder walked: a link to a huge tree shows here."""
+
+    def count(n: int, word: str) -> str:
+        return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+    for source in sources:
+        if "folders" in source:
+            log.info(
+                "%s: %s (%s bytes) found walking it and %s below it", source["path"],
+                count(source["files"], "corpus file"), f"{source['bytes']:,}", count(source["folders"], "folder"),
+            )  # fmt: skip
 
 
 def count_records(paths: list[str]) -> int | None:
@@ -383,13 +428,18 @@ _STREAM = "stream-"  # the signature of a run whose passages cannot be read agai
 
 def _signature(
     corpus: CorpusSpec, model: str | None, precision: str | None, base: Manifest | None, split: SplitSpec | None
-) -> str:
+) -> tuple[str, dict[str, Any] | None]:
     """What a checkpoint was made from: a resumed run must read the same corpus the same way, and cut it into the
-    same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows)."""
+    same windows (a --no-split checkpoint resumed with --split published truncated vectors as windows).
+
+    Also the parts of it that can stop matching every run for good, which the checkpoint records in the open
+    (``health.obsolete_checkpoint``): the corpus files as they were, and the index version an update started from.
+    """
     if any(not isinstance(p, str) or p == "-" for p in corpus.paths):
-        return f"{_STREAM}{time.time_ns()}"  # stdin or a program's passages cannot be read again: never resume
+        # stdin or a program's passages cannot be read again: never resume
+        return f"{_STREAM}{time.time_ns()}", None
     parts = {
-        "sources": describe_sources(corpus.paths),
+        "sources": describe_sources(corpus.paths, fmt=corpus.fmt),
         "format": corpus.fmt,
         "names": asdict(corpus.names),
         "skip_bad": corpus.skip_bad,
@@ -398,7 +448,8 @@ def _signature(
         "base": base.created_at if base else None,
         "split": split.as_dict() if split else None,
     }
-    return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
+    signature = xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
+    return signature, {k: parts[k] for k in ("sources", "format", "base")}
 
 
 @dataclass
@@ -629,13 +680,14 @@ def _locked_build(
                 lexical == has_lexical(base) and "field_types" in base.manifest.corpus and has_field_columns(base)
             )
             if counts.changes(len(stored)) == 0 and complete:
+                _settle_checkpoints(target, base.manifest, restart)
                 tidy(target)  # nothing to publish, but what a crashed run left is still ours to collect
                 _record_sources(target, base.manifest, corpus)
                 passages = _passages_of(base.manifest)
                 return _summary(
                     target, base.manifest.model, passages, counts, stats, 0, started, published=False, windows=base.rows
                 )
-        signature = _signature(corpus, model_name, precision, base.manifest if base else None, split)
+        signature, made_from = _signature(corpus, model_name, precision, base.manifest if base else None, split)
         guard = _Guard(limit, existing, update=base is not None)
         # The ANN type: as asked, else what the updated index was asked for, else auto (vector_index.plan_index).
         requested = ann[0] or (base.manifest.index_params.get("requested", "auto") if base else "auto")
@@ -643,7 +695,7 @@ def _locked_build(
             try:
                 return _build(
                     corpus, staging, lazy, base, stored, batch_size, progress, signature, checkpoint_seconds,
-                    started, guard, on_resume, split, chunk_encoder, lexical, (requested, ann[1]),
+                    started, guard, on_resume, split, chunk_encoder, lexical, (requested, ann[1]), made_from,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 if staging.published:  # past the point of no return: the new index is live
@@ -668,11 +720,35 @@ def _encoding_kept(exc: DsearchError | OSError, target: Path) -> BaseException:
     return error
 
 
+def _settle_checkpoints(target: Path, published: Manifest, restart: bool) -> None:
+    """After an update that found nothing to do: the checkpoints that failed or interrupted runs kept.
+
+    One that no run can resume any more (its corpus changed since, or it was an update of an index version that
+    is no longer published: ``health.obsolete_checkpoint``) is removed, and with ``restart`` every one is. One
+    that a rerun of the run that made it would still resume (a failed rebuild's, the corpus unchanged) is kept,
+    but marked: this update found the index complete and current, so ``status`` stops reporting an unfinished run
+    (exit 6) night after night, while that rerun still finishes without encoding again.
+    """
+    from dsearch.health import obsolete_checkpoint  # health builds on this module
+
+    for root in staging_dirs(target):
+        progress = read_progress(root)
+        if progress is None:
+            continue  # no checkpoint: tidy() removes it
+        why = "the run starts over (restart)" if restart else obsolete_checkpoint(progress, published)
+        if why:
+            log.info("removed the checkpoint in %s: %s", root, why)
+            shutil.rmtree(root, ignore_errors=True)
+        elif "passed_over" not in progress:
+            save_progress(root, {**progress, "passed_over": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+
+
 def _record_sources(target: Path, manifest: Manifest, corpus: CorpusSpec) -> None:
     """After an update that found no passage to change: record the corpus files as they are now (a `touch`, a
     copy that kept the bytes), so that `status` stops reporting a corpus change that no update could ever clear.
     The index, and its publish time, stay as they are."""
-    sources = describe_sources(corpus.paths, corpus.exclude)
+    sources = describe_sources(corpus.paths, corpus.exclude, corpus.fmt)
+    _log_sources(sources)
     if sources != manifest.corpus.get("sources"):
         manifest.corpus["sources"] = sources
         rewrite_manifest(target, manifest)
@@ -720,6 +796,7 @@ def _build(
     chunk_encoder: ChunkEncoder,
     lexical: bool = True,
     ann: tuple[str, int | None] = ("auto", None),
+    made_from: dict[str, Any] | None = None,
 ) -> BuildSummary:
     """Write the new generation in corpus order, reusing stored vectors, checkpointing, then publish it."""
     import numpy as np
@@ -765,10 +842,9 @@ def _build(
         parts = writer.checkpoint()
         if signature.startswith(_STREAM):
             return  # stdin or a program's passages: no rerun can resume, so no checkpoint is recorded (nor kept)
-        progress_record = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
-        staging.save_progress(
-            {**progress_record, "dim": info.dim, "fingerprint": info.fingerprint, "counts": saved_counts}
-        )
+        record: dict[str, Any] = {"signature": signature, "rows": writer.rows, "passages": done, "parts": parts}
+        record.update(dim=info.dim, fingerprint=info.fingerprint, counts=saved_counts, made_from=made_from)
+        staging.save_progress(record)
 
     def write_oldest() -> None:
         nonlocal done, last_checkpoint
@@ -837,8 +913,10 @@ def _build(
     # The fields as typed columns, so that a --where condition reads no JSON and needs no DuckDB (filters.py).
     columns = write_field_columns(staging.segment_dir, PASSAGES_FILE, types)
     segment.files[columns] = file_info(staging.segment_dir / columns)
+    sources = describe_sources(corpus.paths, corpus.exclude, corpus.fmt)
+    _log_sources(sources)
     corpus_info = {
-        "sources": describe_sources(corpus.paths, corpus.exclude),
+        "sources": sources,
         "format": corpus.fmt,
         "fields": asdict(corpus.names),
         "split": split.as_dict() if split else None,

@@ -558,7 +558,12 @@ class Staging:
     encoded: bool = False  # every passage's vector is checkpointed: a failure from here on keeps the area
 
     def save_progress(self, progress: dict[str, Any]) -> None:
-        _write_file(self.root / PROGRESS_FILE, json.dumps(progress).encode("utf-8"), atomic=True)
+        save_progress(self.root, progress)
+
+
+def save_progress(staging_root: Path, progress: dict[str, Any]) -> None:
+    """Replace the checkpoint record of a staging area (call with the lock held), atomically."""
+    _write_file(staging_root / PROGRESS_FILE, json.dumps(progress).encode("utf-8"), atomic=True)
 
 
 def staging_dirs(target: Path) -> list[Path]:

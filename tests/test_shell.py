@@ -239,3 +239,48 @@ def test_eval_run_to_stdout_into_head_ends_quietly(sample_index, target):
     result = shell(f'$DSEARCH {args} | head -1; echo "exit ${{PIPESTATUS[0]}}" >&2')
     assert result.stdout.decode().count("\n") == 1 and " Q0 " in result.stdout.decode()
     assert result.stderr == b"exit 0\n"
+
+
+def _without_numbers(lines: list[str]) -> list[str]:
+    """Log lines with their timestamps and timings made alike, to compare two runs' -v lines."""
+    import re
+
+    return [re.sub(r"\d+(\.\d+)?", "N", line) for line in lines]
+
+
+@pytest.mark.parametrize("redirect", ["2>", "2>>"])
+def test_eval_run_to_stderr_redirected_to_a_log_keeps_the_log(sample_index, tmp_path, redirect):
+    """`dsearch eval … -v --run /dev/stderr 2>log` lost the -v lines: /dev/stderr resolved to the log file, which the
+    run replaced (atomically, as a regular file), and the lines logged after it went to the replaced file."""
+    log = tmp_path / "log"
+    log.write_text("an earlier line\n")
+    args = f"eval {sample_index} --queries {SAMPLE}/queries.tsv --qrels {SAMPLE}/qrels.txt --metrics R@10 -v"
+    saved = tmp_path / "saved.run"
+    alone = shell(f"$DSEARCH {args} --run {saved}")
+    assert alone.returncode == 0, alone.stderr
+    verbose = alone.stderr.decode().splitlines()
+    assert verbose, "eval -v logged nothing to compare with"
+    result = shell(f"$DSEARCH {args} --run /dev/stderr {redirect}{log}")
+    assert (result.returncode, result.stdout, result.stderr) == (0, alone.stdout, b"")
+    text = log.read_text(encoding="utf-8")
+    assert "\x00" not in text
+    if redirect == "2>>":
+        assert text.startswith("an earlier line\n")
+        text = text.removeprefix("an earlier line\n")
+    run = saved.read_text(encoding="utf-8")
+    assert text.count(run) == 1, text  # the whole run, once, between the log lines
+    before, after = text.split(run)
+    assert _without_numbers((before + after).splitlines()) == _without_numbers(verbose)
+
+
+def test_eval_run_naming_the_log_stderr_appends_to_keeps_it(sample_index, tmp_path):
+    """`--run LOG 2>>LOG` replaced the log with the run, as `--run /dev/stderr` did."""
+    log = tmp_path / "log"
+    log.write_text("an earlier line\n")
+    args = f"eval {sample_index} --queries {SAMPLE}/queries.tsv --qrels {SAMPLE}/qrels.txt --metrics R@10 -v"
+    result = shell(f"$DSEARCH {args} --run {log} 2>>{log}")
+    assert result.returncode == 0 and result.stdout.startswith(b"R@10\tall\t")
+    text = log.read_text(encoding="utf-8")
+    assert text.startswith("an earlier line\n")
+    assert sum(" Q0 " in line for line in text.splitlines()) > 0
+    assert any(" dsearch INFO: " in line for line in text.splitlines())

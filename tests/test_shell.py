@@ -6,10 +6,12 @@ tests' hashing encoder for the commands that encode.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,124 @@ def test_eval_run_naming_the_log_stderr_appends_to_keeps_it(sample_index, tmp_pa
     assert text.startswith("an earlier line\n")
     assert sum(" Q0 " in line for line in text.splitlines()) > 0
     assert any(" dsearch INFO: " in line for line in text.splitlines())
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("query {idx} 'how hot is venus' -k 2 -f ids -v", 0),
+        ("query {idx} 'how hot is venus' --format xml", 2),
+        ("query {tmp}/no-such.idx anything", 1),
+        ("index /dev/null --format jsonl -o {idx}", 9),
+        ("index {sample}/passages.jsonl -o {tmp}/new.idx --no-lexical", 0),
+    ],
+)
+def test_a_stderr_that_cannot_be_written_keeps_the_exit_code(sample_index, tmp_path, command, code):
+    """With stderr on a full disk (`2>>/var/log/x` in a cron line), a message that could not be written made the run
+    exit 120 (Python's flush of stderr at exit failed) or 1 ('unexpected OSError' raised while saying the error),
+    whatever had happened: a published index, a refused one (9), a usage error (2)."""
+    args = command.format(idx=sample_index, tmp=tmp_path, sample=SAMPLE)
+    status = 'echo "exit $?" >&3'
+    result = shell(f"{{ $DSEARCH {args} 2>/dev/full; {status}; }} 3>&2")
+    assert result.stderr == f"exit {code}\n".encode()
+    if "new.idx" in command:
+        assert (tmp_path / "new.idx" / "manifest.json").exists()
+        return
+    quiet = shell(f"$DSEARCH {args} 2>/dev/null")  # the same run where stderr can be written
+    assert (quiet.returncode, result.stdout) == (code, quiet.stdout)
+
+
+def test_stdout_and_stderr_into_a_pipe_that_closed_end_quietly(sample_index):
+    """`dsearch query … -v 2>&1 | head -1`: once head had gone, the -v lines could not be written either, and
+    Python's flush of stderr at exit failed: exit 120 instead of 0."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before dsearch writes anything
+    try:
+        args = [sys.executable, "-m", "dsearch", "query", str(sample_index), "how hot is venus", "-f", "jsonl", "-v"]
+        result = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=write, stderr=write, env=ENV, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 0
+
+
+def test_runs_in_two_threads_put_back_the_callers_stdout(sample_index, capsys):
+    """Two `cli.run` calls overlapping in two threads: the second took the first's stdout proxy for the real
+    stdout and put it back when it ended, last, so sys.stdout stayed dsearch's proxy for good (and a write error
+    once seen there would fail every later run)."""
+    from fakes import HashingEncoder
+
+    from dsearch.cli import Deps, run
+
+    before_out, before_err = sys.stdout, sys.stderr
+    second_started, first_done = threading.Event(), threading.Event()
+
+    def first_encoder(name, **options):
+        assert second_started.wait(30)
+        return HashingEncoder(name)
+
+    def second_encoder(name, **options):
+        second_started.set()
+        assert first_done.wait(30)
+        return HashingEncoder(name)
+
+    codes: dict[str, int] = {}
+
+    def query(name: str, load) -> None:
+        deps = Deps(load_encoder=load, stdin=io.BytesIO(b""))
+        codes[name] = run(["query", str(sample_index), "how hot is venus", "-k", "1", "-f", "ids"], deps=deps)
+
+    first = threading.Thread(target=query, args=("first", first_encoder))
+    second = threading.Thread(target=query, args=("second", second_encoder))
+    first.start()
+    second.start()
+    first.join(60)
+    first_done.set()
+    second.join(60)
+    assert codes == {"first": 0, "second": 0}
+    assert sys.stdout is before_out and sys.stderr is before_err
+    out, err = capsys.readouterr()
+    assert err == "" and len(out.splitlines()) == 2 and len(set(out.splitlines())) == 1
+
+
+def test_a_closed_pipe_leaves_no_descriptor_open(sample_index, monkeypatch):
+    """Every run whose stdout's reader had gone opened /dev/null to silence stdout and never closed it: a program
+    calling `dsearch.cli.run` again and again ran out of file descriptors."""
+    from fakes import HashingEncoder
+
+    from dsearch.cli import Deps, run
+
+    deps = Deps(load_encoder=lambda name, **options: HashingEncoder(name))
+    args = ["query", str(sample_index), "how hot is venus", "-f", "jsonl"]
+
+    def into_a_closed_pipe() -> int:
+        read, write = os.pipe()
+        os.close(read)
+        with open(write, "w", encoding="utf-8") as stream:
+            monkeypatch.setattr(sys, "stdout", stream)
+            try:
+                return run(args, deps=deps)
+            finally:
+                monkeypatch.undo()
+
+    assert into_a_closed_pipe() == 0  # imports what a query needs, once
+    opened = len(os.listdir("/proc/self/fd"))
+    assert [into_a_closed_pipe() for _ in range(5)] == [0] * 5
+    assert len(os.listdir("/proc/self/fd")) == opened
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["--help"], ["query", "--help"], ["query", "{idx}", "how hot is venus", "-f", "trec"]],
+)
+def test_help_and_version_into_a_closed_pipe_end_quietly_with_success(sample_index, args):
+    """`dsearch --help | head -0` (or `--version`, `query --help`) exited 1: Click met the closed pipe before any
+    command ran and answered it with its own exit 1, where every command ends quietly with 0."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before dsearch writes anything
+    try:
+        command = [sys.executable, "-m", "dsearch", *(a.format(idx=sample_index) for a in args)]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=write, stderr=subprocess.PIPE, env=ENV)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (0, b"")

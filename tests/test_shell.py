@@ -392,6 +392,86 @@ def test_a_closed_pipe_leaves_no_descriptor_open(sample_index, monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == opened
 
 
+def _first_batch_while_the_writer_waits(data: bytes) -> list[str] | None:
+    """The first batch of queries a reader of stdin hands to the search when a writer has sent ``data`` and keeps
+    the pipe open, waiting for answers; None when the batch waited for more input."""
+    import fcntl
+
+    from dsearch.search import PipeLines, ReadyIterator, decode_lines, next_batch, queries_from_texts
+
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 1 << 18)  # all of ``data`` waits in the pipe, more than one read takes
+    os.write(write, data)
+    lines = PipeLines(read)
+    queries = ReadyIterator(queries_from_texts(decode_lines(lines, "<stdin>")), lines.ready)
+    batches: list[list[str]] = []
+    reader = threading.Thread(target=lambda: batches.append([q.text for q in next_batch(queries, 256)]))
+    reader.start()
+    reader.join(5)
+    answered = not reader.is_alive()
+    os.close(write)  # lets a reader that waited go
+    reader.join(30)
+    os.close(read)
+    return batches[0] if answered else None
+
+
+@pytest.mark.parametrize(
+    ("data", "batch"),
+    [
+        (b"how hot is venus\nthe red planet\n", ["how hot is venus", "the red planet"]),
+        (b"how hot is venus\r\n\r\n  \n\tthe red planet\r\n\n", ["how hot is venus", "the red planet"]),
+        (b"how hot is venus\n\xc2\xa0\n", ["how hot is venus"]),  # a line of a no-break space only
+        (b"how hot is venus\n\xe3\x80\x80\x1c\n", ["how hot is venus"]),  # ideographic space, a separator
+        (b"how hot is venus\nthe red pl", ["how hot is venus"]),  # the next query is still being written
+        (b"how hot is venus\n" + b"x" * 100_000, ["how hot is venus"]),  # ... and is longer than one read
+    ],
+)
+def test_a_batch_takes_the_queries_that_arrived_and_never_waits_for_more(data, batch):
+    """A coprocess's query waited for the next one when a line that the query reader skips as blank (Unicode
+    whitespace: a no-break space, U+3000) or a query not yet written to its end followed it: `ready()` took bytes
+    that are not a whole query for one, and the batcher blocked on the pipe."""
+    assert _first_batch_while_the_writer_waits(data) == batch
+
+
+@pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
+def test_queries_on_stdin_before_a_line_that_is_not_utf8_are_answered(cli, sample_index, mode):
+    """Queries that arrived with a bad line after them were lost or answered depending on timing: a batch of
+    them was dropped when the bad line came in the same read, answered when it came a moment later."""
+    stdin = b"how hot is venus\nthe red planet\n\xff\xfe bad\nvolcano\n"
+    result = cli("query", sample_index, "-k", "1", "-f", "trec", "--mode", mode, stdin=stdin)
+    assert result.exit_code == 1
+    assert [line.split(" ")[0] for line in result.stdout.splitlines()] == ["1", "2"]
+    assert result.stderr == "dsearch: error: <stdin>:3: not valid UTF-8 (send the queries in UTF-8)\n"
+
+
+def test_query_dash_reads_queries_typed_at_a_terminal(sample_index):
+    """`dsearch query DIR -` at a terminal said 'no query given … pipe queries on stdin', where the README says
+    queries come from stdin when the only one is '-', from a pipe or a terminal."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    args = [sys.executable, "-m", "dsearch", "query", str(sample_index), "-k", "1", "-f", "ids"]
+    typed = subprocess.Popen([*args, "-"], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    bare = subprocess.run(args, stdin=slave, capture_output=True, env=ENV, timeout=120)
+    os.close(slave)
+    try:
+        os.write(master, b"how hot is venus\n")
+        readable, _, _ = select.select([typed.stdout], [], [], 60)
+        assert readable, "no answer to a query typed at the terminal"
+        answer = typed.stdout.readline()
+        os.write(master, b"\x04")  # Ctrl-D: the end of the input
+        assert typed.wait(timeout=60) == 0
+        assert typed.stdout.read() == b"" and typed.stderr.read() == b""
+    finally:
+        typed.kill()
+        typed.wait()
+        os.close(master)
+    expected = shell(f"$DSEARCH query {sample_index} 'how hot is venus' -k 1 -f ids")
+    assert answer == expected.stdout and answer.strip()
+    assert bare.returncode == 2 and b"no query given" in bare.stderr  # no '-': refused, as it was
+
+
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["query", "--help"], ["query", "{idx}", "how hot is venus", "-f", "trec"]],

@@ -941,7 +941,7 @@ def query(
         query_list = list(queries_from_texts(texts))
     else:
         stdin = deps.stdin_bytes()
-        if deps.stdin is None and sys.stdin.isatty():
+        if deps.stdin is None and sys.stdin.isatty() and not queries:  # '-' asks for the terminal's lines
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
         lines = _pipe_lines(stdin) if deps.stdin is None else stdin

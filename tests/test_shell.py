@@ -487,3 +487,39 @@ def test_help_and_version_into_a_closed_pipe_end_quietly_with_success(sample_ind
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (0, b"")
+
+
+def test_a_non_blocking_stdout_gets_every_line(sample_index):
+    """A parent that left the shared pipe non-blocking (O_NONBLOCK: Node.js, some CI log collectors) got the first
+    64 KiB of the results and exit 0: once the pipe was full, writes failed with EAGAIN inside Python's buffers and
+    the rest was dropped without a word."""
+    import fcntl
+    import termios
+    import time
+
+    args = ["query", str(sample_index), "--queries", str(SAMPLE / "queries.tsv"), "-k", "200", "-f", "jsonl"]
+    expected = subprocess.run([sys.executable, "-m", "dsearch", *args], capture_output=True, env=ENV, timeout=120)
+    assert expected.returncode == 0 and len(expected.stdout) > 4 * 65536
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETFL, fcntl.fcntl(write, fcntl.F_GETFL) | os.O_NONBLOCK)
+    child = subprocess.Popen([sys.executable, "-m", "dsearch", *args], stdout=write, stderr=subprocess.PIPE, env=ENV)
+    os.close(write)
+    try:
+        waiting = bytearray(4)
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:  # until the pipe is full: the writer must wait
+            fcntl.ioctl(read, termios.FIONREAD, waiting)
+            if int.from_bytes(waiting, sys.byteorder) >= 60_000:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        received = bytearray()
+        while chunk := os.read(read, 1 << 16):
+            received += chunk
+        assert child.wait(timeout=60) == 0
+        assert child.stderr.read() == b""
+    finally:
+        child.kill()
+        child.wait()
+        os.close(read)
+    assert bytes(received) == expected.stdout

@@ -7,10 +7,12 @@ need them, so ``dsearch --help`` stays fast.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
 import threading
@@ -177,6 +179,48 @@ class _Stderr:
         return getattr(self.stream, name)
 
 
+class _PatientWriter(io.RawIOBase):
+    """A descriptor that a parent left non-blocking (O_NONBLOCK, on the pipe or terminal it shares with us): a
+    write that would block waits until the reader makes room, as on a blocking descriptor. Through Python's own
+    buffers, EAGAIN on a full pipe dropped the rest of the results without an error (exit 0)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def write(self, data: Any) -> int:
+        while True:
+            try:
+                return os.write(self.fd, data)
+            except BlockingIOError:
+                select.select([], [self.fd], [])  # until the reader has made room
+
+
+def _patient(stream: Any) -> Any:
+    """``stream``, or one that waits on its descriptor instead of failing when that is non-blocking."""
+    try:
+        fd = stream.fileno()
+        nonblocking = not os.get_blocking(fd)
+    except (OSError, ValueError, AttributeError):
+        return stream
+    if not nonblocking:
+        return stream
+    stream.flush()
+    buffered = io.BufferedWriter(_PatientWriter(fd))
+    line_buffering = bool(getattr(stream, "line_buffering", False))
+    errors = getattr(stream, "errors", None) or "strict"
+    return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors, line_buffering=line_buffering)
+
+
 # The proxies are process-wide (sys.stdout, sys.stderr) and runs may overlap (threads, a nested call): the first
 # run to start installs them, the last to end puts back what it found.
 _STREAMS_LOCK = threading.Lock()
@@ -207,8 +251,8 @@ def _standard_streams() -> None:
             except (OSError, ValueError):
                 pass
         _streams["saved"] = (original, sys.stderr)
-        sys.stdout = _Stdout(original)  # type: ignore[assignment]
-        sys.stderr = _Stderr(sys.stderr)  # type: ignore[assignment]
+        sys.stdout = _Stdout(_patient(original))  # type: ignore[assignment]
+        sys.stderr = _Stderr(_patient(sys.stderr))  # type: ignore[assignment]
 
 
 def _restore_streams() -> None:

@@ -433,6 +433,38 @@ def test_a_batch_takes_the_queries_that_arrived_and_never_waits_for_more(data, b
     assert _first_batch_while_the_writer_waits(data) == batch
 
 
+def test_a_query_followed_by_blank_lines_without_end_is_answered():
+    """`{ echo QUERY; yes ''; } | dsearch query DIR`: looking past the query for the next one, the reader read blank
+    lines for as long as they came, its buffer growing without bound, and the query was never answered."""
+    from dsearch.search import PipeLines, ReadyIterator, decode_lines, next_batch, queries_from_texts
+
+    read, write = os.pipe()
+    os.write(write, b"how hot is venus\n")
+
+    def blanks() -> None:
+        try:
+            while True:
+                os.write(write, b"\n" * 65536)
+        except OSError:  # the reader is gone
+            return
+
+    writer = threading.Thread(target=blanks, daemon=True)
+    writer.start()
+    lines = PipeLines(read)
+    queries = ReadyIterator(queries_from_texts(decode_lines(lines, "<stdin>")), lines.ready)
+    batches: list[list[str]] = []
+    reader = threading.Thread(target=lambda: batches.append([q.text for q in next_batch(queries, 256)]), daemon=True)
+    reader.start()
+    reader.join(10)
+    answered = not reader.is_alive()
+    os.close(read)  # ends the writer (EPIPE) and a reader still reading (EBADF)
+    writer.join(30)
+    reader.join(30)
+    os.close(write)
+    assert answered and batches == [["how hot is venus"]]
+    assert len(lines.buffer) < 1 << 20
+
+
 @pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
 def test_queries_on_stdin_before_a_line_that_is_not_utf8_are_answered(cli, sample_index, mode):
     """Queries that arrived with a bad line after them were lost or answered depending on timing: a batch of

@@ -28,6 +28,9 @@ RESCORE_FLOATS = 1 << 22
 # How far a cosine score or a stored vector's norm may stray from what is possible before we call the
 # vectors corrupt: float32 rounding of unit vectors stays below 1e-5; a flipped byte moves it far more.
 COSINE_TOLERANCE = 1e-3
+# How far past the next line stdin's reader reads ahead to see whether a whole query has arrived: without a bound,
+# a stream of blank lines after a query (`yes ''`) grew the buffer for ever and the query was never answered.
+READ_AHEAD = 1 << 18
 T = TypeVar("T")
 
 
@@ -162,6 +165,8 @@ class PipeLines:
                 if not _blank(self.buffer[self.scan : end]):
                     return True
                 self.scan = end + 1  # blank lines are skipped, not queries: they do not count
+            if len(self.buffer) - self.pos >= READ_AHEAD:  # blank lines without end, or one huge line: stop here
+                return False
             try:
                 if not select.select([self.fd], [], [], 0)[0]:
                     return False

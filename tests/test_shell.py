@@ -555,3 +555,18 @@ def test_a_non_blocking_stdout_gets_every_line(sample_index):
         child.wait()
         os.close(read)
     assert bytes(received) == expected.stdout
+
+
+@pytest.mark.parametrize("option", [[], ["--json"]])
+def test_status_into_a_closed_pipe_keeps_its_exit_code(tmp_path, option):
+    """`dsearch status DIR | true` exited 0 when the reader had gone before the line was written: a missing or
+    corrupt index read as healthy to a script checking the exit code. The line is for the reader; the code is the
+    check's."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        command = [sys.executable, "-m", "dsearch", "status", str(tmp_path / "no-such.idx"), *option]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=write, stderr=subprocess.PIPE, env=ENV)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (5, b"")

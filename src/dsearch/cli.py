@@ -1260,10 +1260,11 @@ def status(
     from dsearch.health import check_index
 
     report = check_index(directory, corpus, _parse_age(max_age) if max_age is not None else None)
-    if as_json:
-        print(json.dumps(report.as_dict()))
-    else:
-        print(report.line())
+    try:
+        print(json.dumps(report.as_dict()) if as_json else report.line())
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away: the line is lost, not the check's exit code
+        _silence(sys.stdout)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
 

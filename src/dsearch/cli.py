@@ -7,12 +7,15 @@ need them, so ``dsearch --help`` stays fast.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -146,29 +149,123 @@ class _Stdout:
         return getattr(self._target(), name)
 
 
-def _standard_streams() -> IO[str] | None:
-    """Make the standard streams safe to use; returns the ``sys.stdout`` to put back after the run.
+class _Stderr:
+    """``sys.stderr`` during a run: a message that cannot be written (``2>/dev/full``, a log on a full disk, a
+    closed pipe) is dropped. There is nowhere to say so, and the exit code must still say how the run went: the
+    error raised while printing an error made it 1, and Python's failed flush of stderr at exit made it 120."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.failed = False  # a write failed: its descriptor is silenced when the run ends
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            self.failed = True
+            return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self.failed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class _PatientWriter(io.RawIOBase):
+    """A descriptor that a parent left non-blocking (O_NONBLOCK, on the pipe or terminal it shares with us): a
+    write that would block waits until the reader makes room, as on a blocking descriptor. Through Python's own
+    buffers, EAGAIN on a full pipe dropped the rest of the results without an error (exit 0)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def write(self, data: Any) -> int:
+        while True:
+            try:
+                return os.write(self.fd, data)
+            except BlockingIOError:
+                select.select([], [self.fd], [])  # until the reader has made room
+
+
+def _patient(stream: Any) -> Any:
+    """``stream``, or one that waits on its descriptor instead of failing when that is non-blocking."""
+    try:
+        fd = stream.fileno()
+        nonblocking = not os.get_blocking(fd)
+    except (OSError, ValueError, AttributeError):
+        return stream
+    if not nonblocking:
+        return stream
+    stream.flush()
+    buffered = io.BufferedWriter(_PatientWriter(fd))
+    line_buffering = bool(getattr(stream, "line_buffering", False))
+    errors = getattr(stream, "errors", None) or "strict"
+    return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors, line_buffering=line_buffering)
+
+
+# The proxies are process-wide (sys.stdout, sys.stderr) and runs may overlap (threads, a nested call): the first
+# run to start installs them, the last to end puts back what it found.
+_STREAMS_LOCK = threading.Lock()
+_streams: dict[str, Any] = {"runs": 0}
+
+
+def _standard_streams() -> None:
+    """Make the standard streams safe to use for a run; ``_restore_streams`` undoes it.
 
     A stream the shell closed (``<&-``, ``2>&-``) is None in Python: stdin then reads as empty (as ``</dev/null``)
     and stderr goes nowhere (rather than messages landing on stdout, where ``print(file=None)`` sends them).
     stdout is UTF-8 whatever the locale says (PYTHONIOENCODING, a Latin-1 locale): JSON Lines, TSV and TREC
     files are read as UTF-8 by jq and the others, and a passage in any language fits.
     """
-    if sys.stdin is None:
-        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-    if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
-    original = sys.stdout
-    if isinstance(original, _Stdout):  # a nested run (tests)
-        return original
-    encoding = (getattr(original, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
-    if encoding != "utf8" and hasattr(original, "reconfigure"):
-        try:
-            original.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
-        except (OSError, ValueError):
-            pass
-    sys.stdout = _Stdout(original)  # type: ignore[assignment]
-    return original
+    with _STREAMS_LOCK:
+        _streams["runs"] += 1
+        if _streams["runs"] > 1 or isinstance(sys.stdout, _Stdout):  # another run installed them
+            return
+        if sys.stdin is None:
+            sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        if sys.stderr is None:
+            sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+        original = sys.stdout
+        encoding = (getattr(original, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(original, "reconfigure"):
+            try:
+                original.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                pass
+        _streams["saved"] = (original, sys.stderr)
+        sys.stdout = _Stdout(_patient(original))  # type: ignore[assignment]
+        sys.stderr = _Stderr(_patient(sys.stderr))  # type: ignore[assignment]
+
+
+def _restore_streams() -> None:
+    """The last run to end puts back the streams the first found; one that failed is silenced first, so that
+    the interpreter's flush at exit neither fails nor prints a second time."""
+    with _STREAMS_LOCK:
+        _streams["runs"] -= 1
+        if _streams["runs"] > 0 or "saved" not in _streams:
+            return
+        for proxy in (sys.stdout, sys.stderr):
+            if isinstance(proxy, _Stdout | _Stderr) and proxy.failed:
+                _silence(proxy)
+        sys.stdout, sys.stderr = _streams.pop("saved")
 
 
 def _text(value: str) -> str:
@@ -888,7 +985,7 @@ def query(
         query_list = list(queries_from_texts(texts))
     else:
         stdin = deps.stdin_bytes()
-        if deps.stdin is None and sys.stdin.isatty():
+        if deps.stdin is None and sys.stdin.isatty() and not queries:  # '-' asks for the terminal's lines
             raise UsageError("no query given: pass QUERY arguments, --queries FILE, or pipe queries on stdin")
         # Read lazily, so that a pipeline gets each answer as its query arrives.
         lines = _pipe_lines(stdin) if deps.stdin is None else stdin
@@ -1163,10 +1260,11 @@ def status(
     from dsearch.health import check_index
 
     report = check_index(directory, corpus, _parse_age(max_age) if max_age is not None else None)
-    if as_json:
-        print(json.dumps(report.as_dict()))
-    else:
-        print(report.line())
+    try:
+        print(json.dumps(report.as_dict()) if as_json else report.line())
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away: the line is lost, not the check's exit code
+        _silence(sys.stdout)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
 
@@ -1413,7 +1511,7 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
     """Run the command line and return the exit code (what ``main`` passes to ``sys.exit``)."""
     args = sys.argv[1:] if argv is None else argv
     SETTINGS.debug = "--debug" in args
-    original_stdout = _standard_streams()
+    _standard_streams()
     try:
         code = _run(args, deps)
         try:  # what click printed itself (--help) is still buffered
@@ -1427,9 +1525,7 @@ def run(argv: list[str] | None = None, deps: Deps | None = None) -> int:
             return _fail(error.for_cli(), error.exit_code)
         return code
     finally:
-        if isinstance(sys.stdout, _Stdout) and sys.stdout.failed:
-            _silence_stdout()  # the interpreter's flush at exit must not fail and print a second time
-        sys.stdout = original_stdout  # type: ignore[assignment]
+        _restore_streams()
 
 
 def _run(args: list[str], deps: Deps | None) -> int:
@@ -1457,6 +1553,12 @@ def _run(args: list[str], deps: Deps | None) -> int:
         return _fail(f"{exc.format_message()} (see '{where} --help')", exit_code)
     except (BrokenPipeError, _PipeClosed):
         return _closed_pipe()
+    except SystemExit as exc:
+        # Click's own answer to a closed pipe met outside a command (--help, --version): exit 1, quietly. Ours
+        # is the 0 that `| head` gets from every command.
+        if isinstance(exc.__context__, BrokenPipeError):
+            return _closed_pipe()
+        raise
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INCOMPLETE)
     except typer.Abort:
@@ -1488,17 +1590,24 @@ def _fail(message: str, code: int) -> int:
 
 def _closed_pipe() -> int:
     """The reader went away (``dsearch query … | head -1``): stop quietly, with success."""
-    _silence_stdout()
+    _silence(sys.stdout)
     return EXIT_OK
 
 
-def _silence_stdout() -> None:
-    """Point stdout's descriptor at /dev/null: nothing more is to be written there."""
+def _silence(stream: Any) -> None:
+    """Point the stream's descriptor at /dev/null: nothing more is to be written there, and what is still
+    buffered for it goes nowhere instead of failing at exit."""
     try:
+        fd = stream.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
         pass
+    finally:
+        os.close(devnull)  # dup2 made its own copy; this one would leak, one a run
 
 
 def main() -> None:

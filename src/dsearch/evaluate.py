@@ -214,6 +214,10 @@ class RunTarget:
     # ``sys.stdout``, in order with the metrics and with a closed pipe ending quietly. Opened anew, a stdout
     # redirected to a file was truncated by the open and the metrics written before it were lost.
     stdout: bool = False
+    # A path that is this process's own stderr (``/dev/stderr``, the log that ``2>log`` opened): written through
+    # stderr's own open file, in order with the log lines. As a path it led to the log file itself, which the
+    # run replaced: the -v lines before it were lost, and those after it went to the replaced file.
+    stderr: bool = False
 
     @classmethod
     def check(cls, path: Path) -> RunTarget:
@@ -237,8 +241,10 @@ class RunTarget:
             raise refuse(f"cannot use it ({exc.strerror or exc})") from None
         if stat.S_ISDIR(info.st_mode):
             raise refuse("is a directory")
-        if _is_stdout(info):
+        if _is_stream(info, sys.stdout):
             return cls(path, atomic=False, stdout=True)
+        if _is_stream(info, sys.stderr):
+            return cls(path, atomic=False, stderr=True)
         if not stat.S_ISREG(info.st_mode):
             return cls(path, atomic=False)  # a FIFO or a device: write to it, never replace it
         real = Path(os.path.realpath(path))
@@ -250,10 +256,11 @@ class RunTarget:
         return cls(real, atomic=True)
 
 
-def _is_stdout(info: os.stat_result) -> bool:
+def _is_stream(info: os.stat_result, stream: Any) -> bool:
+    """Whether ``info`` is the file that ``stream`` (``sys.stdout``, ``sys.stderr``) writes to."""
     try:
-        return os.path.samestat(info, os.fstat(sys.stdout.fileno()))
-    except (OSError, ValueError, AttributeError):  # no stdout, or one without a descriptor (a test's capture)
+        return os.path.samestat(info, os.fstat(stream.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such stream, or one without a descriptor (a test's capture)
         return False
 
 
@@ -264,6 +271,11 @@ def write_trec_run(run: Run, target: RunTarget, tag: str = "dsearch") -> None:
         sys.stdout.flush()
         return
     try:
+        if target.stderr:  # through stderr's own open file (a duplicate of its descriptor): nothing is truncated
+            sys.stderr.flush()  # the log lines so far come first
+            with open(os.dup(sys.stderr.fileno()), "w", encoding="utf-8") as fh:
+                _write_run(run, fh, tag)
+            return
         if not target.atomic:
             with open(target.path, "w", encoding="utf-8") as fh:
                 _write_run(run, fh, tag)

@@ -22,9 +22,9 @@ from dsearch.search import (
     Query,
     SearchStats,
     _hit,
+    batches,
     check_hits,
     check_query_vectors,
-    next_batch,
     run_search,
     stable_search,
 )
@@ -145,8 +145,7 @@ def search(
     allowed = None if allowed_rows is None else np.asarray(allowed_rows)[lex.starts]
     stats.search += time.perf_counter() - started
     depth = max(CANDIDATES, k + 1)
-    iterator = iter(queries)
-    while batch := next_batch(iterator, QUERY_BATCH):
+    for batch in batches(queries, QUERY_BATCH):
         dense: list[list[tuple[int, float, int]]] = [[] for _ in batch]
         if mode == "hybrid":
             assert encoder is not None

@@ -28,6 +28,9 @@ RESCORE_FLOATS = 1 << 22
 # How far a cosine score or a stored vector's norm may stray from what is possible before we call the
 # vectors corrupt: float32 rounding of unit vectors stays below 1e-5; a flipped byte moves it far more.
 COSINE_TOLERANCE = 1e-3
+# How far past the next line stdin's reader reads ahead to see whether a whole query has arrived: without a bound,
+# a stream of blank lines after a query (`yes ''`) grew the buffer for ever and the query was never answered.
+READ_AHEAD = 1 << 18
 T = TypeVar("T")
 
 
@@ -141,24 +144,47 @@ class PipeLines:
                 return line
             if self.eof:
                 raise StopIteration
-            chunk = os.read(self.fd, 1 << 16)
-            if chunk:
-                self.buffer += chunk
-            else:
-                self.eof = True
+            self._read()
+
+    def _read(self) -> None:
+        chunk = os.read(self.fd, 1 << 16)
+        if chunk:
+            self.buffer += chunk
+        else:
+            self.eof = True
 
     def ready(self) -> bool:
-        if self.eof:
-            return True
-        self.scan = max(self.scan, self.pos)
-        while (end := self.buffer.find(b"\n", self.scan)) >= 0:
-            if self.buffer[self.scan : end].strip():
+        """Whether the next query can be had without waiting: a whole non-blank line has arrived (or the input
+        has ended). Bytes that are not yet a whole line are read, without waiting, but do not count: taking them
+        for a query blocked the batch on the rest of the line, or on the next line when they were blank."""
+        while True:
+            if self.eof:
                 return True
-            self.scan = end + 1  # blank lines are skipped, not queries: they do not count
-        try:
-            return bool(select.select([self.fd], [], [], 0)[0])
-        except (OSError, ValueError):  # not selectable: do not hold anything back
-            return True
+            self.scan = max(self.scan, self.pos)
+            while (end := self.buffer.find(b"\n", self.scan)) >= 0:
+                if not _blank(self.buffer[self.scan : end]):
+                    return True
+                self.scan = end + 1  # blank lines are skipped, not queries: they do not count
+            if len(self.buffer) - self.pos >= READ_AHEAD:  # blank lines without end, or one huge line: stop here
+                return False
+            try:
+                if not select.select([self.fd], [], [], 0)[0]:
+                    return False
+                self._read()  # select said it would not block
+            except (OSError, ValueError):  # not selectable, or a read error that the next line reports: go on
+                return True
+
+
+def _blank(raw: bytes | bytearray) -> bool:
+    """Whether a line may be one that ``queries_from_texts`` skips: only whitespace once decoded (Unicode's too:
+    a no-break space, U+3000) or a BOM. Such a line is not a query to wait for; a line that does not decode is,
+    for its error."""
+    if not raw.strip():
+        return True
+    try:
+        return not bytes(raw).decode("utf-8").replace("\ufeff", "").strip()
+    except UnicodeDecodeError:
+        return False
 
 
 class ReadyIterator(Generic[T]):
@@ -174,15 +200,34 @@ class ReadyIterator(Generic[T]):
         return next(self.items)
 
 
-def next_batch(iterator: Iterator[T], size: int) -> list[T]:
-    """Up to ``size`` items; past the first, only those the source has ready when it says (``ready()``)."""
+def next_batch(iterator: Iterator[T], size: int, batch: list[T] | None = None) -> list[T]:
+    """Up to ``size`` items (appended to ``batch``, when given); past the first, only those the source has ready
+    when it says (``ready()``)."""
     ready = getattr(iterator, "ready", None)
-    batch: list[T] = []
+    batch = [] if batch is None else batch
     for item in iterator:
         batch.append(item)
         if len(batch) >= size or (ready is not None and not ready()):
             break
     return batch
+
+
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in batches (``next_batch``). An error reading an item (a line of stdin that is not UTF-8) comes
+    after the batch of the items before it, so that those are answered whatever the timing: dropped with the
+    batch, they were answered only when the bad line arrived after their batch had been taken."""
+    iterator = iter(items)
+    while True:
+        batch: list[T] = []
+        try:
+            next_batch(iterator, size, batch)
+        except Exception:
+            if batch:
+                yield batch
+            raise
+        if not batch:
+            return
+        yield batch
 
 
 def read_query_file(path: str, data: bytes | None = None) -> list[Query]:
@@ -279,8 +324,7 @@ def run_search(
     boolean mask over rows) keeps the search to those rows before the top-k.
     """
     stats = stats if stats is not None else SearchStats()
-    iterator = iter(queries)
-    while batch := next_batch(iterator, QUERY_BATCH):
+    for batch in batches(queries, QUERY_BATCH):
         started = time.perf_counter()
         vectors = encoder.encode_queries([q.text for q in batch])
         stats.encode += time.perf_counter() - started

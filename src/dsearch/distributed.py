@@ -60,6 +60,11 @@ IN_FLIGHT_MAX_CHUNKS = 1024  # the memory bound on a large cluster: 1024 × 256 
 CONNECT_TIMEOUT = 5.0
 # How long close() lets the Dataset wind down (its last chunks, the actors' exit) before leaving Ray.
 CLOSE_WAIT = 5.0
+# While it waits for vectors, the driver checks every HEAD_CHECK_EVERY s that the cluster's head node still answers,
+# and gives up once it has not for HEAD_LOST_AFTER s: Ray's core would otherwise end this process 60 s after
+# losing the head (`ray stop`, a lost head pod), with exit 1 and not a line on stderr.
+HEAD_CHECK_EVERY = 2.0
+HEAD_LOST_AFTER = 15.0
 # Test hook (DSEARCH_TEST_FAULT=fake-cuda): the probe reports CUDA and the "GPU" worker runs its fp16 path on the
 # CPU, so the choice, the GPU resource request and the fp16 manifest are tested on a machine without a GPU.
 FAKE_CUDA = "fake-cuda"
@@ -505,6 +510,7 @@ class RayEncoder:
         self._ready: dict[int, np.ndarray] = {}
         self._started: float | None = None
         self._next = 0
+        self._head: tuple[str, int] | None = None  # the head node's (GCS's) host and port, once connected
         self._connect(connect_timeout)
 
     def _connect(self, timeout: float) -> None:
@@ -544,6 +550,7 @@ class RayEncoder:
         except DsearchError:
             ray.shutdown()
             raise
+        self._head = _head_address(ray)
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         if self.workers is None:
@@ -648,11 +655,30 @@ class RayEncoder:
         finally:
             self._batches.put(_END)
 
+    def _next_batch(self) -> Any:
+        """The consumer thread's next item, checking meanwhile that the cluster's head node still answers."""
+        silent_since: float | None = None
+        while True:
+            try:
+                return self._batches.get(timeout=HEAD_CHECK_EVERY)
+            except queue.Empty:
+                pass
+            if self._head is None or _answers(self._head):
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since >= HEAD_LOST_AFTER:
+                raise IncompleteError(
+                    f"lost the Ray cluster: its head node ({self._head[0]}:{self._head[1]}) has not answered for "
+                    f"{HEAD_LOST_AFTER:g} s; nothing was published (rerun the same command once the cluster is "
+                    "back to resume from the last checkpoint)"
+                )
+
     def _take(self) -> None:
         """Take the next batch of vectors from the Dataset."""
         if self._consumer is None:
             raise RuntimeError("a Ray build asked for a chunk that was never submitted")
-        batch = self._batches.get()
+        batch = self._next_batch()
         if batch is _END:
             self._batches.put(_END)
             raise IncompleteError("the Ray Dataset ended before every chunk came back")
@@ -707,6 +733,24 @@ class RayEncoder:
         if self._importing is not None:
             self._importing.join()  # not leaving Ray halfway through an import
         self.ray.shutdown()
+
+
+def _head_address(ray: Any) -> tuple[str, int] | None:
+    """The connected cluster's head node (its GCS) as (host, port); None where Ray does not say."""
+    try:
+        host, _, port = str(ray.get_runtime_context().gcs_address).rpartition(":")
+        return (host.strip("[]"), int(port)) if host else None
+    except Exception:  # another Ray layout, or Ray Client (ray://), whose driver is not a node of the cluster
+        return None
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    """Whether something still listens at ``address`` (a refused or unanswered connection: no)."""
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _runtime_env() -> dict[str, Any]:

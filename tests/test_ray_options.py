@@ -300,3 +300,21 @@ def test_ray_datas_warning_about_a_pool_larger_than_the_work_stays_off_stderr(mo
         )
         warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(warning.message) for warning in caught] == ["something else"]
+
+
+def test_a_worker_without_the_model_folder_says_so(tmp_path):
+    """A node of the cluster without the driver's --model folder: the loader's own "no such directory" named
+    the folder only, and the user found it in place on the driver. The worker says that it is the one lacking it."""
+    import socket
+
+    from dsearch.distributed import EncoderSpec, _Worker
+    from dsearch.errors import ModelError
+
+    missing = tmp_path / "model"  # what the driver loaded from, absent on this "node"
+    worker = _Worker(EncoderSpec(str(missing), "int8", 8, False, "0" * 32, 4))
+    with pytest.raises(ModelError) as caught:
+        worker.encode(["a passage"])
+    assert str(caught.value) == (
+        f"model folder {missing} does not exist on Ray worker {socket.gethostname()}; a --model folder must be at "
+        "the same path on every node (a shared mount, or a copy)"
+    )

@@ -232,6 +232,13 @@ class _Worker:
         self.dim = spec.dim
         try:
             _check_gpu_assigned(spec)
+            if os.path.isabs(spec.name) and not os.path.exists(spec.name):
+                # The driver has this folder (it loaded the model from it): say that this node lacks it, where
+                # the loader's own "no such directory" would send the user looking on the driver.
+                raise ModelError(
+                    f"model folder {spec.name} does not exist on Ray worker {socket.gethostname()}; a --model "
+                    "folder must be at the same path on every node (a shared mount, or a copy)"
+                )
             self.encoder = load_worker_encoder(spec)
         except DsearchError as exc:
             self.error = exc.template  # both spellings: the driver prints its CLI's or its API's

@@ -318,3 +318,23 @@ def test_a_worker_without_the_model_folder_says_so(tmp_path):
         f"model folder {missing} does not exist on Ray worker {socket.gethostname()}; a --model folder must be at "
         "the same path on every node (a shared mount, or a copy)"
     )
+
+
+def test_the_head_node_watched_while_waiting_for_vectors():
+    """The driver checks that the head node (Ray's GCS) still answers while it waits; never through Ray Client,
+    whose driver is outside the cluster, where the head's own address may not answer even when all is well."""
+    from types import SimpleNamespace
+
+    from dsearch.distributed import _head_to_watch
+
+    def ray_at(gcs):
+        return SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(gcs_address=gcs))
+
+    assert _head_to_watch("head:6379", ray_at("10.0.0.5:6379")) == ("10.0.0.5", 6379)
+    assert _head_to_watch(None, ray_at("[::1]:6380")) == ("::1", 6380)
+    assert _head_to_watch("ray://head:10001", ray_at("10.0.0.5:6379")) is None
+
+    def broken():
+        raise RuntimeError("no runtime context")
+
+    assert _head_to_watch("head:6379", SimpleNamespace(get_runtime_context=broken)) is None

@@ -557,7 +557,7 @@ class RayEncoder:
         except DsearchError:
             ray.shutdown()
             raise
-        self._head = _head_address(ray)
+        self._head = _head_to_watch(self.address, ray)
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         if self.workers is None:
@@ -742,12 +742,16 @@ class RayEncoder:
         self.ray.shutdown()
 
 
-def _head_address(ray: Any) -> tuple[str, int] | None:
-    """The connected cluster's head node (its GCS) as (host, port); None where Ray does not say."""
+def _head_to_watch(address: str | None, ray: Any) -> tuple[str, int] | None:
+    """The connected cluster's head node (its GCS) as (host, port), for the driver to check while it waits; None
+    where Ray does not say, or through Ray Client (ray://): that driver is outside the cluster, where the head's
+    own address (inside the cluster's network) may never answer, and Ray Client reports a lost server itself."""
+    if (address or "").startswith("ray://"):
+        return None
     try:
         host, _, port = str(ray.get_runtime_context().gcs_address).rpartition(":")
         return (host.strip("[]"), int(port)) if host else None
-    except Exception:  # another Ray layout, or Ray Client (ray://), whose driver is not a node of the cluster
+    except Exception:  # another Ray layout: no check
         return None
 
 

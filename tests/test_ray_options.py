@@ -164,3 +164,177 @@ def test_a_workers_error_keeps_the_cli_and_api_spellings(monkeypatch):
     with pytest.raises(ModelError) as raised:
         distributed._Worker(distributed.EncoderSpec("m", "fp32", 8, False, "0" * 32, 4)).encode(["a passage"])
     assert str(raised.value).endswith(": RuntimeError: first line") and str(raised.value).startswith("cannot load")
+
+
+def test_an_empty_ray_address_is_a_usage_error(cli, tmp_path):
+    """``--ray-address "$HEAD"`` with HEAD unset (a crontab) must not quietly start a new local Ray instead."""
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray", "--ray-address", "")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "dsearch: error: --ray-address is empty; give the head node's HOST:PORT, or leave the option out\n"
+    )
+    assert not (tmp_path / "idx").exists() and cli.loaded == []
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:0", "head:", "junk"])
+def test_a_malformed_ray_address_is_a_usage_error(cli, tmp_path, address):
+    """A port out of range was an OverflowError from the socket module: "unexpected ..., report it", exit 1."""
+    pytest.importorskip("ray", reason='the ray extra is not installed (pip install "dsearch[ray]")')
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray", "--ray-address", address)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"dsearch: error: --ray-address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)\n"
+    )
+    assert not (tmp_path / "idx").exists() and cli.loaded == []
+
+
+def test_a_bad_ray_address_variable_is_named_as_such(cli, tmp_path, monkeypatch):
+    """An address from RAY_ADDRESS (no --ray-address given): the message names the variable to fix, not a flag
+    the user never passed."""
+    pytest.importorskip("ray", reason='the ray extra is not installed (pip install "dsearch[ray]")')
+    from ray_cluster import free_port
+
+    monkeypatch.setenv("RAY_ADDRESS", "junk")
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == "dsearch: error: RAY_ADDRESS 'junk' is not HOST:PORT (or ray://HOST:PORT, or auto)\n"
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"dsearch: error: cannot reach a Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS; Connection refused); start "
+        "one (ray start --head) or set RAY_ADDRESS to the address of its head node\n"
+    )
+    assert not (tmp_path / "idx").exists() and cli.loaded == []
+
+
+def test_a_worker_must_fit_on_one_live_node():
+    """A Ray actor runs on one node: two nodes of 1 CPU cannot hold a worker of 2 CPUs, and a dead node holds
+    nothing. Such a worker would stay pending, and the build wait for ever."""
+    from dsearch.distributed import check_fits
+    from dsearch.errors import DsearchError
+
+    small = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 1.0}}]
+    dead = {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    check_fits(small, 1, 0, "the Ray cluster at head:6379")  # fits: nothing raised
+    check_fits([*small, {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 2.0}}], 2, 1, "the Ray cluster at head:6379")
+    with pytest.raises(DsearchError) as caught:
+        check_fits([*small, dead], 2, 0, "the Ray cluster at head:6379")
+    assert str(caught.value) == (
+        "no node of the Ray cluster at head:6379 can hold a worker of 2 CPUs and 0 GPUs (its nodes have at most 1 "
+        "CPUs and 0 GPUs); lower --cpus-per-worker or --gpus-per-worker, or add such a node to the cluster"
+    )
+    with pytest.raises(DsearchError, match=r"a worker of 1 CPUs and 0\.5 GPUs \(its nodes have at most 1 CPUs and 0"):
+        check_fits(small, 1, 0.5, "the Ray cluster at head:6379")
+
+
+@pytest.mark.parametrize(
+    ("reply", "grpc"),
+    [
+        (b"HTTP/1.0 400 Bad Request\r\n\r\n", False),  # a web server (Ray's dashboard port, say)
+        (b"-ERR unknown command\r\n", False),  # Redis
+        (b"", False),  # a port that closes at once
+        (bytes([0, 0, 24, 4, 0, 0, 0, 0, 0]), True),  # a gRPC server's SETTINGS frame: what Ray's GCS sends
+    ],
+)
+def test_an_address_that_answers_but_not_as_ray_fails_in_seconds(cli, tmp_path, request, reply, grpc):
+    """ray.init retried a port that answers but is not Ray's head node for a quarter of an hour, deaf to Ctrl-C:
+    dsearch checks that the port speaks gRPC (HTTP/2) before handing it to Ray."""
+    import socket
+    import threading
+    import time
+
+    from dsearch.distributed import _answers_http2
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    request.addfinalizer(server.close)
+
+    def answer() -> None:
+        for _ in range(2):
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(64)
+                connection.sendall(reply)
+
+    threading.Thread(target=answer, daemon=True).start()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        assert _answers_http2(connection) is grpc
+    if grpc:
+        return  # a real head node's answer: tests/test_ray.py connects to one
+    pytest.importorskip("ray", reason='the ray extra is not installed (pip install "dsearch[ray]")')
+    started = time.monotonic()
+    address = f"127.0.0.1:{port}"
+    result = cli("index", SAMPLE / "passages.jsonl", "-o", tmp_path / "idx", "--ray", "--ray-address", address)
+    assert time.monotonic() - started < 10
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"dsearch: error: 127.0.0.1:{port} answers, but not as a Ray cluster's head node; give the address of its "
+        "head node with --ray-address (the port `ray start --head` printed, 6379 by default)\n"
+    )
+    assert not (tmp_path / "idx").exists() and cli.loaded == []
+
+
+def test_ray_datas_warning_about_a_pool_larger_than_the_work_stays_off_stderr(monkeypatch):
+    """Ray Data warns (a Python warning: two lines on stderr, its source line included) whenever a build has fewer
+    chunks than --workers, as a nightly --update of a few passages always has on a cluster. The quiet setup
+    drops that warning, and that one only."""
+    import warnings
+
+    from dsearch.distributed import _quiet_ray
+
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # the filters as they were, after the test
+    for name in ("RAY_DATA_LOG_LEVEL", "RAY_BACKEND_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    _quiet_ray()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(
+            "The minimum number of concurrent actors for 'MapBatches(_Worker)' is set to 2, but the operator only "
+            "received 1 input(s).",
+            UserWarning,
+            stacklevel=1,
+        )
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(warning.message) for warning in caught] == ["something else"]
+
+
+def test_a_worker_without_the_model_folder_says_so(tmp_path):
+    """A node of the cluster without the driver's --model folder: the loader's own "no such directory" named
+    the folder only, and the user found it in place on the driver. The worker says that it is the one lacking it."""
+    import socket
+
+    from dsearch.distributed import EncoderSpec, _Worker
+    from dsearch.errors import ModelError
+
+    missing = tmp_path / "model"  # what the driver loaded from, absent on this "node"
+    worker = _Worker(EncoderSpec(str(missing), "int8", 8, False, "0" * 32, 4))
+    with pytest.raises(ModelError) as caught:
+        worker.encode(["a passage"])
+    assert str(caught.value) == (
+        f"model folder {missing} does not exist on Ray worker {socket.gethostname()}; a --model folder must be at "
+        "the same path on every node (a shared mount, or a copy)"
+    )
+
+
+def test_the_head_node_watched_while_waiting_for_vectors():
+    """The driver checks that the head node (Ray's GCS) still answers while it waits; never through Ray Client,
+    whose driver is outside the cluster, where the head's own address may not answer even when all is well."""
+    from types import SimpleNamespace
+
+    from dsearch.distributed import _head_to_watch
+
+    def ray_at(gcs):
+        return SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(gcs_address=gcs))
+
+    assert _head_to_watch("head:6379", ray_at("10.0.0.5:6379")) == ("10.0.0.5", 6379)
+    assert _head_to_watch(None, ray_at("[::1]:6380")) == ("::1", 6380)
+    assert _head_to_watch("ray://head:10001", ray_at("10.0.0.5:6379")) is None
+
+    def broken():
+        raise RuntimeError("no runtime context")
+
+    assert _head_to_watch("head:6379", SimpleNamespace(get_runtime_context=broken)) is None

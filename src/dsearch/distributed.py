@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -59,6 +60,11 @@ IN_FLIGHT_MAX_CHUNKS = 1024  # the memory bound on a large cluster: 1024 × 256 
 CONNECT_TIMEOUT = 5.0
 # How long close() lets the Dataset wind down (its last chunks, the actors' exit) before leaving Ray.
 CLOSE_WAIT = 5.0
+# While it waits for vectors, the driver checks every HEAD_CHECK_EVERY s that the cluster's head node still answers,
+# and gives up once it has not for HEAD_LOST_AFTER s: Ray's core would otherwise end this process 60 s after
+# losing the head (`ray stop`, a lost head pod), with exit 1 and not a line on stderr.
+HEAD_CHECK_EVERY = 2.0
+HEAD_LOST_AFTER = 15.0
 # Test hook (DSEARCH_TEST_FAULT=fake-cuda): the probe reports CUDA and the "GPU" worker runs its fp16 path on the
 # CPU, so the choice, the GPU resource request and the fp16 manifest are tested on a machine without a GPU.
 FAKE_CUDA = "fake-cuda"
@@ -226,6 +232,13 @@ class _Worker:
         self.dim = spec.dim
         try:
             _check_gpu_assigned(spec)
+            if os.path.isabs(spec.name) and not os.path.exists(spec.name):
+                # The driver has this folder (it loaded the model from it): say that this node lacks it, where
+                # the loader's own "no such directory" would send the user looking on the driver.
+                raise ModelError(
+                    f"model folder {spec.name} does not exist on Ray worker {socket.gethostname()}; a --model "
+                    "folder must be at the same path on every node (a shared mount, or a copy)"
+                )
             self.encoder = load_worker_encoder(spec)
         except DsearchError as exc:
             self.error = exc.template  # both spellings: the driver prints its CLI's or its API's
@@ -298,19 +311,69 @@ def _check_gpu_assigned(spec: EncoderSpec) -> None:
         )
 
 
-def _check_reachable(address: str, timeout: float) -> None:
-    """Fail in seconds when nothing listens at the cluster's address (ray.init would retry for minutes)."""
+def _check_reachable(address: str, timeout: float, source: str = "--ray-address") -> None:
+    """Fail in seconds when nothing listens at the cluster's address, or something that is not Ray does (ray.init
+    would retry for minutes, a quarter of an hour for a port that answers but not as Ray, deaf to Ctrl-C).
+    ``source`` is where the address came from (``--ray-address`` or ``RAY_ADDRESS``): the message names it."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--ray-address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{source} {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    fix = "give the address of its head node with --ray-address"
+    if source != "--ray-address":
+        fix = f"set {source} to the address of its head node"
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as connection:
+            speaks_grpc = _answers_http2(connection)
     except OSError as exc:
         reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        if source != "--ray-address":
+            reason = f"{source}; {reason}"
         raise DsearchError(
-            f"cannot reach a Ray cluster at {address} ({reason}); start one "
-            "(ray start --head) or give the address of its head node with --ray-address"
+            f"cannot reach a Ray cluster at {address} ({reason}); start one (ray start --head) or {fix}"
         ) from None
+    if not speaks_grpc and os.environ.get("RAY_USE_TLS", "").lower() not in ("1", "true"):
+        where = f" ({source})" if source != "--ray-address" else ""
+        raise DsearchError(
+            f"{address}{where} answers, but not as a Ray cluster's head node; {fix} (the port `ray start --head` "
+            "printed, 6379 by default)"
+        )
+
+
+# An HTTP/2 client's first bytes, then an empty SETTINGS frame: Ray's head node (its GCS, and the Ray Client
+# server behind ray://) is a gRPC server, which answers with a SETTINGS frame of its own.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _answers_http2(connection: socket.socket) -> bool:
+    """Whether the server at the other end of ``connection`` speaks HTTP/2, as gRPC servers do (its first frame is
+    SETTINGS, type 4). An HTTP/1 server, Redis or a silent port (until the connection's timeout) does not."""
+    header = b""
+    try:
+        connection.sendall(_HTTP2_PREFACE)
+        while len(header) < 9:
+            data = connection.recv(9 - len(header))
+            if not data:
+                break
+            header += data
+    except OSError:  # no answer within the timeout, or the connection reset
+        return False
+    return len(header) == 9 and header[3] == 4
+
+
+def check_fits(nodes: list[dict[str, Any]], cpus: float, gpus: float, where: str) -> None:
+    """Refuse a worker that no live node of the cluster (``ray.nodes()``; ``where`` names it) can hold: Ray keeps
+    such an actor pending until the cluster grows, and a build on a cluster that does not grow would wait for
+    ever, in silence (Ray Data only logs it, which dsearch keeps off stderr)."""
+    alive = [node.get("Resources") or {} for node in nodes if node.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in alive):
+        return
+    most_cpus = max((r.get("CPU", 0) for r in alive), default=0)
+    most_gpus = max((r.get("GPU", 0) for r in alive), default=0)
+    raise DsearchError(
+        f"no node of {where} can hold a worker of {cpus:g} CPUs and {gpus:g} GPUs (its nodes "
+        f"have at most {most_cpus:g} CPUs and {most_gpus:g} GPUs); lower --cpus-per-worker or --gpus-per-worker, "
+        "or add such a node to the cluster"
+    )
 
 
 def import_ray() -> Any:
@@ -430,7 +493,11 @@ class RayEncoder:
         precision: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
+        if address is not None and not address.strip():  # `--ray-address "$HEAD"` with HEAD unset, in a crontab
+            raise UsageError("--ray-address is empty; give the head node's HOST:PORT, or leave the option out")
         self.ray = import_ray()
+        # Where the address came from, for the messages: --ray-address, else Ray's own variable.
+        self.source = "--ray-address" if address else "RAY_ADDRESS"
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
@@ -450,12 +517,13 @@ class RayEncoder:
         self._ready: dict[int, np.ndarray] = {}
         self._started: float | None = None
         self._next = 0
+        self._head: tuple[str, int] | None = None  # the head node's (GCS's) host and port, once connected
         self._connect(connect_timeout)
 
     def _connect(self, timeout: float) -> None:
         ray = self.ray
         if self.address not in (None, "auto", "local"):
-            _check_reachable(self.address, timeout)
+            _check_reachable(self.address, timeout, self.source)
         started = time.perf_counter()
         # Ray's own logging would fill stderr (and a cron mail) with its start-up chatter; -vv shows it.
         quiet = not log.isEnabledFor(logging.DEBUG)
@@ -469,7 +537,7 @@ class RayEncoder:
         os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
         _route_ray_messages()
         try:
-            with _without_backend_level_notice(quiet):
+            with _without_backend_level_notice(quiet), _keeping_sigterm():
                 ray.init(address=None if self.address == "local" else self.address, **options)
         except ConnectionError as exc:
             # The port answered (checked above), so the likeliest cause is Ray's token authentication.
@@ -483,6 +551,13 @@ class RayEncoder:
             )
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DsearchError(f"cannot connect to the Ray cluster at {self.address}: {first}{auth}") from None
+        where = f"the Ray cluster at {self.address}" if self.address else "the local Ray cluster"
+        try:
+            check_fits(ray.nodes(), self.cpus_per_worker, self.gpus_per_worker, where)
+        except DsearchError:
+            ray.shutdown()
+            raise
+        self._head = _head_to_watch(self.address, ray)
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         if self.workers is None:
@@ -541,7 +616,6 @@ class RayEncoder:
 
     def dataset(self) -> Any:
         """The build's Dataset: the inbox's chunks, a row each, encoded by ``map_batches`` on the pool."""
-        import warnings
 
         if self._importing is not None:
             self._importing.join()
@@ -588,11 +662,30 @@ class RayEncoder:
         finally:
             self._batches.put(_END)
 
+    def _next_batch(self) -> Any:
+        """The consumer thread's next item, checking meanwhile that the cluster's head node still answers."""
+        silent_since: float | None = None
+        while True:
+            try:
+                return self._batches.get(timeout=HEAD_CHECK_EVERY)
+            except queue.Empty:
+                pass
+            if self._head is None or _answers(self._head):
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since >= HEAD_LOST_AFTER:
+                raise IncompleteError(
+                    f"lost the Ray cluster: its head node ({self._head[0]}:{self._head[1]}) has not answered for "
+                    f"{HEAD_LOST_AFTER:g} s; nothing was published (rerun the same command once the cluster is "
+                    "back to resume from the last checkpoint)"
+                )
+
     def _take(self) -> None:
         """Take the next batch of vectors from the Dataset."""
         if self._consumer is None:
             raise RuntimeError("a Ray build asked for a chunk that was never submitted")
-        batch = self._batches.get()
+        batch = self._next_batch()
         if batch is _END:
             self._batches.put(_END)
             raise IncompleteError("the Ray Dataset ended before every chunk came back")
@@ -649,6 +742,28 @@ class RayEncoder:
         self.ray.shutdown()
 
 
+def _head_to_watch(address: str | None, ray: Any) -> tuple[str, int] | None:
+    """The connected cluster's head node (its GCS) as (host, port), for the driver to check while it waits; None
+    where Ray does not say, or through Ray Client (ray://): that driver is outside the cluster, where the head's
+    own address (inside the cluster's network) may never answer, and Ray Client reports a lost server itself."""
+    if (address or "").startswith("ray://"):
+        return None
+    try:
+        host, _, port = str(ray.get_runtime_context().gcs_address).rpartition(":")
+        return (host.strip("[]"), int(port)) if host else None
+    except Exception:  # another Ray layout: no check
+        return None
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    """Whether something still listens at ``address`` (a refused or unanswered connection: no)."""
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def _runtime_env() -> dict[str, Any]:
     """The test hooks' variable, for the workers and the read task: ``DSEARCH_TEST_FAULT`` (a killed worker or
     read task, a fake GPU)."""
@@ -680,6 +795,23 @@ def _quiet_ray() -> None:
     # Ray core (C++) in this process logs an "E" line for every Ray Data actor pool: its constructor arguments
     # live in the object store while max_restarts > 0, which Ray Data always does.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Ray Data warns (a Python warning, with its source line) whenever the pool has more actors than the build has
+    # chunks: any corpus or update smaller than --workers chunks, a nightly --update on a large cluster every time.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+
+
+@contextmanager
+def _keeping_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler through ``ray.init``, which replaces it with one calling
+    ``sys.exit(15)``: a build stopped by cron's timeout or systemd would then exit 15 without a message, and the
+    staging area be removed as after an error, checkpoint included. dsearch's handler unwinds like Ctrl-C (exit
+    3, the checkpoint kept for the rerun)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
 
 
 _LEVEL_NOTICE = b"Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"

@@ -33,7 +33,7 @@ from typing import Any
 import xxhash
 
 from dsearch.corpus import Passage
-from dsearch.errors import IndexDirError, LockedError, NewerIndexError
+from dsearch.errors import IncompleteError, IndexDirError, LockedError, NewerIndexError
 from dsearch.manifest import MANIFEST_FILE, SEGMENT_NAME, FileInfo, Manifest, Segment, read_manifest
 
 log = logging.getLogger("dsearch")
@@ -641,7 +641,9 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
     readers see the old index or the new one. Leftovers of earlier runs (other staging areas, segments no
     manifest names) are removed first. On an error the area is removed, unless every vector was already
     encoded (then only building the ANN index or publishing failed, and hours of encoding are worth keeping); on an
-    interrupt (Ctrl-C, SIGTERM) it is kept when it holds a checkpoint. The next run with the same signature resumes.
+    interrupt (Ctrl-C, SIGTERM) or an ``IncompleteError`` (a Ray cluster lost, its workers dying: nothing wrong
+    with the corpus or the rows written) it is kept when it holds a checkpoint. The next run with the same
+    signature resumes.
     """
     check_target(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -663,7 +665,7 @@ def staging_area(target: Path, signature: str = "", restart: bool = False) -> It
         staging = Staging(target, root, root / f"seg-{token}")
     try:
         yield staging
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, IncompleteError):  # interrupted, or the encoding elsewhere (a Ray cluster) failed
         if staging.published or read_progress(staging.root) is None:
             shutil.rmtree(staging.root, ignore_errors=True)  # nothing worth resuming
         raise

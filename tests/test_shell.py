@@ -6,6 +6,7 @@ tests' hashing encoder for the commands that encode.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -570,3 +571,34 @@ def test_status_into_a_closed_pipe_keeps_its_exit_code(tmp_path, option):
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (5, b"")
+
+
+def test_queries_on_a_non_blocking_stdin_are_all_answered(sample_index):
+    """A parent that left stdin non-blocking (O_NONBLOCK, set on the terminal that stdin and stdout share, or on a
+    pipe by Node.js) made the first read before a query had arrived fail: 'unexpected BlockingIOError', exit 1, and
+    no query answered. stdout already waits on such a descriptor (_PatientWriter); stdin must wait too."""
+    import fcntl
+    import time
+
+    args = [sys.executable, "-m", "dsearch", "query", str(sample_index), "-k", "1", "-f", "ids"]
+    expected = subprocess.run(args, input=b"how hot is venus\nthe red planet\n", capture_output=True, env=ENV)
+    assert expected.returncode == 0 and expected.stdout.count(b"\n") == 2
+    read, write = os.pipe()
+    fcntl.fcntl(read, fcntl.F_SETFL, fcntl.fcntl(read, fcntl.F_GETFL) | os.O_NONBLOCK)
+    child = subprocess.Popen(args, stdin=read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    os.close(read)
+    try:
+        for query in (b"how hot is venus\n", b"the red planet\n"):
+            time.sleep(1.0)  # the child finds the pipe empty first, and again between the queries
+            with contextlib.suppress(BrokenPipeError):  # a child that failed is gone: its exit code says so
+                os.write(write, query)
+        os.close(write)
+        write = -1
+        out, err = child.communicate(timeout=60)
+    finally:
+        if write >= 0:
+            os.close(write)
+        child.kill()
+        child.wait()
+    assert (child.returncode, err) == (0, b"")
+    assert out == expected.stdout

@@ -147,7 +147,14 @@ class PipeLines:
             self._read()
 
     def _read(self) -> None:
-        chunk = os.read(self.fd, 1 << 16)
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+                break
+            except BlockingIOError:
+                # A parent left the descriptor non-blocking (O_NONBLOCK on a shared terminal or pipe): wait for
+                # input as a blocking read would, where the error ended the run before a query had arrived.
+                select.select([self.fd], [], [])
         if chunk:
             self.buffer += chunk
         else:

@@ -602,3 +602,46 @@ def test_queries_on_a_non_blocking_stdin_are_all_answered(sample_index):
         child.wait()
     assert (child.returncode, err) == (0, b"")
     assert out == expected.stdout
+
+
+def _run_on_a_non_blocking_stdin(args: list[str], data: bytes) -> subprocess.CompletedProcess[bytes]:
+    """``dsearch ARGS`` with a stdin pipe that is non-blocking and still empty when dsearch first reads it."""
+    import fcntl
+    import time
+
+    read, write = os.pipe()
+    fcntl.fcntl(read, fcntl.F_SETFL, fcntl.fcntl(read, fcntl.F_GETFL) | os.O_NONBLOCK)
+    command = [sys.executable, "-m", "dsearch", *args]
+    child = subprocess.Popen(command, stdin=read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    os.close(read)
+    try:
+        time.sleep(1.5)  # dsearch has started and found the pipe empty
+        with contextlib.suppress(BrokenPipeError):  # a child that failed is gone: its exit code says so
+            os.write(write, data)
+    finally:
+        os.close(write)
+    out, err = child.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
+def test_a_queries_file_on_a_non_blocking_stdin_is_read_whole(sample_index):
+    """`--queries -` on a stdin left non-blocking read nothing (Python's read() gives None there) and failed with
+    '<stdin>: cannot read the queries file (No such file or directory)'."""
+    args = ["query", str(sample_index), "--queries", "-", "-k", "1", "-f", "ids"]
+    data = (SAMPLE / "queries.tsv").read_bytes()
+    expected = subprocess.run([sys.executable, "-m", "dsearch", *args], input=data, capture_output=True, env=ENV)
+    assert expected.returncode == 0 and expected.stdout
+    result = _run_on_a_non_blocking_stdin(args, data)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout == expected.stdout
+
+
+def test_passages_on_a_non_blocking_stdin_are_all_indexed(tmp_path):
+    """`dsearch index -` on a stdin left non-blocking read no passage ('- gave no passages', exit 1): an --update
+    of an index built from a pipe would find nothing to keep."""
+    data = (SAMPLE / "passages.jsonl").read_bytes()
+    result = _run_on_a_non_blocking_stdin(["index", "-", "-o", str(tmp_path / "idx"), "--format", "jsonl", "-q"], data)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    info = subprocess.run([sys.executable, "-m", "dsearch", "info", str(tmp_path / "idx"), "--json"],
+                          capture_output=True, env=ENV)  # fmt: skip
+    assert json.loads(info.stdout)["passages"] == data.count(b"\n")

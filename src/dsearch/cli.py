@@ -77,7 +77,7 @@ class Deps:
         return self.load_encoder(model.name, **options)
 
     def stdin_bytes(self) -> IO[bytes]:
-        return self.stdin if self.stdin is not None else sys.stdin.buffer
+        return self.stdin if self.stdin is not None else _patient_stdin(sys.stdin.buffer)
 
 
 @dataclass
@@ -203,6 +203,43 @@ class _PatientWriter(io.RawIOBase):
                 return os.write(self.fd, data)
             except BlockingIOError:
                 select.select([], [self.fd], [])  # until the reader has made room
+
+
+class _PatientReader(io.RawIOBase):
+    """stdin's descriptor, left non-blocking by a parent (as ``_PatientWriter``): a read waits for input, as on a
+    blocking descriptor. Python's own read() gave None or b"" there, which read as an empty queries file or
+    corpus."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            try:
+                return os.readv(self.fd, [buffer])
+            except BlockingIOError:
+                select.select([self.fd], [], [])  # until there is input (or its end) to read
+
+
+def _patient_stdin(stream: IO[bytes]) -> IO[bytes]:
+    """``stream`` (stdin's bytes), or one that waits on its descriptor instead of failing when that is
+    non-blocking."""
+    try:
+        fd = stream.fileno()
+        nonblocking = not os.get_blocking(fd)
+    except (OSError, ValueError, AttributeError):
+        return stream
+    return io.BufferedReader(_PatientReader(fd)) if nonblocking else stream
 
 
 def _patient(stream: Any) -> Any:

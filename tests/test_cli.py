@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import sys
 
 import ir_measures
 import pytest
@@ -268,3 +272,40 @@ def test_info_words(cli, sample_index):
 
 def test_info_missing_index(cli, tmp_path):
     one_error_line(cli("info", tmp_path), 1, "not a dsearch index")
+
+
+def test_a_run_whose_stdout_cannot_flush_at_the_start_leaves_the_streams_as_it_found_them(monkeypatch):
+    """A program whose sys.stdout held unwritten text for a pipe left non-blocking, whose reader had gone, called
+    ``cli.run``: setting up the streams raised BrokenPipeError out of ``run`` (a traceback, not an exit code), and
+    the count of runs stayed raised, so that every later run in that process found the streams "installed by
+    another run" and neither set them up nor put them back."""
+    from dsearch import cli as cli_module
+
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    os.close(read)
+    stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write, "w")), encoding="utf-8")
+    stream.write("the program's own line, not yet flushed")
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        code = cli_module.run(["--version"])
+        assert (code, sys.stdout, cli_module._streams["runs"]) == (0, stream, 0)  # the closed pipe: quietly
+    finally:
+        monkeypatch.undo()
+        cli_module._streams["runs"] = 0
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def test_a_run_that_fails_to_set_up_its_streams_is_not_counted(monkeypatch):
+    """A run whose stream set-up failed (no descriptor left for /dev/null, in a process that leaks them) left the
+    count of runs raised: every later run in the process then took the streams for another run's, and ran without
+    the stdout that maps a closed pipe and a full disk, and without putting anything back."""
+    from dsearch import cli as cli_module
+
+    monkeypatch.setattr(sys, "stdin", None)  # started with `<&-`: the set-up opens /dev/null for it
+    monkeypatch.setattr(os, "devnull", "/nonexistent/devnull")  # ... and cannot
+    with pytest.raises(OSError):
+        cli_module.run(["--version"])
+    monkeypatch.undo()
+    assert cli_module._streams["runs"] == 0

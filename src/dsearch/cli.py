@@ -251,7 +251,12 @@ def _patient(stream: Any) -> Any:
         return stream
     if not nonblocking:
         return stream
-    stream.flush()
+    try:
+        stream.flush()  # what the caller wrote before the run comes first
+    except OSError:
+        # Its reader gone, its disk full: left as it is, the stream fails again at the run's first write or flush,
+        # where the proxies make that a quiet end or one error line rather than an exception out of ``run``.
+        return stream
     buffered = io.BufferedWriter(_PatientWriter(fd))
     line_buffering = bool(getattr(stream, "line_buffering", False))
     errors = getattr(stream, "errors", None) or "strict"
@@ -276,20 +281,31 @@ def _standard_streams() -> None:
         _streams["runs"] += 1
         if _streams["runs"] > 1 or isinstance(sys.stdout, _Stdout):  # another run installed them
             return
-        if sys.stdin is None:
-            sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-        if sys.stderr is None:
-            sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
-        original = sys.stdout
-        encoding = (getattr(original, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
-        if encoding != "utf8" and hasattr(original, "reconfigure"):
-            try:
-                original.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
-            except (OSError, ValueError):
-                pass
-        _streams["saved"] = (original, sys.stderr)
-        sys.stdout = _Stdout(_patient(original))  # type: ignore[assignment]
-        sys.stderr = _Stderr(_patient(sys.stderr))  # type: ignore[assignment]
+        try:
+            _install_streams()
+        except BaseException:
+            # Not counted: ``run`` calls ``_restore_streams`` only once this returned, and a count left raised
+            # would have every later run in the process take the streams for another run's and leave them be.
+            _streams["runs"] -= 1
+            raise
+
+
+def _install_streams() -> None:
+    """``_standard_streams``'s work, under its lock: the proxies are made first, then put in place together."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    original = sys.stdout
+    encoding = (getattr(original, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8" and hasattr(original, "reconfigure"):
+        try:
+            original.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            pass
+    stdout, stderr = _Stdout(_patient(original)), _Stderr(_patient(sys.stderr))
+    _streams["saved"] = (original, sys.stderr)
+    sys.stdout, sys.stderr = stdout, stderr  # type: ignore[assignment]
 
 
 def _restore_streams() -> None:

@@ -576,7 +576,7 @@ def test_status_into_a_closed_pipe_keeps_its_exit_code(tmp_path, option):
 def test_queries_on_a_non_blocking_stdin_are_all_answered(sample_index):
     """A parent that left stdin non-blocking (O_NONBLOCK, set on the terminal that stdin and stdout share, or on a
     pipe by Node.js) made the first read before a query had arrived fail: 'unexpected BlockingIOError', exit 1, and
-    no query answered. stdout already waits on such a descriptor (_PatientWriter); stdin must wait too."""
+    no query answered. stdout already waits on such a descriptor (streams.PatientWriter); stdin must wait too."""
     import fcntl
     import time
 
@@ -645,3 +645,34 @@ def test_passages_on_a_non_blocking_stdin_are_all_indexed(tmp_path):
     info = subprocess.run([sys.executable, "-m", "dsearch", "info", str(tmp_path / "idx"), "--json"],
                           capture_output=True, env=ENV)  # fmt: skip
     assert json.loads(info.stdout)["passages"] == data.count(b"\n")
+
+
+def test_eval_run_to_a_non_blocking_stderr_is_written_whole(sample_index, tmp_path):
+    """`eval --run /dev/stderr` into a pipe that a parent left non-blocking wrote its first 64 KiB, then failed
+    with '/dev/stderr: cannot write the run (write could not complete without blocking)', exit 1: the run went
+    through a plain copy of stderr's descriptor, not through the stream that waits for the reader."""
+    import fcntl
+    import time
+
+    args = [f"{sample_index}", "--queries", f"{SAMPLE}/queries.tsv", "--qrels", f"{SAMPLE}/qrels.txt", "-k", "200"]
+    saved = tmp_path / "saved.run"
+    alone = subprocess.run([sys.executable, "-m", "dsearch", "eval", *args, "--run", str(saved)], capture_output=True,
+                           env=ENV)  # fmt: skip
+    assert alone.returncode == 0 and saved.stat().st_size > 65536  # more than a pipe holds
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETFL, fcntl.fcntl(write, fcntl.F_GETFL) | os.O_NONBLOCK)
+    command = [sys.executable, "-m", "dsearch", "eval", *args, "--run", "/dev/stderr"]
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=write, env=ENV)
+    os.close(write)
+    try:
+        time.sleep(3)  # the run fills the pipe: dsearch must wait for the reader
+        received = bytearray()
+        while chunk := os.read(read, 1 << 16):
+            received += chunk
+        out = child.stdout.read()
+        assert child.wait(timeout=60) == 0, bytes(received[-300:])
+    finally:
+        child.kill()
+        child.wait()
+        os.close(read)
+    assert (out, bytes(received)) == (alone.stdout, saved.read_bytes())

@@ -36,6 +36,7 @@ from dsearch.errors import (
     OutputError,
     UsageError,
 )
+from dsearch.streams import patient_text
 
 if TYPE_CHECKING:
     from dsearch.encoder import Encoder
@@ -179,34 +180,8 @@ class _Stderr:
         return getattr(self.stream, name)
 
 
-class _PatientWriter(io.RawIOBase):
-    """A descriptor that a parent left non-blocking (O_NONBLOCK, on the pipe or terminal it shares with us): a
-    write that would block waits until the reader makes room, as on a blocking descriptor. Through Python's own
-    buffers, EAGAIN on a full pipe dropped the rest of the results without an error (exit 0)."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self.fd = fd
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def isatty(self) -> bool:
-        return os.isatty(self.fd)
-
-    def write(self, data: Any) -> int:
-        while True:
-            try:
-                return os.write(self.fd, data)
-            except BlockingIOError:
-                select.select([], [self.fd], [])  # until the reader has made room
-
-
 class _PatientReader(io.RawIOBase):
-    """stdin's descriptor, left non-blocking by a parent (as ``_PatientWriter``): a read waits for input, as on a
+    """stdin's descriptor, left non-blocking by a parent (as ``streams.PatientWriter``): a read waits for input, as on a
     blocking descriptor. Python's own read() gave None or b"" there, which read as an empty queries file or
     corpus."""
 
@@ -257,10 +232,8 @@ def _patient(stream: Any) -> Any:
         # Its reader gone, its disk full: left as it is, the stream fails again at the run's first write or flush,
         # where the proxies make that a quiet end or one error line rather than an exception out of ``run``.
         return stream
-    buffered = io.BufferedWriter(_PatientWriter(fd))
     line_buffering = bool(getattr(stream, "line_buffering", False))
-    errors = getattr(stream, "errors", None) or "strict"
-    return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors, line_buffering=line_buffering)
+    return patient_text(fd, getattr(stream, "errors", None) or "strict", line_buffering)
 
 
 # The proxies are process-wide (sys.stdout, sys.stderr) and runs may overlap (threads, a nested call): the first

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from dsearch.errors import DsearchError, InputError, UsageError
 from dsearch.output import trec_line
 from dsearch.search import Query
+from dsearch.streams import patient_text
 
 if TYPE_CHECKING:
     from dsearch.api import Searcher
@@ -273,7 +274,9 @@ def write_trec_run(run: Run, target: RunTarget, tag: str = "dsearch") -> None:
     try:
         if target.stderr:  # through stderr's own open file (a duplicate of its descriptor): nothing is truncated
             sys.stderr.flush()  # the log lines so far come first
-            with open(os.dup(sys.stderr.fileno()), "w", encoding="utf-8") as fh:
+            # A writer that waits when a parent left stderr non-blocking: a plain file failed with EAGAIN once
+            # the run filled the pipe.
+            with patient_text(os.dup(sys.stderr.fileno()), closefd=True) as fh:
                 _write_run(run, fh, tag)
             return
         if not target.atomic:

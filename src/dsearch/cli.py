@@ -7,12 +7,10 @@ need them, so ``dsearch --help`` stays fast.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import math
 import os
-import select
 import signal
 import sys
 import threading
@@ -36,7 +34,7 @@ from dsearch.errors import (
     OutputError,
     UsageError,
 )
-from dsearch.streams import patient_text
+from dsearch.streams import nonblocking_fd, patient_reader, patient_text
 
 if TYPE_CHECKING:
     from dsearch.encoder import Encoder
@@ -78,7 +76,7 @@ class Deps:
         return self.load_encoder(model.name, **options)
 
     def stdin_bytes(self) -> IO[bytes]:
-        return self.stdin if self.stdin is not None else _patient_stdin(sys.stdin.buffer)
+        return self.stdin if self.stdin is not None else patient_reader(sys.stdin.buffer)
 
 
 @dataclass
@@ -180,51 +178,10 @@ class _Stderr:
         return getattr(self.stream, name)
 
 
-class _PatientReader(io.RawIOBase):
-    """stdin's descriptor, left non-blocking by a parent (as ``streams.PatientWriter``): a read waits for input, as on a
-    blocking descriptor. Python's own read() gave None or b"" there, which read as an empty queries file or
-    corpus."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self.fd = fd
-
-    def readable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def isatty(self) -> bool:
-        return os.isatty(self.fd)
-
-    def readinto(self, buffer: Any) -> int:
-        while True:
-            try:
-                return os.readv(self.fd, [buffer])
-            except BlockingIOError:
-                select.select([self.fd], [], [])  # until there is input (or its end) to read
-
-
-def _patient_stdin(stream: IO[bytes]) -> IO[bytes]:
-    """``stream`` (stdin's bytes), or one that waits on its descriptor instead of failing when that is
-    non-blocking."""
-    try:
-        fd = stream.fileno()
-        nonblocking = not os.get_blocking(fd)
-    except (OSError, ValueError, AttributeError):
-        return stream
-    return io.BufferedReader(_PatientReader(fd)) if nonblocking else stream
-
-
 def _patient(stream: Any) -> Any:
     """``stream``, or one that waits on its descriptor instead of failing when that is non-blocking."""
-    try:
-        fd = stream.fileno()
-        nonblocking = not os.get_blocking(fd)
-    except (OSError, ValueError, AttributeError):
-        return stream
-    if not nonblocking:
+    fd = nonblocking_fd(stream)
+    if fd is None:
         return stream
     try:
         stream.flush()  # what the caller wrote before the run comes first

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import select
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from dsearch.encoder import Encoder
 from dsearch.errors import IndexDirError, InputError, ModelError, UsageError, spell
 from dsearch.store import OpenIndex
+from dsearch.streams import read_waiting
 
 log = logging.getLogger("dsearch")
 
@@ -147,14 +147,9 @@ class PipeLines:
             self._read()
 
     def _read(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.fd, 1 << 16)
-                break
-            except BlockingIOError:
-                # A parent left the descriptor non-blocking (O_NONBLOCK on a shared terminal or pipe): wait for
-                # input as a blocking read would, where the error ended the run before a query had arrived.
-                select.select([self.fd], [], [])
+        # A parent may have left the descriptor non-blocking: wait for input as a blocking read would, where the
+        # error ended the run before a query had arrived.
+        chunk = read_waiting(self.fd, 1 << 16)
         if chunk:
             self.buffer += chunk
         else:

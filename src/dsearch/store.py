@@ -299,9 +299,8 @@ def check_target(target: Path) -> bool:
         raise IndexDirError(f"{target}: exists and is not a directory; choose another -o")
     foreign = sorted(p.name for p in target.iterdir() if not _ours(p))
     has_manifest = (target / MANIFEST_FILE).is_file()
-    if has_manifest:
-        _refuse_newer(target)
-    if foreign and not (has_manifest and _manifest_is_valid(target)):
+    valid = has_manifest and _manifest_is_valid(target)  # raises for an index of a newer format
+    if foreign and not valid:
         raise IndexDirError(
             f"{target}: exists and is not a dsearch index; refusing to overwrite it "
             f"(it holds {foreign[0]!r}; choose another -o or remove it)"
@@ -309,8 +308,10 @@ def check_target(target: Path) -> bool:
     return has_manifest
 
 
-def _refuse_newer(target: Path) -> None:
-    """An index a newer dsearch wrote may hold what this one cannot rebuild or even see: never replace it."""
+def _manifest_is_valid(target: Path) -> bool:
+    """Whether the manifest at ``target`` reads (a corrupt one does not: a rebuild is its repair). An index a newer
+    dsearch wrote is an IndexDirError: it may hold what this one cannot rebuild or even see, so it is never
+    replaced."""
     try:
         read_manifest(target)
     except NewerIndexError as exc:
@@ -318,13 +319,6 @@ def _refuse_newer(target: Path) -> None:
             f"{exc.reason}; nothing was changed (upgrade dsearch, or choose another -o; to rebuild it with this "
             "version, remove it first)"
         ) from None
-    except IndexDirError:
-        pass  # corrupt: a rebuild is its repair
-
-
-def _manifest_is_valid(target: Path) -> bool:
-    try:
-        read_manifest(target)
     except IndexDirError:
         return False
     return True

@@ -51,6 +51,17 @@ def _corpus(n: int, long_every: int = 10) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
+def _finish(process: subprocess.Popen, timeout: float, hung: str) -> tuple[str, str]:
+    """The process's stdout and stderr once it ends; a test failure saying ``hung`` (the process killed) if it
+    has not ended within ``timeout`` seconds."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(hung)
+
+
 def _index(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([*DSEARCH, "index", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
@@ -353,13 +364,7 @@ def test_ctrl_c_during_a_ray_build_exits_3_without_a_hang(ray_cluster, ray_setup
             break
     time.sleep(3)  # chunks are on their way to the workers
     process.send_signal(signal.SIGINT)
-    try:
-        stdout, rest = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail("the interrupted Ray build hung")
-    stderr = rest
+    stdout, stderr = _finish(process, 60, "the interrupted Ray build hung")
     assert process.returncode == 3, stderr
     assert stdout == ""
     assert stderr.splitlines()[-1].startswith("dsearch: error: "), stderr
@@ -429,14 +434,8 @@ def test_a_cluster_lost_mid_run_ends_it_with_exit_3_and_keeps_the_checkpoint(ray
             assert process.poll() is None and time.monotonic() < deadline, "no checkpoint while the cluster ran"
             time.sleep(0.2)
     started = time.monotonic()  # the cluster's processes are killed
-    try:
-        stdout, rest = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail("the Ray build hung after its cluster was stopped")
+    stdout, stderr = _finish(process, 120, "the Ray build hung after its cluster was stopped")
     assert time.monotonic() - started < 55  # before Ray's own 60 s, which ends the process without a word
-    stderr = rest
     assert process.returncode == 3, stderr
     assert stdout == ""
     assert re.fullmatch(
